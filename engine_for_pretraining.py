@@ -5,31 +5,49 @@ tensor back to the host except on logging steps, so GPU steps queue without wait
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Any, Iterable, NamedTuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-from losses import gather_tokens, masked_indices, pixel_targets, reconstruction_error, sampling_loss
+import utils
+from losses import gather_tokens, masked_indices, pixel_targets, reconstruction_error, sampling_loss, unnormalize
+from masking_generator import motion_coverage, motion_energy, sampler_health
 
 
 class StepLosses(NamedTuple):
     loss: torch.Tensor            # what is back-propagated
     reconstruction: torch.Tensor  # mean per-token error over masked tokens
     sampling: torch.Tensor        # weighted sampling loss (0 without a sampler)
-    probs: Optional[torch.Tensor]
+    probs: torch.Tensor | None
     mask: torch.Tensor
+
+
+def mask_noise(seed: int, iteration: int, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
+    """Uniform draws for the masks of this process's ``batch`` clips at a given iteration.
+
+    Every process draws the same ``[batch * world, N]`` table from a generator seeded by (seed, iteration) and
+    keeps rows ``rank::world``, which are exactly the global-batch positions that DistributedSampler's
+    interleaving gives it. Masks thus depend on a clip's place in the global batch, not on how many processes
+    share it: a 2-process run takes the same steps as a 1-process run with the same total batch.
+    """
+    world, rank = utils.get_world_size(), utils.get_rank()
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + iteration) % (2 ** 63))
+    return torch.rand(batch * world, num_tokens, generator=gen, device=device)[rank::world]
 
 
 def pretrain_losses(model: nn.Module, videos: torch.Tensor, patch_size: int, tubelet_size: int,
                     normalize_target: bool = True, loss_type: str = "mse",
-                    sampling_loss_weight: float = 1e-4) -> StepLosses:
+                    sampling_loss_weight: float = 1e-4, noise: torch.Tensor | None = None) -> StepLosses:
     """Forward ``model`` (possibly DDP-wrapped) on ImageNet-normalised clips and compute both losses.
 
-    Targets are built in fp32 outside the graph; the forward itself follows any enclosing autocast.
+    Targets are built in fp32 outside the graph; the forward itself follows any enclosing autocast. ``noise``
+    (see ``mask_noise``) drives the mask sampling when given.
     """
     target = pixel_targets(videos, patch_size, tubelet_size, normalize=normalize_target)
-    out = model(videos)
+    out = model(videos, noise=noise)
     pred, probs, mask = out
     target = gather_tokens(target, masked_indices(mask, pred.shape[1]))
     err = reconstruction_error(pred, target, loss_type)
@@ -39,3 +57,90 @@ def pretrain_losses(model: nn.Module, videos: torch.Tensor, patch_size: int, tub
     else:
         samp = torch.zeros((), device=rec.device)
     return StepLosses(rec + samp, rec, samp, probs, mask)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the message names the epoch and step."""
+
+
+def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int, loss_scaler: utils.LossScaler, args: Any,
+                    start_step: int, lr_schedule: np.ndarray, wd_schedule: np.ndarray,
+                    log_writer: utils.TensorboardLogger | None = None,
+                    broken_count: Any = None) -> dict[str, float]:
+    """One epoch of pre-training; returns the epoch's averaged meters.
+
+    ``start_step`` is the global optimizer-step index at the start of the epoch; the lr / weight-decay schedules
+    are indexed per optimizer step. With ``args.accum_iter`` > 1 gradients of that many batches are accumulated
+    per step. The non-finite-loss check is deferred to logging steps and the epoch end (a sticky device flag),
+    so the step itself never waits on the host.
+    """
+    model.train()
+    unwrapped = utils.unwrap_model(model)
+    patch, tubelet = unwrapped.patch_size, unwrapped.tubelet_size
+    accum = max(1, int(getattr(args, "accum_iter", 1)))
+    print_freq = int(getattr(args, "print_freq", 10))
+    steps_per_epoch = len(data_loader) // accum
+    metric_logger = utils.MetricLogger(delimiter="  ")
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    header = f"Epoch: [{epoch}]"
+
+    def check_finite() -> None:
+        bad = int(first_bad)
+        if bad >= 0:
+            raise NonFiniteLossError(f"loss is not finite at epoch {epoch}, step {bad} of {steps_per_epoch} "
+                                     f"(global step {start_step + bad}); stopping. Try --precision bf16/fp32, "
+                                     f"a lower --lr, or --clip_grad.")
+
+    optimizer.zero_grad(set_to_none=True)
+    for it, videos in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        step = it // accum
+        if step >= steps_per_epoch:
+            break
+        update = (it + 1) % accum == 0
+        global_step = start_step + step
+        if it % accum == 0:
+            utils.apply_schedule(optimizer, lr=float(lr_schedule[global_step]),
+                                 weight_decay=float(wd_schedule[global_step]))
+        videos = videos.to(device, non_blocking=True)
+        noise = mask_noise(args.seed, start_step * accum + it, videos.shape[0], unwrapped.num_patches, device)
+        with utils.autocast(device, args.precision):
+            out = pretrain_losses(model, videos, patch, tubelet, args.normalize_target, args.loss_type,
+                                  args.sampling_loss_weight, noise)
+        finite = torch.isfinite(out.loss)
+        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+        grad_norm = loss_scaler(out.loss / accum, optimizer, clip_grad=args.clip_grad, update_grad=update)
+        if update:
+            optimizer.zero_grad(set_to_none=True)
+
+        with torch.no_grad():
+            stats = dict(loss=out.loss.detach(), loss_rec=out.reconstruction.detach(),
+                         loss_samp=out.sampling.detach(), grad_norm=grad_norm)
+            if out.probs is not None:
+                entropy, max_prob = sampler_health(out.probs)
+                energy = motion_energy(unnormalize(videos), patch, tubelet)
+                stats.update(sampler_entropy=entropy, sampler_max_prob=max_prob,
+                             motion_coverage=motion_coverage(out.mask, energy))
+        lr_stats = utils.get_lr_stats(optimizer)
+        metric_logger.update(**stats, lr=lr_stats["lr"], weight_decay=lr_stats["weight_decay"])
+        if it % print_freq == 0:
+            check_finite()
+        if log_writer is not None and update:
+            log_writer.update(head="loss", step=global_step, loss=stats["loss"], loss_reconstruction=stats["loss_rec"],
+                              loss_sampling=stats["loss_samp"])
+            log_writer.update(head="opt", step=global_step, lr=lr_stats["lr"], min_lr=lr_stats["min_lr"],
+                              weight_decay=lr_stats["weight_decay"], grad_norm=grad_norm)
+            if "sampler_entropy" in stats:
+                log_writer.update(head="sampler", step=global_step, entropy=stats["sampler_entropy"],
+                                  max_prob=stats["sampler_max_prob"], motion_coverage=stats["motion_coverage"])
+            if it % print_freq == 0:
+                log_writer.update(head="opt", step=global_step, loss_scale=loss_scaler.get_scale())
+                log_writer.update(head="data", step=global_step, data_time=metric_logger.data_time.avg,
+                                  broken_videos=broken_count() if broken_count else 0)
+    check_finite()
+    metric_logger.synchronize_between_processes()
+    averages = metric_logger.global_averages()
+    if broken_count:
+        averages["broken_videos"] = broken_count()
+    print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in averages.items()))
+    return averages

@@ -7,7 +7,7 @@ has the same number of visible tokens, which keeps all gathers dense and shapes 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -64,20 +64,29 @@ def mask_from_visible(visible_idx: torch.Tensor, num_tokens: int) -> torch.Tenso
     return mask.scatter_(1, visible_idx, False)
 
 
-def uniform_visible(batch: int, num_tokens: int, num_visible: int, device: torch.device) -> torch.Tensor:
-    """Indices of ``num_visible`` tokens per row drawn uniformly without replacement."""
-    return torch.rand(batch, num_tokens, device=device).topk(num_visible, dim=1).indices
+def uniform_visible(batch: int, num_tokens: int, num_visible: int, device: torch.device,
+                    noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices of ``num_visible`` tokens per row drawn uniformly without replacement.
+
+    ``noise`` (uniform ``[0, 1)``, at least ``num_tokens`` columns) replaces the internal draw, so a caller can
+    make masks a function of the sample rather than of the process (see ``engine_for_pretraining.mask_noise``).
+    """
+    scores = torch.rand(batch, num_tokens, device=device) if noise is None else noise[:, :num_tokens]
+    return scores.topk(num_visible, dim=1).indices
 
 
-def gumbel_topk(log_probs: torch.Tensor, k: int) -> torch.Tensor:
+def gumbel_topk(log_probs: torch.Tensor, k: int, noise: torch.Tensor | None = None) -> torch.Tensor:
     """Draw ``k`` distinct indices per row without replacement from ``softmax(log_probs)``.
 
     Adding Gumbel noise and keeping the top k is distributed exactly like k successive categorical draws
     without replacement (Kool et al., 2019), i.e. like ``torch.multinomial(p, k, replacement=False)``, but it is
     one ``topk`` and still returns k distinct tokens when fewer than k have non-zero probability, where
-    ``torch.multinomial`` raises.
+    ``torch.multinomial`` raises. ``noise`` optionally supplies the uniform draws.
     """
-    gumbel = -torch.empty_like(log_probs, dtype=torch.float32).exponential_().log()
+    if noise is None:
+        gumbel = -torch.empty_like(log_probs, dtype=torch.float32).exponential_().log()
+    else:  # -log(-log U) is Gumbel(0, 1); clamping keeps U = 0 finite
+        gumbel = -(-noise.float().clamp_min(1e-20).log()).log()
     return (log_probs.float() + gumbel).topk(k, dim=-1).indices
 
 
@@ -95,15 +104,15 @@ class MaskGenerator:
     def __repr__(self) -> str:
         return f"MaskGenerator({self.mask_type}, grid={self.grid}, ratio={self.mask_ratio}, visible={self.num_visible})"
 
-    def __call__(self, batch: int, device: torch.device) -> torch.Tensor:
+    def __call__(self, batch: int, device: torch.device, noise: torch.Tensor | None = None) -> torch.Tensor:
         t, h, w = self.grid
         n = t * h * w
         if self.mask_type == "random":
-            return mask_from_visible(uniform_visible(batch, n, self.num_visible, device), n)
+            return mask_from_visible(uniform_visible(batch, n, self.num_visible, device, noise), n)
         if self.mask_type == "tube":  # one spatial mask repeated over every time slice
-            spatial = mask_from_visible(uniform_visible(batch, h * w, self.num_visible // t, device), h * w)
+            spatial = mask_from_visible(uniform_visible(batch, h * w, self.num_visible // t, device, noise), h * w)
             return spatial[:, None, :].expand(batch, t, h * w).reshape(batch, n)
-        frames = mask_from_visible(uniform_visible(batch, t, self.num_visible // (h * w), device), t)
+        frames = mask_from_visible(uniform_visible(batch, t, self.num_visible // (h * w), device, noise), t)
         return frames[:, :, None].expand(batch, t, h * w).reshape(batch, n)
 
 
@@ -127,7 +136,7 @@ class TokenSamplerNet(nn.Sequential):
     so released checkpoints load key for key.
     """
 
-    def __init__(self, embed_dim: int, sampler_type: str = "mha", depth: int = 1, dim: Optional[int] = None,
+    def __init__(self, embed_dim: int, sampler_type: str = "mha", depth: int = 1, dim: int | None = None,
                  num_heads: int = 8, drop: float = 0.1):
         if sampler_type not in ("mha", "mlp"):
             raise ValueError(f"sampler_type must be 'mha' or 'mlp', got {sampler_type!r}")
@@ -150,3 +159,41 @@ class TokenSamplerNet(nn.Sequential):
         head = self[-2]
         with torch.autocast(device_type=x.device.type, enabled=False):
             return F.linear(x.float(), head.weight.float(), head.bias.float()).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Mask statistics: is the sampler learning, or collapsing?
+# ------------------------------------------------------------------------------------------------------------
+
+def motion_energy(videos01: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
+    """Temporal-difference energy per tubelet ``[B, N]`` from ``[0, 1]`` clips ``[B, 3, T, H, W]``.
+
+    Squared frame-to-frame differences (the first frame reuses the first difference), averaged over each
+    tubelet's pixels and channels, in the model's ``(t, h, w)`` token order.
+    """
+    v = videos01.float()
+    diff = (v[:, :, 1:] - v[:, :, :-1]).square().mean(1)  # [B, T-1, H, W]
+    diff = torch.cat([diff[:, :1], diff], dim=1)
+    pooled = F.avg_pool3d(diff[:, None], kernel_size=(tubelet_size, patch_size, patch_size))
+    return pooled.flatten(1)
+
+
+def motion_coverage(mask: torch.Tensor, energy: torch.Tensor, top_fraction: float = 0.2) -> torch.Tensor:
+    """Share of visible tokens that lie in each clip's top ``top_fraction`` tubelets by motion energy.
+
+    A uniform random mask scores about ``top_fraction``; a sampler that favours moving regions scores higher.
+    Returns the batch mean as a 0-d tensor (no host sync).
+    """
+    n = energy.shape[1]
+    k = max(1, round(top_fraction * n))
+    top = torch.zeros_like(mask).scatter_(1, energy.topk(k, dim=1).indices, True)
+    visible = ~mask
+    return ((visible & top).sum(1).float() / visible.sum(1).clamp_min(1).float()).mean()
+
+
+def sampler_health(probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised entropy ``H(p) / log N`` (1 = uniform, near 0 = collapsed) and max probability, batch means."""
+    n = probs.shape[1]
+    p = probs.float()
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(1) / math.log(n)
+    return entropy.mean(), p.max(1).values.mean()

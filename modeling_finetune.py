@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import warnings
 from functools import partial
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -71,8 +71,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with VideoMAE's bias layout: one bias-free ``qkv`` weight plus separate
     ``q_bias`` / ``v_bias`` (the key gets no bias, which is softmax-invariant anyway)."""
 
-    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: Optional[float] = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, attn_head_dim: Optional[int] = None):
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, attn_head_dim: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         head_dim = attn_head_dim or dim // num_heads
@@ -104,9 +104,9 @@ class Block(nn.Module):
     """Pre-norm transformer block; ``init_values > 0`` adds layer-scale (``gamma_1``/``gamma_2``)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
-                 qk_scale: Optional[float] = None, drop: float = 0.0, attn_drop: float = 0.0,
+                 qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0,
                  drop_path: float = 0.0, init_values: float = 0.0, act_layer: Callable[..., nn.Module] = nn.GELU,
-                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, attn_head_dim: Optional[int] = None):
+                 norm_layer: Callable[..., nn.Module] = nn.LayerNorm, attn_head_dim: int | None = None):
         super().__init__()
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
@@ -166,7 +166,7 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size: IntOrPair = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
-                 qkv_bias: bool = True, qk_scale: Optional[float] = None, fc_drop_rate: float = 0.0,
+                 qkv_bias: bool = True, qk_scale: float | None = None, fc_drop_rate: float = 0.0,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6), init_values: float = 0.0,
                  use_learnable_pos_emb: bool = False, init_scale: float = 0.0, all_frames: int = 16,
@@ -209,7 +209,7 @@ class VisionTransformer(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """Layer groups for timm's layer-wise lr decay: stem 0, block i -> i+1, norms and head last."""
-        return dict(stem=r"^patch_embed|^pos_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
+        return dict(stem=r"^patch_embed|^pos_embed", blocks=r"^blocks\.(\d+)")
 
     def get_num_layers(self) -> int:
         return len(self.blocks)

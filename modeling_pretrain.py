@@ -7,7 +7,7 @@ state_dict is key for key AdaMAE's released layout; with the other masks it is e
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -28,8 +28,8 @@ class PretrainOutput(tuple):
     ``log_softmax``) rides along as an attribute for a numerically stable sampling loss.
     """
 
-    def __new__(cls, pred: torch.Tensor, probs: Optional[torch.Tensor], mask: torch.Tensor,
-                log_probs: Optional[torch.Tensor] = None) -> "PretrainOutput":
+    def __new__(cls, pred: torch.Tensor, probs: torch.Tensor | None, mask: torch.Tensor,
+                log_probs: torch.Tensor | None = None) -> PretrainOutput:
         out = super().__new__(cls, (pred, probs, mask))
         out.log_probs = log_probs
         return out
@@ -39,7 +39,7 @@ class PretrainOutput(tuple):
         return self[0]
 
     @property
-    def probs(self) -> Optional[torch.Tensor]:
+    def probs(self) -> torch.Tensor | None:
         return self[1]
 
     @property
@@ -52,11 +52,11 @@ class PretrainVisionTransformerEncoder(nn.Module):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 qk_scale: float | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
                  init_values: float = 0.0, tubelet_size: int = 2, num_frames: int = 16,
                  use_checkpoint: bool = False, adaptive: bool = False, sampler_type: str = "mha",
-                 sampler_depth: int = 1, sampler_dim: Optional[int] = None, sampler_heads: int = 8,
+                 sampler_depth: int = 1, sampler_dim: int | None = None, sampler_heads: int = 8,
                  sampler_drop: float = 0.1, sampler_temperature: float = 1.0, sampler_detach_input: bool = False):
         super().__init__()
         self.use_checkpoint = use_checkpoint
@@ -103,7 +103,7 @@ class PretrainVisionTransformerDecoder(nn.Module):
     """Light transformer that predicts the pixels of the last ``num_masked`` tokens of its input."""
 
     def __init__(self, patch_size: int = 16, num_classes: int = 1536, embed_dim: int = 384, depth: int = 4,
-                 num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None,
                  drop_rate: float = 0.0, attn_drop_rate: float = 0.0, drop_path_rate: float = 0.0,
                  norm_layer: Callable[..., nn.Module] = nn.LayerNorm, init_values: float = 0.0,
                  use_checkpoint: bool = False):
@@ -129,11 +129,11 @@ class PretrainVisionTransformer(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, encoder_embed_dim: int = 768,
                  encoder_depth: int = 12, encoder_num_heads: int = 12, decoder_embed_dim: int = 384,
                  decoder_depth: int = 4, decoder_num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True,
-                 qk_scale: Optional[float] = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
+                 qk_scale: float | None = None, drop_rate: float = 0.0, attn_drop_rate: float = 0.0,
                  drop_path_rate: float = 0.0, norm_layer: Callable[..., nn.Module] = partial(nn.LayerNorm, eps=1e-6),
                  init_values: float = 0.0, tubelet_size: int = 2, num_frames: int = 16, use_checkpoint: bool = False,
                  mask_type: str = "adaptive", mask_ratio: float = 0.95, sampler_type: str = "mha",
-                 sampler_depth: int = 1, sampler_dim: Optional[int] = None, sampler_heads: int = 8,
+                 sampler_depth: int = 1, sampler_dim: int | None = None, sampler_heads: int = 8,
                  sampler_drop: float = 0.1, sampler_temperature: float = 1.0, sampler_detach_input: bool = False):
         super().__init__()
         self.mask_type = canonical_mask_type(mask_type)
@@ -169,17 +169,19 @@ class PretrainVisionTransformer(nn.Module):
     def has_sampler(self) -> bool:
         return self.encoder.get_token_probs is not None
 
-    def forward(self, videos: torch.Tensor, mask: Optional[torch.Tensor] = None) -> PretrainOutput:
-        """``videos`` ``[B, 3, T, H, W]`` ImageNet-normalised; ``mask`` (optional) bool ``[B, N]`` used as is."""
+    def forward(self, videos: torch.Tensor, mask: torch.Tensor | None = None,
+                noise: torch.Tensor | None = None) -> PretrainOutput:
+        """``videos`` ``[B, 3, T, H, W]`` ImageNet-normalised; ``mask`` (optional) bool ``[B, N]`` used as is;
+        ``noise`` (optional) uniform ``[B, N]`` draws that the mask sampling uses instead of the global RNG."""
         tokens = self.encoder.patch_embed(videos)
         b, n, _ = tokens.shape
         log_probs = self.encoder.token_log_probs(tokens) if self.has_sampler else None
         if mask is None:
             num_visible = self.num_visible
             if log_probs is not None:
-                mask = mask_from_visible(gumbel_topk(log_probs.detach(), num_visible), n)
+                mask = mask_from_visible(gumbel_topk(log_probs.detach(), num_visible, noise), n)
             else:
-                mask = self.mask_generator(b, videos.device)
+                mask = self.mask_generator(b, videos.device, noise)
         else:
             mask = mask.to(device=videos.device, dtype=torch.bool).reshape(b, n)
             num_visible = int((~mask[0]).sum())  # a host sync, only for caller-supplied masks

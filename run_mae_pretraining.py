@@ -1,0 +1,200 @@
+"""AdaMAE / VideoMAE pre-training.
+
+One process:   python run_mae_pretraining.py --data_path train.csv --output_dir out [...]
+One node:      torchrun --nproc_per_node 8 run_mae_pretraining.py [...]
+Multi-node:    torchrun --nnodes N --node_rank R --master_addr HOST --nproc_per_node 8 run_mae_pretraining.py [...]
+SLURM:         srun python run_mae_pretraining.py [...]   (rank / world / master read from SLURM_*)
+
+Flags follow VideoMAE / AdaMAE's; ``--lr`` is the base learning rate for a total batch of 256.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+from pathlib import Path
+
+import timm
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+import modeling_pretrain  # noqa: F401  (registers the models)
+import utils
+from datasets import add_data_args, build_pretraining_dataset, get_broken_count, multiple_samples_collate
+from engine_for_pretraining import train_one_epoch
+from masking_generator import MASK_TYPES
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("AdaMAE pre-training", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--batch_size", default=64, type=int, help="clips per process per step (before --num_sample)")
+    g.add_argument("--epochs", default=800, type=int)
+    g.add_argument("--accum_iter", "--update_freq", default=1, type=int, dest="accum_iter",
+                   help="gradient accumulation: batches per optimizer step")
+    g.add_argument("--save_ckpt_freq", default=50, type=int, help="keep checkpoint-{epoch}.pth every N epochs "
+                   "(checkpoint-latest.pth is rewritten every epoch)")
+    g.add_argument("--print_freq", default=10, type=int)
+    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default: bf16 on GPUs that support it, else fp16; fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="pretrain_videomae_base_patch16_224", type=str)
+    g.add_argument("--decoder_depth", default=4, type=int)
+    g.add_argument("--tubelet_size", default=2, type=int)
+    g.add_argument("--drop_path", default=0.0, type=float)
+    g.add_argument("--use_checkpoint", action="store_true", help="gradient checkpointing in every block")
+    g.add_argument("--normalize_target", "--normlize_target", default=True, action=argparse.BooleanOptionalAction,
+                   help="per-tubelet normalised pixel targets (paper); --no-normalize_target for raw pixels")
+    g.add_argument("--loss_type", default="mse", choices=["mse", "l1"])
+    g.add_argument("--model_kwargs", default="{}", type=json.loads,
+                   help="extra JSON keyword arguments for the model constructor, e.g. '{\"encoder_depth\": 4}'")
+
+    g = p.add_argument_group("masking and sampler")
+    g.add_argument("--mask_type", default="adaptive", choices=list(MASK_TYPES) + ["learnable"])
+    g.add_argument("--mask_ratio", default=0.95, type=float)
+    g.add_argument("--sampling_loss_weight", "--sampler_loss_weight", default=1e-4, type=float,
+                   help="weight of the sampling (REINFORCE) loss; 1e-4 as in AdaMAE")
+    g.add_argument("--sampler_temperature", "--softmax_temp", default=1.0, type=float,
+                   help="divides the sampler's logits (AdaMAE's --softmax_temp was never applied: 1.0 is faithful)")
+    g.add_argument("--sampler_type", default="mha", choices=["mha", "mlp"])
+    g.add_argument("--sampler_depth", default=1, type=int)
+    g.add_argument("--sampler_dim", default=None, type=int, help="sampler width (default: encoder width)")
+    g.add_argument("--sampler_heads", default=8, type=int)
+    g.add_argument("--sampler_detach_input", action="store_true",
+                   help="stop the sampling loss from training the shared patch embedding")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--opt", default="adamw", type=str)
+    g.add_argument("--opt_eps", default=1e-8, type=float)
+    g.add_argument("--opt_betas", default=None, type=float, nargs="+", help="e.g. 0.9 0.95")
+    g.add_argument("--clip_grad", default=None, type=float)
+    g.add_argument("--momentum", default=0.9, type=float)
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--weight_decay_end", default=None, type=float, help="cosine weight-decay target (default: "
+                   "constant)")
+    g.add_argument("--lr", default=1.5e-4, type=float, help="base lr; the run uses lr * total_batch / 256")
+    g.add_argument("--warmup_lr", default=0.0, type=float, help="warm-up start (scaled like --lr)")
+    g.add_argument("--min_lr", default=1e-5, type=float, help="final lr (scaled like --lr)")
+    g.add_argument("--warmup_epochs", default=40, type=int)
+    g.add_argument("--warmup_steps", default=-1, type=int, help="overrides --warmup_epochs when > 0")
+
+    g = p.add_argument_group("output and resume")
+    g.add_argument("--output_dir", default="", help="checkpoints and log.txt")
+    g.add_argument("--log_dir", default=None, help="TensorBoard logs (default: OUTPUT_DIR/tensorboard)")
+    g.add_argument("--resume", default="", help="checkpoint to resume from")
+    g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
+                   help="resume from the newest checkpoint in --output_dir")
+    g.add_argument("--start_epoch", default=0, type=int)
+
+    add_data_args(p, pretrain=True)
+    utils.add_distributed_args(p)
+    return p
+
+
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    return timm.create_model(
+        args.model, mask_type=args.mask_type, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
+        num_frames=args.num_frames, img_size=args.input_size, tubelet_size=args.tubelet_size,
+        drop_path_rate=args.drop_path, use_checkpoint=args.use_checkpoint, sampler_type=args.sampler_type,
+        sampler_depth=args.sampler_depth, sampler_dim=args.sampler_dim, sampler_heads=args.sampler_heads,
+        sampler_temperature=args.sampler_temperature, sampler_detach_input=args.sampler_detach_input,
+        **args.model_kwargs)
+
+
+def main(args: argparse.Namespace) -> dict:
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    args.precision = utils.resolve_precision(args.precision, device)
+    utils.setup_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.log_dir is None and args.output_dir:
+        args.log_dir = os.path.join(args.output_dir, "tensorboard")
+    print(f"job dir: {os.path.dirname(os.path.abspath(__file__))}")
+    print(json.dumps({k: v for k, v in vars(args).items()}, default=str, indent=1))
+
+    dataset = build_pretraining_dataset(args)
+    world, rank = utils.get_world_size(), utils.get_rank()
+    # DistributedSampler also for one process: the order of clips is then the same for any number of processes.
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+                        worker_init_fn=utils.seed_worker, persistent_workers=args.num_workers > 0,
+                        collate_fn=multiple_samples_collate)
+    accum = max(1, args.accum_iter)
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} videos give no full step of batch_size {args.batch_size} x accum_iter "
+                         f"{accum} x {world} processes; lower --batch_size or add data")
+    args.num_training_steps_per_epoch = steps_per_epoch
+
+    model = build_model(args).to(device)
+    model_without_ddp = model
+    n_params = utils.count_parameters(model)
+    print(f"Model {args.model}: {n_params / 1e6:.2f}M parameters, mask {model.mask_type} {args.mask_ratio} "
+          f"({model.num_visible} of {model.num_patches} tokens visible)")
+
+    total_batch = args.batch_size * accum * world
+    utils.scale_lr(args, total_batch)
+    print(f"{len(dataset)} videos, {steps_per_epoch} optimizer steps per epoch, clips per step "
+          f"{total_batch * max(1, args.num_sample)} (num_sample {args.num_sample})")
+
+    optimizer = utils.create_optimizer(args, model_without_ddp)
+    loss_scaler = utils.LossScaler(args.precision, device.type)
+    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
+                                         start_warmup_value=args.warmup_lr, warmup_steps=args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+    utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler)
+
+    if args.compile:
+        model = torch.compile(model)
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
+    log_writer = utils.TensorboardLogger(args.log_dir) if args.log_dir else None
+
+    print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
+    start_time = time.time()
+    stats: dict = {}
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        stats = train_one_epoch(model, loader, optimizer, device, epoch, loss_scaler, args,
+                                start_step=epoch * steps_per_epoch, lr_schedule=lr_schedule,
+                                wd_schedule=wd_schedule, log_writer=log_writer,
+                                broken_count=lambda: get_broken_count(dataset))
+        if args.output_dir:
+            utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler,
+                                  global_step=(epoch + 1) * steps_per_epoch,
+                                  extra={"kind": "pretrain", "model_name": args.model,
+                                         "mask_type": model_without_ddp.mask_type, "mask_ratio": args.mask_ratio})
+        utils.write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+                                               "n_parameters": n_params})
+        if log_writer is not None:
+            log_writer.flush()
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total}")
+    if args.output_dir and utils.is_main_process():
+        print(f"Checkpoints: {os.path.abspath(args.output_dir)}/checkpoint-*.pth\n"
+              f"Log:         {os.path.abspath(os.path.join(args.output_dir, 'log.txt'))}\n"
+              f"TensorBoard: tensorboard --logdir {os.path.abspath(args.log_dir)}")
+    if log_writer is not None:
+        log_writer.close()
+    utils.cleanup()
+    return stats
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

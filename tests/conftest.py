@@ -1,0 +1,73 @@
+"""Shared fixtures: small real videos written with PyAV (H.264 .mp4 and VP9 .webm) and a tiny synthetic set.
+
+Every frame carries its index: the top-left 8x8 block has grey level ``min(8 * i, 248)``, so tests can check
+that a backend returned the right frame, not only that both backends agree.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from tools.make_synthetic_dataset import make_synthetic_dataset, write_video  # noqa: E402
+
+
+def frame_code(i: int) -> int:
+    """Grey level of the index block in frame ``i``."""
+    return min(8 * i, 248)
+
+
+def coded_frames(n: int, h: int, w: int, seed: int = 0) -> np.ndarray:
+    """``uint8 [n, h, w, 3]``: smooth background, a moving bright square and the frame-index block."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    bg = np.stack([(xx * 255 // max(w - 1, 1)), (yy * 255 // max(h - 1, 1)), np.full_like(xx, 96)], -1)
+    bg = (bg * 0.6 + rng.integers(0, 40, size=(h, w, 3))).astype(np.uint8)
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        f = bg.copy()
+        x = (3 * i) % max(w - 12, 1)
+        f[h // 2:h // 2 + 12, x:x + 12] = 230
+        f[:8, :8] = frame_code(i)
+        out[i] = f
+    return out
+
+
+# name -> (format, height, width, frames, gop)
+VIDEO_SPECS = {
+    "h264_64x48.mp4": ("mp4", 48, 64, 40, 8),
+    "vp9_64x48.webm": ("webm", 48, 64, 40, 8),
+    "h264_96x128.mp4": ("mp4", 128, 96, 30, 12),  # portrait
+    "vp9_80x64.webm": ("webm", 64, 80, 24, 10),
+    "h264_short.mp4": ("mp4", 48, 64, 6, None),  # shorter than a clip
+}
+
+
+@pytest.fixture(scope="session")
+def video_dir(tmp_path_factory) -> str:
+    """Folder with the videos of VIDEO_SPECS plus broken files: ``truncated.mp4`` (first half of a valid file),
+    ``truncated.webm``, ``garbage.mp4`` (random bytes) and ``empty.mp4``."""
+    d = tmp_path_factory.mktemp("videos")
+    for name, (fmt, h, w, n, gop) in VIDEO_SPECS.items():
+        write_video(str(d / name), coded_frames(n, h, w, seed=n), fmt, fps=25, gop=gop)
+    data = (d / "h264_64x48.mp4").read_bytes()
+    (d / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    data = (d / "vp9_64x48.webm").read_bytes()
+    (d / "truncated.webm").write_bytes(data[: len(data) // 3])
+    (d / "garbage.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (d / "empty.mp4").write_bytes(b"")
+    return str(d)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory) -> str:
+    """A tiny synthetic dataset (16 videos, 4 classes, 64 px, 20 frames) with train/val/test lists."""
+    d = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_dataset(str(d), num_videos=16, num_classes=4, fmt="mp4", seed=0, size=64, frames=20)
+    return str(d)

@@ -1,0 +1,270 @@
+"""Lists, temporal sampling, clip transforms, datasets, broken-video handling and DataLoader workers."""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+import datasets as D
+import video_transforms as VT
+
+MEAN = torch.tensor(VT.IMAGENET_MEAN).view(3, 1, 1, 1)
+STD = torch.tensor(VT.IMAGENET_STD).view(3, 1, 1, 1)
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return str(path)
+
+
+def args_for(data_path, **kw):
+    p = argparse.ArgumentParser()
+    D.add_data_args(p)
+    a = p.parse_args(["--data_path", str(data_path)])
+    base = dict(data_set="custom", nb_classes=4, num_frames=8, sampling_rate=2, input_size=32, short_side_size=32,
+                test_num_segment=2, test_num_crop=3, num_sample=1)
+    base.update(kw)
+    for k, v in base.items():
+        setattr(a, k, v)
+    return a
+
+
+# ---------------------------------------------------------------------------------------------------- lists
+def test_read_list_formats(tmp_path):
+    p = write(tmp_path / "a.csv", "path,label\n# comment\n\nvids/a.mp4,3\n/abs/b.mp4,0\n")
+    recs = D.read_list_file(p, data_root="/root")
+    assert [(r.path, r.full_path, r.label, r.line_no) for r in recs] == [
+        ("vids/a.mp4", "/root/vids/a.mp4", 3, 4), ("/abs/b.mp4", "/abs/b.mp4", 0, 5)]
+    p = write(tmp_path / "b.csv", "x/a.mp4 1\nx/a.mp4 2\nx/c.webm 0\n")
+    recs = D.read_list_file(p)
+    assert [r.label for r in recs] == [1, 2, 0]
+    assert len({r.video_id for r in recs}) == 3  # repeated path still gets a unique id
+    p = write(tmp_path / "c.csv", "x/a.mp4\nx/b.mp4 0 -1\n")  # pre-training: label-free, VideoMAE V2 format
+    assert [r.label for r in D.read_list_file(p, require_label=False)] == [None, None]
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("a.mp4 1\nb.mp4 one\n", ":2: label 'one' is not an integer"),
+    ("a.mp4 1\nb.mp4 1 2 3 4\n", ":2: expected 'path label'"),
+    ("a.mp4 1\n\nb.mp4\n", ":3: missing label"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, text, msg):
+    p = write(tmp_path / "bad.csv", text)
+    with pytest.raises(ValueError) as e:
+        D.read_list_file(p)
+    assert str(p) in str(e.value) and msg in str(e.value)
+
+
+def test_label_out_of_range_names_file_and_line(tmp_path, synthetic_dir):
+    p = write(tmp_path / "train.csv", "a.mp4 1\nb.mp4 4\n")
+    with pytest.raises(ValueError, match=r"train\.csv:2: label 4 outside \[0, 4\)"):
+        D.VideoList(p, nb_classes=4)
+    with pytest.raises(ValueError, match="nb_classes"):
+        D.build_dataset(True, False, args_for(synthetic_dir, data_set="UCF101", nb_classes=4))
+    with pytest.raises(ValueError, match=r"train\.csv:4: label 3 outside \[0, 3\)"):
+        D.build_dataset(True, False, args_for(synthetic_dir, nb_classes=3))
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+def test_temporal_sampling():
+    rng = random.Random(0)
+    for length in (5, 31, 32, 33, 100, 300):
+        for _ in range(20):
+            idx = D.pretrain_indices(length, 16, 2, rng)
+            assert len(idx) == 16 and all(0 <= i < length for i in idx)
+            assert idx == sorted(idx)
+            idx = D.dense_train_indices(length, 8, 4, rng)
+            assert len(idx) == 8 and all(0 <= i < length for i in idx) and idx == sorted(idx)
+            idx = D.segment_train_indices(length, 16, rng)
+            assert len(idx) == 16 and all(0 <= i < length for i in idx) and idx == sorted(idx)
+    assert D.pretrain_indices(5, 4, 2, rng) == [0, 2, 4, 4]  # short video: clamped to the last frame
+    assert D.dense_center_indices(100, 8, 4) == D.dense_center_indices(100, 8, 4)
+    assert D.segment_center_indices(16, 4) == [2, 6, 10, 14]
+
+
+def test_test_views_cover_video():
+    # dense: first view starts at frame 0, last view ends at the last sampled frame, single view is central
+    views = [D.dense_test_indices(100, 8, 4, s, 5) for s in range(5)]
+    assert views[0][0] == 0 and views[-1][-1] == 96
+    assert all(len(v) == 8 and np.all(np.diff(v) == 4) for v in views)
+    starts = [v[0] for v in views]
+    assert starts == sorted(starts) and len(set(starts)) == 5
+    assert D.dense_test_indices(100, 8, 4, 0, 1)[0] == 32  # no division by zero, centred
+    assert D.dense_test_indices(10, 8, 4, 1, 2) == [0, 4, 8, 8, 8, 8, 8, 8]  # short video padded
+    # segment (SSv2): views interleave inside each segment
+    v0, v1 = D.segment_test_indices(32, 8, 0, 2), D.segment_test_indices(32, 8, 1, 2)
+    assert v0 == list(range(0, 32, 4)) and v1 == list(range(2, 32, 4))
+    assert D.segment_test_indices(32, 8, 0, 1) == D.segment_center_indices(32, 8)
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+def test_multi_scale_crop_params():
+    rng = random.Random(0)
+    boxes = {VT.multi_scale_crop_params(256, 340, (224, 224), rng=rng) for _ in range(500)}
+    sizes = {(h, w) for _, _, h, w in boxes}
+    assert sizes <= {(a, b) for a in (224, 192, 168) for b in (224, 192, 168)} | {(256, 224), (224, 256),
+                                                                                    (256, 256)}
+    assert (256, 168) not in sizes and (168, 256) not in sizes  # |i - j| <= 1
+    for top, left, h, w in boxes:
+        hs, ws = (256 - h) // 4, (340 - w) // 4
+        assert top % hs == 0 if hs else top == 0
+        assert left % ws == 0 if ws else left == 0
+    assert len({(t, left) for t, left, h, w in boxes if (h, w) == (224, 224)}) == 13
+
+
+def test_pretrain_transform_shapes_and_range():
+    frames = torch.randint(0, 256, (8, 48, 64, 3), dtype=torch.uint8)  # smaller than the crop
+    out = VT.PretrainTransform(96)(frames)
+    assert out.shape == (3, 8, 96, 96) and out.dtype == torch.float32
+    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
+    assert (out >= lo - 1e-5).all() and (out <= hi + 1e-5).all()
+    const = torch.full((2, 40, 40, 3), 255, dtype=torch.uint8)
+    assert torch.allclose(VT.PretrainTransform(32)(const), ((1 - MEAN) / STD).expand(3, 2, 32, 32), atol=1e-5)
+
+
+def test_randaugment_consistent_over_frames():
+    img = torch.randint(0, 256, (1, 40, 50, 3), dtype=torch.uint8).expand(6, -1, -1, -1).contiguous()
+    tr = VT.TrainTransform(32, aa="rand-m9-n4-mstd0.5-inc1", reprob=0.0)
+    random.seed(0)
+    np.random.seed(0)
+    outs = [tr(img) for _ in range(5)]
+    for out in outs:
+        assert out.shape == (3, 6, 32, 32)
+        assert torch.equal(out, out[:, :1].expand_as(out))  # identical frames stay identical
+    assert not all(torch.equal(outs[0], o) for o in outs[1:])  # but clips differ
+
+
+def test_random_erasing_is_a_tube():
+    clip = torch.zeros(3, 4, 32, 32)
+    VT.ClipRandomErasing(1.0, "const", 1)(clip.add_(1.0))
+    erased = clip == 0
+    assert erased.any()
+    assert torch.equal(erased, erased[:, :1].expand_as(erased))
+
+
+def test_eval_transform_crops():
+    frames = torch.zeros(2, 40, 80, 3, dtype=torch.uint8)
+    frames[..., :20, :] = 255  # left quarter white
+    tr = VT.EvalTransform(20, 20)
+    crops = [tr(frames, i, 3) for i in range(3)]
+    assert all(c.shape == (3, 2, 20, 20) for c in crops)
+    assert crops[0].mean() > crops[1].mean() >= crops[2].mean()
+    assert torch.equal(tr(frames, 0, 1), crops[1])  # single crop == centre, no division by zero
+
+
+# ---------------------------------------------------------------------------------------------------- datasets
+def test_pretrain_dataset_and_repeated_sampling(synthetic_dir):
+    a = args_for(os.path.join(synthetic_dir, "train.csv"), num_sample=1)
+    ds = D.build_pretraining_dataset(a)
+    x = ds[0]
+    assert x.shape == (3, 8, 32, 32) and x.dtype == torch.float32
+    a.num_sample = 3
+    ds = D.build_pretraining_dataset(a)
+    item = ds[1]
+    assert isinstance(item, list) and len(item) == 3
+    batch = D.multiple_samples_collate([ds[0], ds[1]])
+    assert batch.shape == (6, 3, 8, 32, 32)
+
+
+def test_cls_dataset_items(synthetic_dir):
+    a = args_for(synthetic_dir, num_sample=2, video_backend="pyav")
+    train, n = D.build_dataset(True, False, a)
+    assert n == 4 and len(train) == 8
+    clips, labels, idx, extra = train[0]
+    assert len(clips) == 2 and clips[0].shape == (3, 8, 32, 32) and labels == [0, 0] and extra == {}
+    x, y, i, _ = D.multiple_samples_collate([train[0], train[1]])
+    assert x.shape == (4, 3, 8, 32, 32) and y.tolist() == [0, 0, 1, 1] and i.tolist() == [0, 0, 1, 1]
+
+    val, _ = D.build_dataset(False, False, a)
+    c1, label, vid = val[0]
+    c2, _, _ = val[0]
+    assert c1.shape == (3, 8, 32, 32) and torch.equal(c1, c2)  # deterministic centre clip
+    assert vid.endswith(".mp4") and label == D.read_list_file(os.path.join(synthetic_dir, "val.csv"))[0].label
+
+    test, _ = D.build_dataset(False, True, a)
+    n_videos = len(D.read_list_file(os.path.join(synthetic_dir, "test.csv")))
+    assert len(test) == n_videos * 2 * 3
+    items = [test[i] for i in range(len(test))]
+    views = {}
+    for clip, _label, vid, seg, crop in items:
+        assert clip.shape == (3, 8, 32, 32)
+        views.setdefault(vid, set()).add((seg, crop))
+    assert len(views) == n_videos
+    assert all(v == {(s, c) for s in range(2) for c in range(3)} for v in views.values())
+
+
+def test_ssv2_segment_sampling(synthetic_dir):
+    a = args_for(synthetic_dir, data_set="SSV2", nb_classes=None, num_frames=4)
+    ds, n = D.build_dataset(True, False, a)
+    assert n == 174 and ds.sampling == "segment" and not ds.transform.flip
+    assert ds[0][0].shape == (3, 4, 32, 32)
+    test, _ = D.build_dataset(False, True, a)
+    assert test[0][0].shape == (3, 4, 32, 32)
+
+
+def _broken_list(tmp_path, video_dir, n_good=3, n_bad=2):
+    good = [os.path.join(video_dir, "h264_64x48.mp4"), os.path.join(video_dir, "vp9_64x48.webm"),
+            os.path.join(video_dir, "h264_short.mp4")][:n_good]
+    bad = [os.path.join(video_dir, "truncated.mp4"), os.path.join(video_dir, "missing.mp4"),
+           os.path.join(video_dir, "garbage.mp4")][:n_bad]
+    return write(tmp_path / "list.csv", "".join(f"{p} 0\n" for p in bad + good))
+
+
+@pytest.mark.parametrize("backend", ["decord", "pyav"])
+def test_broken_video_skipped_and_counted(tmp_path, video_dir, backend, caplog):
+    p = _broken_list(tmp_path, video_dir)
+    ds = D.PretrainVideoDataset(p, num_frames=8, sampling_rate=2, input_size=32, video_backend=backend)
+    random.seed(0)
+    with caplog.at_level("WARNING"):
+        for i in range(len(ds)):
+            assert ds[i].shape == (3, 8, 32, 32)
+        assert ds[0].shape == (3, 8, 32, 32)
+    assert ds.num_broken >= 3 and D.get_broken_count(ds) == ds.num_broken
+    logged = [r.getMessage() for r in caplog.records if "broken video" in r.getMessage()]
+    assert any("truncated.mp4" in m for m in logged) and any("missing.mp4" in m for m in logged)
+    assert len(logged) == len(set(logged))  # once per path
+
+    cls = D.VideoClsDataset(p, mode="test", nb_classes=1, num_frames=8, sampling_rate=2, input_size=32,
+                            short_side_size=32, test_num_segment=1, test_num_crop=1, video_backend=backend)
+    clip, label, vid, seg, crop = cls[0]  # broken in test: placeholder clip with its own id
+    assert vid.endswith("truncated.mp4") and clip.abs().sum() == 0 and cls.num_broken == 1
+
+
+def test_mostly_broken_dataset_stops(tmp_path, video_dir):
+    p = _broken_list(tmp_path, video_dir, n_good=0, n_bad=3)
+    ds = D.PretrainVideoDataset(p, num_frames=8, input_size=32, max_retries=4)
+    with pytest.raises(RuntimeError, match="consecutive videos failed"):
+        ds[0]
+
+
+def test_dataloader_two_workers_epoch(tmp_path, video_dir, synthetic_dir):
+    lines = open(os.path.join(synthetic_dir, "train.csv")).read()
+    p = write(tmp_path / "mixed.csv", lines + f"{os.path.join(video_dir, 'garbage.mp4')} 1\n")
+    a = args_for(p, num_sample=2)
+    ds = D.build_pretraining_dataset(a)
+    loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=D.multiple_samples_collate)
+    seen = 0
+    for batch in loader:
+        assert batch.shape[1:] == (3, 8, 32, 32) and torch.isfinite(batch).all()
+        seen += batch.shape[0]
+    assert seen == 2 * len(ds)
+    assert ds.num_broken >= 1  # counted inside a worker, visible here
+
+
+def test_add_data_args_defaults_and_existing_flags():
+    p = argparse.ArgumentParser()
+    p.add_argument("--input_size", default=112, type=int)  # e.g. defined with the model flags
+    D.add_data_args(p, pretrain=True)
+    a = p.parse_args([])
+    assert a.input_size == 112 and a.num_frames == 16 and a.sampling_rate == 4 and a.num_sample == 1
+    assert a.video_backend == "decord" and a.pin_mem and a.test_num_segment == 5 and a.test_num_crop == 3
+    assert a.aa == "rand-m7-n4-mstd0.5-inc1" and a.reprob == 0.25 and a.data_set == "Kinetics-400"
+    assert not p.parse_args(["--no_pin_mem"]).pin_mem
+    f = D.add_data_args(argparse.ArgumentParser())
+    assert f.parse_args([]).num_sample == 2

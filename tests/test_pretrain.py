@@ -1,0 +1,180 @@
+"""Pre-training program end to end on real synthetic videos: checkpoints, logs, resume after SIGKILL,
+truncated checkpoints, non-finite loss, a 2-process torchrun run against a 1-process run, and the launchers."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import run_mae_pretraining  # noqa: E402
+from tools.make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
+
+TINY_MODEL = json.dumps(dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=32,
+                             decoder_num_heads=4))
+
+
+@pytest.fixture(scope="module")
+def train_list(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("pretrain_data")
+    lists = make_synthetic_dataset(str(d), num_videos=24, num_classes=4, fmt="mp4", seed=1, size=64, frames=16,
+                                   split=(0.67, 0.165, 0.165))
+    return lists["train"]
+
+
+def tiny_args(train_list: str, out: Path, *extra: str) -> list[str]:
+    return ["--data_path", train_list, "--output_dir", str(out), "--model", "pretrain_videomae_small_patch16_224",
+            "--model_kwargs", TINY_MODEL, "--decoder_depth", "1", "--num_frames", "4", "--sampling_rate", "2",
+            "--input_size", "32", "--batch_size", "4", "--epochs", "2", "--warmup_epochs", "1", "--lr", "1e-2",
+            "--mask_ratio", "0.75", "--num_workers", "0", "--device", "cpu", "--print_freq", "1",
+            "--opt_betas", "0.9", "0.95", *extra]
+
+
+def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
+    args = run_mae_pretraining.get_args_parser().parse_args(tiny_args(train_list, tmp_path, "--save_ckpt_freq", "1"))
+    stats = run_mae_pretraining.main(args)
+    assert args.lr == pytest.approx(1e-2 * 4 / 256)  # linear scaling from the base lr
+    assert {"loss", "loss_rec", "loss_samp", "grad_norm", "sampler_entropy", "motion_coverage"} <= set(stats)
+    for name in ("checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-latest.pth"):
+        assert (tmp_path / name).is_file()
+    lines = [json.loads(x) for x in (tmp_path / "log.txt").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(x["train_loss"])) for x in lines)
+
+    ckpt = torch.load(tmp_path / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["kind"] == "pretrain" and ckpt["mask_type"] == "adaptive"
+    assert ckpt["global_step"] == 2 * args.num_training_steps_per_epoch
+    model = run_mae_pretraining.build_model(args)
+    model.load_state_dict(ckpt["model"], strict=True)
+    assert "encoder.pos_embed_probs" in ckpt["model"]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"loss/loss", "loss/loss_reconstruction", "loss/loss_sampling", "opt/lr", "opt/weight_decay",
+                "opt/grad_norm", "opt/loss_scale", "sampler/entropy", "sampler/max_prob", "sampler/motion_coverage",
+                "data/data_time", "data/broken_videos"}
+    assert expected <= tags, expected - tags
+    assert len(acc.Scalars("loss/loss")) == 2 * args.num_training_steps_per_epoch
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
+
+
+def test_sigkill_mid_epoch_then_same_command_resumes_and_finishes(train_list, tmp_path):
+    cmd = [sys.executable, "run_mae_pretraining.py", *tiny_args(train_list, tmp_path, "--epochs", "3")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stdout:  # kill as soon as epoch 1 has taken a step: mid-epoch, after epoch 0 was saved
+        seen.append(line)
+        if re.search(r"Epoch: \[1\]\s+\[\s*1/", line) or time.time() > deadline:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
+    ckpt = torch.load(tmp_path / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0
+
+    res = _run(cmd)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Resumed from" in res.stdout and "start_epoch 1" in res.stdout
+    assert "Epoch: [0]" not in res.stdout and "Epoch: [2]" in res.stdout
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "log.txt").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+    final = torch.load(tmp_path / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
+    assert final["epoch"] == 2
+
+    # A latest checkpoint torn on disk is reported by name and the previous numbered one is used instead.
+    latest = tmp_path / "checkpoint-latest.pth"
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 3])
+    res = _run([sys.executable, "run_mae_pretraining.py", *tiny_args(train_list, tmp_path, "--epochs", "4")])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout + res.stderr
+    assert "checkpoint-latest.pth is truncated or unreadable" in out
+    assert re.search(r"Resumed from \S*checkpoint-2\.pth", out)
+
+
+def test_non_finite_loss_stops_naming_epoch_and_step_and_saves_nothing(train_list, tmp_path):
+    args = run_mae_pretraining.get_args_parser().parse_args(
+        tiny_args(train_list, tmp_path, "--lr", "1e38", "--warmup_epochs", "0", "--epochs", "1"))
+    from engine_for_pretraining import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match=r"epoch 0, step \d+"):
+        run_mae_pretraining.main(args)
+    assert not list(tmp_path.glob("checkpoint-*.pth"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_torchrun_matches_one_process_with_same_total_batch(train_list, tmp_path):
+    common = ["--epochs", "1", "--warmup_epochs", "0", "--model_kwargs",
+              json.dumps({**json.loads(TINY_MODEL), "sampler_drop": 0.0}), "--save_ckpt_freq", "1"]
+    one = tmp_path / "one"
+    res = _run([sys.executable, "run_mae_pretraining.py",
+                *tiny_args(train_list, one, "--batch_size", "4", *common)])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    two = tmp_path / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(_free_port()), "run_mae_pretraining.py",
+                *tiny_args(train_list, two, "--batch_size", "2", *common)], env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "world 2" in res.stdout
+    a = torch.load(one / "checkpoint-0.pth", map_location="cpu", weights_only=False)
+    b = torch.load(two / "checkpoint-0.pth", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] > 1
+    before = run_mae_pretraining.build_model(run_mae_pretraining.get_args_parser().parse_args(
+        tiny_args(train_list, one, *common))).state_dict()
+    moved = 0
+    for k, v in a["model"].items():
+        assert torch.allclose(v, b["model"][k], atol=2e-5, rtol=1e-4), k
+        moved += int(not torch.allclose(v, before[k]))
+    assert moved > 0.9 * len(a["model"])  # training really changed the weights
+
+
+@pytest.mark.parametrize("script,expect", [
+    ("scripts/pretrain/ssv2_vitb_adamae_800e.sh", {"sampling_rate": 2, "data_set": "SSV2", "accum_iter": 8}),
+    ("scripts/pretrain/k400_vitb_adamae_800e.sh", {"sampling_rate": 4, "data_set": "Kinetics-400", "accum_iter": 8}),
+    ("scripts/pretrain/ssv2_vitb_adamae_800e_1gpu.sh", {"sampling_rate": 2, "accum_iter": 64}),
+    ("scripts/pretrain/slurm_k400_vitb_adamae_800e.sbatch", {"sampling_rate": 4, "accum_iter": 1}),
+])
+def test_launchers_pass_the_paper_recipe(script, expect, tmp_path):
+    """Run each launcher with torchrun/srun/python replaced by a recorder, then parse what it passed."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "argv.json"
+    for tool in ("torchrun", "srun", "python"):
+        (bindir / tool).write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                   f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+        (bindir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(ROOT)}
+    res = subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    argv = json.loads(record.read_text())
+    argv = argv[argv.index("run_mae_pretraining.py") + 1:]
+    args = run_mae_pretraining.get_args_parser().parse_args(argv)
+    assert args.model == "pretrain_videomae_base_patch16_224" and args.mask_type == "adaptive"
+    assert args.mask_ratio == 0.95 and args.decoder_depth == 4 and args.batch_size == 32
+    assert args.lr == 1.5e-4 and args.opt_betas == [0.9, 0.95] and args.weight_decay == 0.05
+    assert args.epochs == 800 and args.warmup_epochs == 40 and args.num_frames == 16
+    assert args.sampling_loss_weight == 1e-4
+    for k, v in expect.items():
+        assert getattr(args, k) == v, k

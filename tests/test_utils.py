@@ -1,0 +1,485 @@
+"""Unit tests for the shared training infrastructure in ``utils.py`` (CPU only, a few seconds)."""
+from __future__ import annotations
+
+import argparse
+import builtins
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import utils  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _restore_print():
+    """init_distributed_mode replaces builtins.print; keep other tests unaffected."""
+    saved = builtins.print
+    yield
+    builtins.print = saved
+
+
+class TinyViT(nn.Module):
+    """Just enough structure for parameter grouping: stem, blocks, final norm, head."""
+
+    def __init__(self, depth: int = 2, dim: int = 8):
+        super().__init__()
+        self.patch_embed = nn.Linear(4, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, dim))
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^patch_embed|^pos_embed", blocks=r"^blocks\.(\d+)")
+
+    def forward(self, x):
+        x = self.patch_embed(x) + self.pos_embed
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def _opt_args(**kw) -> argparse.Namespace:
+    base = dict(opt="adamw", lr=1e-3, weight_decay=0.05, opt_eps=1e-8, opt_betas=[0.9, 0.95], momentum=0.9)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _group_of(optimizer, model):
+    id2name = {id(p): n for n, p in model.named_parameters()}
+    return {id2name[id(p)]: g for g in optimizer.param_groups for p in g["params"]}
+
+
+# ------------------------------------------------------------------------------------------------ schedules
+
+def _videomae_reference(base, final, epochs, niter, warmup_epochs, start_warmup):
+    warmup_iters = warmup_epochs * niter
+    warm = np.linspace(start_warmup, base, warmup_iters) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter - warmup_iters)
+    cos = np.array([final + 0.5 * (base - final) * (1 + math.cos(math.pi * i / len(iters))) for i in iters])
+    return np.concatenate((warm, cos))
+
+
+def test_cosine_scheduler_matches_videomae_semantics():
+    s = utils.cosine_scheduler(1e-3, 1e-6, epochs=5, niter_per_ep=7, warmup_epochs=2, start_warmup_value=1e-7)
+    ref = _videomae_reference(1e-3, 1e-6, 5, 7, 2, 1e-7)
+    assert s.shape == (35,)
+    np.testing.assert_allclose(s, ref, rtol=1e-12)
+    assert s[0] == pytest.approx(1e-7) and s[13] == pytest.approx(1e-3) and s[14] == pytest.approx(1e-3)
+    assert np.all(np.diff(s[14:]) <= 0) and s[-1] > 1e-6
+
+
+def test_cosine_scheduler_edge_cases():
+    # warmup_steps with warmup_epochs == 0 used to fail an assertion in VideoMAE
+    s = utils.cosine_scheduler(1.0, 0.0, epochs=2, niter_per_ep=5, warmup_epochs=0, warmup_steps=3)
+    assert len(s) == 10 and s[0] == 0.0 and s[2] == pytest.approx(1.0) and s[3] == pytest.approx(1.0)
+    # warm-up longer than the run is clamped
+    s = utils.cosine_scheduler(1.0, 0.0, epochs=1, niter_per_ep=4, warmup_epochs=3)
+    assert len(s) == 4 and s[-1] == pytest.approx(1.0)
+    # zero-length runs and a one-step warm-up
+    assert len(utils.cosine_scheduler(1.0, 0.0, epochs=0, niter_per_ep=4)) == 0
+    assert len(utils.cosine_scheduler(1.0, 0.0, epochs=3, niter_per_ep=0, warmup_epochs=1)) == 0
+    s = utils.cosine_scheduler(1.0, 0.5, epochs=1, niter_per_ep=3, warmup_steps=1, start_warmup_value=0.1)
+    assert s[0] == pytest.approx(0.1) and s[1] == pytest.approx(1.0)
+    # constant schedule (weight decay with weight_decay_end == weight_decay)
+    np.testing.assert_allclose(utils.cosine_scheduler(0.05, 0.05, 2, 3), 0.05)
+
+
+def test_scale_lr_prints_and_is_idempotent(capsys):
+    args = argparse.Namespace(lr=1.5e-4, min_lr=1e-5, warmup_lr=1e-6, batch_size=32, update_freq=2)
+    assert utils.scale_lr(args, total_batch=512) == pytest.approx(3e-4)
+    assert args.min_lr == pytest.approx(2e-5) and args.warmup_lr == pytest.approx(2e-6)
+    out = capsys.readouterr().out
+    assert "base lr 1.500e-04" in out and "512" in out and "3.000e-04" in out
+    utils.scale_lr(args, total_batch=512)  # second call re-derives from the stored base value
+    assert args.lr == pytest.approx(3e-4)
+    args2 = argparse.Namespace(lr=1e-3, batch_size=8, update_freq=4)  # total = bs * world * update_freq
+    assert utils.scale_lr(args2) == pytest.approx(1e-3 * 32 / 256)
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+
+def test_param_groups_no_weight_decay_for_bias_norm_and_skip_list():
+    model = TinyViT()
+    opt = utils.create_optimizer(_opt_args(), model, verbose=False)
+    assert isinstance(opt, torch.optim.AdamW)
+    groups = _group_of(opt, model)
+    for name in ("pos_embed", "patch_embed.bias", "blocks.0.0.weight", "blocks.0.1.bias", "norm.weight",
+                 "head.bias"):
+        assert groups[name]["weight_decay"] == 0.0, name
+    for name in ("patch_embed.weight", "blocks.1.1.weight", "head.weight"):
+        assert groups[name]["weight_decay"] == 0.05, name
+    assert all(g["lr_scale"] == 1.0 for g in opt.param_groups)
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95) and opt.param_groups[0]["eps"] == 1e-8
+
+
+def test_skip_list_matches_dotted_suffix_and_zero_weight_decay_keeps_lr_scale():
+    class Wrapper(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = TinyViT()
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, 8))
+
+        def no_weight_decay(self):
+            return {"pos_embed", "mask_token"}
+
+    model = Wrapper()
+    groups = _group_of(utils.create_optimizer(_opt_args(), model, verbose=False), model)
+    assert groups["encoder.pos_embed"]["weight_decay"] == 0.0
+    assert groups["mask_token"]["weight_decay"] == 0.0
+    assert groups["encoder.head.weight"]["weight_decay"] == 0.05
+    # an explicit skip list replaces no_weight_decay()
+    opt = utils.create_optimizer(_opt_args(), model, skip_list=["head.weight"], verbose=False)
+    groups = _group_of(opt, model)
+    assert groups["encoder.head.weight"]["weight_decay"] == 0.0
+    assert groups["mask_token"]["weight_decay"] == 0.05
+    # weight_decay == 0 still yields groups with lr_scale (VideoMAE raised KeyError there)
+    opt = utils.create_optimizer(_opt_args(weight_decay=0.0), model, verbose=False)
+    assert all("lr_scale" in g and g["weight_decay"] == 0.0 for g in opt.param_groups)
+
+
+def test_layer_decay_lr_scales(capsys):
+    model = TinyViT(depth=2)
+    opt = utils.create_optimizer(_opt_args(), model, layer_decay=0.5)
+    assert "lr_scale" in capsys.readouterr().out  # the group summary is printed
+    groups = _group_of(opt, model)
+    # depth 2 -> layers: stem 0, blocks 1..2, norm/head 3 = max  (VideoMAE's get_num_layer_for_vit)
+    assert groups["patch_embed.weight"]["lr_scale"] == pytest.approx(0.5**3)
+    assert groups["pos_embed"]["lr_scale"] == pytest.approx(0.5**3)
+    assert groups["blocks.0.1.weight"]["lr_scale"] == pytest.approx(0.5**2)
+    assert groups["blocks.1.1.weight"]["lr_scale"] == pytest.approx(0.5)
+    assert groups["head.weight"]["lr_scale"] == pytest.approx(1.0)
+    assert groups["norm.weight"]["lr_scale"] == pytest.approx(1.0)
+    assert groups["pos_embed"]["weight_decay"] == 0.0 and groups["blocks.0.1.bias"]["weight_decay"] == 0.0
+    assert groups["blocks.0.1.weight"]["weight_decay"] == 0.05
+    # per-step schedule application
+    utils.apply_schedule(opt, lr=2e-3, weight_decay=0.1)
+    assert groups["patch_embed.weight"]["lr"] == pytest.approx(2e-3 * 0.125)
+    assert groups["patch_embed.weight"]["weight_decay"] == 0.1 and groups["pos_embed"]["weight_decay"] == 0.0
+    utils.apply_schedule(opt, weight_decay=0.0)  # decaying to zero must not lose track of decaying groups
+    utils.apply_schedule(opt, weight_decay=0.2)
+    assert groups["patch_embed.weight"]["weight_decay"] == 0.2 and groups["pos_embed"]["weight_decay"] == 0.0
+    stats = utils.get_lr_stats(opt)
+    assert stats["lr"] == pytest.approx(2e-3) and stats["min_lr"] == pytest.approx(2e-3 * 0.125)
+
+
+# ------------------------------------------------------------------------------------------------ precision
+
+def _train_step(model, scaler, opt, precision="fp32", **kw):
+    x = torch.randn(2, 3, 4)
+    with utils.autocast("cpu", precision):
+        loss = model(x).float().pow(2).mean()
+    return scaler(loss, opt, **kw)
+
+
+def test_loss_scaler_interfaces():
+    torch.manual_seed(0)
+    model = TinyViT()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.head.weight.detach().clone()
+    scaler = utils.LossScaler("fp32", "cpu")
+    assert _train_step(model, scaler, opt, update_grad=False) is None  # accumulation micro-step
+    assert torch.equal(model.head.weight, before)
+    norm = _train_step(model, scaler, opt, clip_grad=1e-3)
+    assert isinstance(norm, torch.Tensor) and norm.ndim == 0 and norm > 1e-3
+    assert not torch.equal(model.head.weight, before)
+    assert scaler.state_dict() == {} and scaler.get_scale() == 1.0
+    opt.zero_grad()
+    norm = _train_step(model, utils.LossScaler("bf16", "cpu"), opt, precision="bf16")
+    assert isinstance(norm, torch.Tensor) and torch.isfinite(norm)
+    # measured norm equals the reference total norm
+    expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+    assert torch.allclose(utils.get_grad_norm_(model.parameters()), expected)
+    assert float(utils.get_grad_norm_([nn.Parameter(torch.ones(2))])) == 0.0
+
+
+def test_loss_scaler_fp16_state_and_nonfinite_count():
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = utils.LossScaler("fp16", "cpu", init_scale=1024.0)
+    loss = model(torch.randn(4, 3)).sum()
+    norm = scaler(loss, opt)
+    assert isinstance(norm, torch.Tensor) and scaler.get_scale() == 1024.0
+    opt.zero_grad()
+    loss = model(torch.randn(4, 3)).sum() * float("inf")
+    scaler(loss, opt)  # inf gradients: the GradScaler skips the step and halves the scale
+    assert scaler.get_scale() == 512.0 and int(scaler.num_nonfinite) == 1
+    assert float(scaler.get_scale_tensor()) == 512.0
+    assert float(utils.LossScaler("bf16", "cpu").get_scale_tensor()) == 1.0
+    sd = scaler.state_dict()
+    other = utils.LossScaler("fp16", "cpu")
+    other.load_state_dict(sd)
+    assert other.get_scale() == 512.0
+    other.load_state_dict({})  # checkpoint from a bf16 run: keep the fresh scale instead of crashing
+    with pytest.raises(ValueError):
+        utils.LossScaler("fp8")
+
+
+def test_autocast_helper():
+    with utils.autocast("cpu", "bf16"):
+        y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+    assert y.dtype == torch.bfloat16
+    with utils.autocast("cpu:0", "fp32"):
+        y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
+    assert y.dtype == torch.float32
+    assert utils.resolve_precision("BF16", "cpu") == "bf16"
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def _ckpt_args(tmp_path, **kw) -> argparse.Namespace:
+    base = dict(output_dir=str(tmp_path), save_ckpt_freq=1, epochs=3, resume="", auto_resume=True,
+                start_epoch=0)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def _make_state(seed=0):
+    torch.manual_seed(seed)
+    model = TinyViT()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = utils.LossScaler("fp16", "cpu", init_scale=256.0)
+    return model, opt, scaler
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model, opt, scaler = _make_state(0)
+    _train_step(model, scaler, opt)
+    args = _ckpt_args(tmp_path)
+    written = utils.save_checkpoint(args, 0, model, opt, scaler, global_step=17, extra={"kind": "pretrain"})
+    assert sorted(Path(p).name for p in written) == ["checkpoint-0.pth", "checkpoint-latest.pth"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0.pth", "checkpoint-latest.pth"]
+    after_save = (torch.rand(3), np.random.rand(3), random.random())
+
+    ck = torch.load(tmp_path / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
+    assert ck["format_version"] == 1 and ck["kind"] == "pretrain" and ck["epoch"] == 0
+    assert ck["global_step"] == 17 and ck["args"]["save_ckpt_freq"] == 1 and ck["scaler"]["scale"] == 256.0
+
+    model2, opt2, scaler2 = _make_state(1)
+    scaler2 = utils.LossScaler("fp16", "cpu", init_scale=8.0)
+    args2 = _ckpt_args(tmp_path)
+    torch.manual_seed(123)
+    info = utils.auto_load_model(args2, model2, opt2, scaler2)
+    assert info.resumed and info.global_step == 17 and info.epoch == 0 and args2.start_epoch == 1
+    for (n, p), p2 in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(p, p2), n
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+    assert scaler2.get_scale() == 256.0
+    after_load = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(after_save[0], after_load[0]) and np.array_equal(after_save[1], after_load[1])
+    assert after_save[2] == after_load[2]
+
+
+def test_save_frequency_tag_and_explicit_resume(tmp_path):
+    model, opt, scaler = _make_state()
+    args = _ckpt_args(tmp_path, save_ckpt_freq=2, epochs=3)
+    written = utils.save_checkpoint(args, 0, model, opt, scaler, 1)
+    assert [Path(p).name for p in written] == ["checkpoint-latest.pth"]
+    assert len(utils.save_checkpoint(args, 1, model, opt, scaler, 2)) == 2  # (1 + 1) % 2 == 0
+    assert len(utils.save_checkpoint(args, 2, model, opt, scaler, 3)) == 2  # last epoch
+    best = utils.save_checkpoint(args, 2, model, opt, scaler, 3, tag="best")
+    assert [Path(p).name for p in best] == ["checkpoint-best.pth"]
+    args2 = _ckpt_args(tmp_path, resume=str(tmp_path / "checkpoint-1.pth"))
+    info = utils.auto_load_model(args2, TinyViT(), None, None)
+    assert info.epoch == 1 and args2.start_epoch == 2
+    args3 = _ckpt_args(tmp_path, resume=str(tmp_path / "missing.pth"))
+    with pytest.raises(utils.CheckpointError, match="missing.pth"):
+        utils.auto_load_model(args3, TinyViT(), None, None)
+    args4 = _ckpt_args(tmp_path, auto_resume=False)
+    assert not utils.auto_load_model(args4, TinyViT(), None, None).resumed and args4.start_epoch == 0
+
+
+def test_truncated_latest_falls_back_to_previous_numbered(tmp_path, capsys):
+    model, opt, scaler = _make_state()
+    args = _ckpt_args(tmp_path, save_ckpt_freq=2, epochs=10)
+    for epoch in range(3):  # writes checkpoint-1.pth, latest = epoch 2
+        utils.save_checkpoint(args, epoch, model, opt, scaler, global_step=10 * (epoch + 1))
+    latest = tmp_path / "checkpoint-latest.pth"
+    data = latest.read_bytes()
+    latest.write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    args2 = _ckpt_args(tmp_path)
+    info = utils.auto_load_model(args2, TinyViT(), torch.optim.AdamW(TinyViT().parameters()), None)
+    out = capsys.readouterr().out
+    assert "checkpoint-latest.pth" in out and "truncated" in out
+    assert info.path.endswith("checkpoint-1.pth") and args2.start_epoch == 2 and info.global_step == 20
+    with pytest.raises(utils.CheckpointError, match="checkpoint-latest.pth.*truncated"):
+        utils.load_checkpoint_file(latest)
+
+
+def test_crash_during_save_leaves_previous_file(tmp_path, monkeypatch):
+    model, opt, scaler = _make_state()
+    args = _ckpt_args(tmp_path, save_ckpt_freq=100, epochs=100)
+    utils.save_checkpoint(args, 0, model, opt, scaler, 1)
+    good = (tmp_path / "checkpoint-latest.pth").read_bytes()
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(utils.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        utils.save_checkpoint(args, 1, model, opt, scaler, 2)
+    assert (tmp_path / "checkpoint-latest.pth").read_bytes() == good
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-latest.pth"]  # no temp file left behind
+
+
+def test_refuses_non_finite_weights(tmp_path):
+    model, opt, scaler = _make_state()
+    with torch.no_grad():
+        model.blocks[1][1].weight[0, 0] = float("nan")
+    with pytest.raises(utils.NonFiniteCheckpointError, match=r"blocks\.1\.1\.weight"):
+        utils.save_checkpoint(_ckpt_args(tmp_path), 0, model, opt, scaler, 1)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_state_dict_unwrapping_and_counting():
+    model = TinyViT()
+    compiled = torch.compile(model)  # compilation is lazy; no forward is run
+    keys = list(utils.get_model_state_dict(compiled))
+    assert keys == list(model.state_dict()) and not any(k.startswith("_orig_mod.") for k in keys)
+    assert utils.unwrap_model(nn.DataParallel(model)) is model
+    stripped = utils.strip_state_dict_prefixes({"module._orig_mod.head.weight": 1, "head.bias": 2})
+    assert stripped == {"head.weight": 1, "head.bias": 2}
+    model.head.weight.requires_grad_(False)
+    total = sum(p.numel() for p in model.parameters())
+    assert utils.count_parameters(model, trainable_only=False) == total
+    assert utils.count_parameters(model) == total - model.head.weight.numel()
+
+
+# ------------------------------------------------------------------------------------------------ distributed
+
+def test_parse_slurm_nodelist():
+    assert utils.parse_slurm_nodelist("node[001-004,7],gpu5") == [
+        "node001", "node002", "node003", "node004", "node7", "gpu5"]
+    assert utils.parse_slurm_nodelist("rack[1-2]-n[08-09]") == [
+        "rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]
+    assert utils.parse_slurm_nodelist("single-host") == ["single-host"]
+    assert utils.parse_slurm_nodelist("a[9-11],b") == ["a9", "a10", "a11", "b"]
+    with pytest.raises(ValueError):
+        utils.parse_slurm_nodelist("node[1-", use_scontrol=False)
+
+
+SLURM_ENV = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
+             "SLURM_JOB_NODELIST": "gpu[017-018]", "SLURM_NODELIST": "gpu[017-018]"}
+
+
+def test_resolve_slurm_env():
+    info = utils.resolve_distributed_env(dict(SLURM_ENV), use_scontrol=False)
+    assert (info.rank, info.world_size, info.local_rank, info.source) == (5, 8, 1, "slurm")
+    assert info.master_addr == "gpu017" and info.master_port == str(15000 + 123456 % 20000)
+    info = utils.resolve_distributed_env({**SLURM_ENV, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4242"})
+    assert info.master_addr == "10.0.0.1" and info.master_port == "4242"
+    env = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_JOB_ID"}
+    assert utils.resolve_distributed_env(env).master_port == "29500"
+    # torchrun inside an allocation: torchrun's ranks win
+    info = utils.resolve_distributed_env({**SLURM_ENV, "RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3",
+                                          "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    assert (info.rank, info.world_size, info.local_rank, info.source) == (3, 16, 3, "torchrun")
+    # one task (interactive python inside salloc) and plain python: not distributed
+    assert utils.resolve_distributed_env({**SLURM_ENV, "SLURM_NTASKS": "1"}) is None
+    assert utils.resolve_distributed_env({}) is None
+    info = utils.resolve_distributed_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+                                          "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, dist_on_itp=True)
+    assert (info.rank, info.world_size, info.source) == (2, 4, "itp")
+
+
+def test_init_distributed_mode_single_process(monkeypatch, capsys):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    parser = utils.add_distributed_args(argparse.ArgumentParser())
+    args = parser.parse_args(["--local-rank=3", "--device", "cpu"])
+    assert args.local_rank == 3 and args.dist_url == "env://" and args.seed == 0
+    assert parser.parse_args(["--local_rank", "2"]).local_rank == 2
+    utils.init_distributed_mode(args)
+    assert not args.distributed and args.rank == 0 and args.world_size == 1 and args.dist_backend is None
+    assert "Not using distributed mode" in capsys.readouterr().out
+    assert utils.get_rank() == 0 and utils.get_world_size() == 1 and utils.is_main_process()
+    utils.barrier()  # no-op without a process group
+    assert utils.all_reduce_mean(2.5) == 2.5
+    assert torch.equal(utils.all_reduce_mean(torch.ones(2)), torch.ones(2))
+    assert utils.setup_seed(7) == 7
+    # re-adding to a parser that already defines --seed must not raise
+    p2 = argparse.ArgumentParser()
+    p2.add_argument("--seed", type=int, default=42)
+    assert utils.add_distributed_args(p2).parse_args([]).seed == 42
+
+
+def test_print_silenced_on_non_master(capsys):
+    utils.setup_for_distributed(False)
+    print("hidden")
+    print("shown", force=True)
+    assert capsys.readouterr().out == "shown\n"
+
+
+# ------------------------------------------------------------------------------------------------ logging
+
+def test_metric_logger_lazy_tensors_and_output(capsys):
+    ml = utils.MetricLogger(delimiter="  ")
+    ml.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    seen = []
+    for i, batch in enumerate(ml.log_every(range(5), print_freq=2, header="Epoch: [0]")):
+        seen.append(batch)
+        ml.update(loss=torch.tensor(float(i)), lr=np.float32(1e-3), grad_norm=None)
+        assert len(ml.loss._pending) <= 5  # tensors are kept until printed
+    out = capsys.readouterr().out
+    assert seen == list(range(5))
+    assert "eta: " in out and "data" in out and "time:" in out and "Total time" in out
+    assert "Epoch: [0]" in out and "[4/5]" in out and "lr: 0.001000" in out
+    assert ml.loss.global_avg == pytest.approx(2.0) and ml.loss.count == 5
+    assert ml.loss.max == 4.0 and ml.loss.median == 2.0 and ml.loss.value == 4.0
+    assert "grad_norm" not in ml.meters
+    ml.synchronize_between_processes()  # no-op without a process group
+    assert ml.global_averages()["loss"] == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        ml.update(bad=torch.ones(3))
+
+
+def test_metric_logger_iterable_without_len(capsys):
+    ml = utils.MetricLogger()
+    assert list(ml.log_every(iter(range(3)), print_freq=1, header="x")) == [0, 1, 2]
+    assert "[2]" in capsys.readouterr().out
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    tb = utils.TensorboardLogger(tmp_path / "tb")
+    for step in range(3):
+        tb.set_step(step)
+        tb.update(head="loss", loss=torch.tensor(1.0 / (step + 1)), lr=1e-3, skipped=None)
+    tb.add_images("vis/x", torch.rand(2, 3, 8, 8), step=0)
+    tb.flush()
+    tb.close()
+    events = list((tmp_path / "tb").glob("events.out.tfevents*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [round(e.value, 4) for e in acc.Scalars("loss/loss")] == [1.0, 0.5, 0.3333]
+    assert "loss/lr" in acc.Tags()["scalars"]
+
+
+def test_write_log_line(tmp_path):
+    utils.write_log_line(tmp_path, {"epoch": 0, "train_loss": torch.tensor(0.5), "n": np.int64(3)})
+    utils.write_log_line(tmp_path, {"epoch": 1, "train_loss": float("nan")})
+    lines = (tmp_path / "log.txt").read_text().splitlines()
+    assert [json.loads(s) for s in lines] == [{"epoch": 0, "train_loss": 0.5, "n": 3},
+                                              {"epoch": 1, "train_loss": "nan"}]
+    utils.write_log_line(None, {"epoch": 2})  # no output dir: silently nothing
+    assert os.path.getsize(tmp_path / "log.txt") > 0

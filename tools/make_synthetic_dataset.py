@@ -1,0 +1,217 @@
+"""Write a small synthetic video classification dataset whose classes can only be told apart by motion.
+
+Each video: a textured, static background (smooth noise, plus slight per-frame noise), one textured object
+that moves according to the class, and sometimes a second, static textured distractor. A single frame says
+nothing about the class (object texture, position and background are random), so a model has to use motion,
+as on SSv2. Classes are invariant to horizontal flipping (so the default flip augmentation is safe):
+
+    0 up, 1 down, 2 horizontal (left or right), 3 circle (either direction),
+    4 vertical bounce, 5 grow (approach), 6 shrink (recede), 7 static
+
+Videos are real H.264 .mp4 or VP9 .webm files written with PyAV (single-threaded encoder, fixed settings:
+deterministic for a seed). Lists ``train.csv`` / ``val.csv`` / ``test.csv`` use VideoMAE's ``path label``
+format (absolute paths unless ``--relative``, then relative to ``--out``, to be used with ``--data_root``).
+
+    python tools/make_synthetic_dataset.py --out data/synthetic --num_videos 240 --num_classes 4
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Dict
+
+import numpy as np
+
+CLASS_NAMES = ["up", "down", "horizontal", "circle", "bounce", "grow", "shrink", "static"]
+
+
+def write_video(path: str, frames: np.ndarray, fmt: str | None = None, fps: int = 25,
+                gop: int | None = None, crf: int = 23, tune: str | None = None) -> None:
+    """Encode ``uint8 [T, H, W, 3]`` RGB frames (H, W even) to H.264 .mp4 or VP9 .webm with PyAV."""
+    import av
+
+    fmt = fmt or os.path.splitext(path)[1].lstrip(".")
+    codec = {"mp4": "libx264", "webm": "libvpx-vp9"}[fmt]
+    t, h, w, _ = frames.shape
+    if codec == "libx264":
+        options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+        if tune:
+            options["tune"] = tune
+    else:
+        options = {"crf": "32", "b": "0", "deadline": "realtime", "cpu-used": "8", "threads": "1",
+                   "row-mt": "0"}
+    with av.open(path, "w", options={"fflags": "+bitexact"}) as c:  # no random UIDs / dates: reproducible
+        s = c.add_stream(codec, rate=fps, options=options)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        if gop:
+            s.codec_context.gop_size = gop
+        for f in frames:
+            for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+
+
+def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int) -> np.ndarray:
+    """Smooth colour noise: a coarse random grid, bilinearly upsampled (``[h, w, 3]`` float 0..255)."""
+    g = rng.uniform(40, 215, size=(cells + 1, cells + 1, 3))
+    ys, xs = np.linspace(0, cells, h), np.linspace(0, cells, w)
+    y0, x0 = np.minimum(ys.astype(int), cells - 1), np.minimum(xs.astype(int), cells - 1)
+    fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+    a, b = g[y0][:, x0], g[y0][:, x0 + 1]
+    c, d = g[y0 + 1][:, x0], g[y0 + 1][:, x0 + 1]
+    return (a * (1 - fy) * (1 - fx) + b * (1 - fy) * fx + c * fy * (1 - fx) + d * fy * fx)
+
+
+def _object_texture(rng: np.random.Generator, s: int) -> np.ndarray:
+    """High-contrast blocky texture so the object stands out from the smooth background."""
+    k = max(2, s // 4)
+    blocks = rng.choice([20.0, 235.0], size=(k, k, 3))
+    tex = np.repeat(np.repeat(blocks, -(-s // k), 0), -(-s // k), 1)[:s, :s]
+    return np.clip(tex + rng.normal(0, 12, size=tex.shape), 0, 255)
+
+
+def _trajectory(cls: int, rng: np.random.Generator, frames: int, size: int, obj: int):
+    """Per-frame (y, x, side) of the moving object for class ``cls``."""
+    t = np.arange(frames, dtype=np.float64)
+    room = size - obj
+    travel = rng.uniform(0.5, 0.75) * room
+    v = travel / max(frames - 1, 1)
+    sides = np.full(frames, obj, dtype=np.float64)
+    cx = rng.uniform(0, room)
+    cy = rng.uniform(0, room)
+    if cls in (0, 1):  # up / down
+        y0 = rng.uniform(travel, room) if cls == 0 else rng.uniform(0, room - travel)
+        y = y0 - v * t if cls == 0 else y0 + v * t
+        x = np.full(frames, cx)
+    elif cls == 2:  # horizontal, random direction
+        sign = rng.choice([-1.0, 1.0])
+        x0 = rng.uniform(travel, room) if sign < 0 else rng.uniform(0, room - travel)
+        x, y = x0 + sign * v * t, np.full(frames, cy)
+    elif cls == 3:  # circle, random direction and phase
+        r = rng.uniform(0.25, 0.4) * room
+        c0 = room / 2
+        ph, sign = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
+        ang = ph + sign * 2 * np.pi * t / frames * rng.uniform(0.8, 1.2)
+        y, x = c0 + r * np.sin(ang), c0 + r * np.cos(ang)
+    elif cls == 4:  # vertical bounce: down and up again
+        amp = rng.uniform(0.3, 0.45) * room
+        y0 = rng.uniform(0, room - amp)
+        y = y0 + amp * np.abs(np.sin(np.pi * t / frames * 2))
+        x = np.full(frames, cx)
+    elif cls in (5, 6):  # grow / shrink around a fixed centre
+        lo, hi = obj * 0.4, obj * 1.5
+        sides = np.linspace(lo, hi, frames) if cls == 5 else np.linspace(hi, lo, frames)
+        ccy, ccx = size / 2 + rng.uniform(-0.15, 0.15) * size, size / 2 + rng.uniform(-0.15, 0.15) * size
+        y, x = ccy - sides / 2, ccx - sides / 2
+    else:  # static
+        y, x = np.full(frames, cy), np.full(frames, cx)
+    return y, x, sides
+
+
+def _paste(img: np.ndarray, tex: np.ndarray, y: float, x: float, side: float) -> None:
+    s = max(2, int(round(side)))
+    idx = (np.arange(s) * tex.shape[0] / s).astype(int)
+    patch = tex[idx][:, idx]
+    h, w = img.shape[:2]
+    y0, x0 = int(round(y)), int(round(x))
+    ya, xa = max(y0, 0), max(x0, 0)
+    yb, xb = min(y0 + s, h), min(x0 + s, w)
+    if ya < yb and xa < xb:
+        img[ya:yb, xa:xb] = patch[ya - y0:yb - y0, xa - x0:xb - x0]
+
+
+def render_video(cls: int, rng: np.random.Generator, size: int = 112, frames: int = 32) -> np.ndarray:
+    """``uint8 [frames, size, size, 3]`` for class ``cls``."""
+    # Background detail at about the patch scale (8-12 px cells at 112 px): per-patch normalised targets of a
+    # nearly flat background would be mostly encoder noise, which no model can predict.
+    bg = _smooth_noise(rng, size, size, int(rng.integers(max(3, size // 14), max(4, size // 9) + 1)))
+    obj = max(6, int(size * rng.uniform(0.18, 0.26)))
+    tex = _object_texture(rng, obj * 2)
+    y, x, sides = _trajectory(cls, rng, frames, size, obj)
+    distractor = None
+    if rng.random() < 0.5:
+        ds = max(4, int(size * rng.uniform(0.12, 0.2)))
+        distractor = (_object_texture(rng, ds), rng.uniform(0, size - ds), rng.uniform(0, size - ds), ds)
+    out = np.empty((frames, size, size, 3), dtype=np.uint8)
+    for i in range(frames):
+        img = bg + rng.normal(0, 2, size=bg.shape)
+        if distractor is not None:
+            _paste(img, *distractor)
+        _paste(img, tex, y[i], x[i], sides[i])
+        out[i] = np.clip(img, 0, 255).astype(np.uint8)
+    return out
+
+
+def make_synthetic_dataset(out_dir: str, num_videos: int = 240, num_classes: int = 4, fmt: str = "mp4",
+                           seed: int = 0, size: int = 112, frames: int = 32, fps: int = 25,
+                           split: tuple = (0.7, 0.15, 0.15), relative: bool = False) -> Dict[str, str]:
+    """Write videos and ``train.csv``/``val.csv``/``test.csv`` (classes balanced in every split).
+
+    Returns ``{'train': path, 'val': path, 'test': path}``.
+    """
+    if not 2 <= num_classes <= len(CLASS_NAMES):
+        raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
+    if fmt not in ("mp4", "webm"):
+        raise ValueError(f"format must be mp4 or webm, got {fmt!r}")
+    if size % 2:
+        raise ValueError("size must be even (yuv420p)")
+    out_dir = os.path.abspath(out_dir)
+    vdir = os.path.join(out_dir, "videos")
+    os.makedirs(vdir, exist_ok=True)
+    root = np.random.default_rng(seed)
+    seeds = root.integers(0, 2**63 - 1, size=num_videos)
+    labels = np.arange(num_videos) % num_classes
+    # balanced split: the first 70% of each class's videos go to train, etc.
+    rows: Dict[str, list] = {"train": [], "val": [], "test": []}
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        n = len(members)
+        # at least one video per class in val and test when there are 3 or more
+        n_va = max(int(round(split[1] * n)), 1 if n >= 3 else 0)
+        n_te = max(int(round(split[2] * n)), 1 if n >= 3 else 0)
+        n_tr = n - n_va - n_te
+        for k, i in enumerate(members):
+            part = "train" if k < n_tr else ("val" if k < n_tr + n_va else "test")
+            rows[part].append(i)
+    for i in range(num_videos):
+        name = f"{i:05d}_{CLASS_NAMES[labels[i]]}.{fmt}"
+        frames_arr = render_video(int(labels[i]), np.random.default_rng(int(seeds[i])), size, frames)
+        write_video(os.path.join(vdir, name), frames_arr, fmt, fps)
+    lists = {}
+    for part, idx in rows.items():
+        p = os.path.join(out_dir, f"{part}.csv")
+        with open(p, "w") as f:
+            for i in sorted(idx):
+                rel = os.path.join("videos", f"{i:05d}_{CLASS_NAMES[labels[i]]}.{fmt}")
+                f.write(f"{rel if relative else os.path.join(out_dir, rel)} {labels[i]}\n")
+        lists[part] = p
+    with open(os.path.join(out_dir, "classes.txt"), "w") as f:
+        f.write("".join(f"{c} {CLASS_NAMES[c]}\n" for c in range(num_classes)))
+    return lists
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--num_videos", type=int, default=240)
+    p.add_argument("--num_classes", type=int, default=4)
+    p.add_argument("--format", choices=["mp4", "webm"], default="mp4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=112, help="frame side in pixels (even)")
+    p.add_argument("--frames", type=int, default=32)
+    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--relative", action="store_true", help="write paths relative to --out (use --data_root)")
+    a = p.parse_args(argv)
+    t0 = time.time()
+    lists = make_synthetic_dataset(a.out, a.num_videos, a.num_classes, a.format, a.seed, a.size, a.frames,
+                                   a.fps, relative=a.relative)
+    print(f"wrote {a.num_videos} videos ({a.num_classes} classes, {a.format}) to {a.out} in "
+          f"{time.time() - t0:.1f}s: " + ", ".join(f"{k}={v}" for k, v in lists.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

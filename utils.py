@@ -1,0 +1,1211 @@
+"""Shared training infrastructure for pre-training and fine-tuning.
+
+Nothing here knows about models or data: it covers distributed start-up (plain python, torchrun, SLURM),
+optimizer parameter groups, per-iteration schedules, mixed precision, atomic checkpoints with auto-resume,
+and logging. No environment variable is read at import time, so ``python script.py`` needs no launcher.
+"""
+from __future__ import annotations
+
+import argparse
+import builtins
+import contextlib
+import datetime
+import fnmatch
+import io
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+__all__ = [
+    # distributed
+    "DistEnv", "add_distributed_args", "parse_slurm_nodelist", "resolve_distributed_env",
+    "init_distributed_mode",
+    "setup_for_distributed", "is_dist_avail_and_initialized", "get_rank", "get_world_size", "is_main_process",
+    "barrier", "all_reduce_mean", "setup_seed", "seed_worker", "cleanup",
+    # optimization
+    "create_optimizer", "scale_lr", "cosine_scheduler", "apply_schedule", "get_lr_stats",
+    # precision
+    "autocast", "resolve_precision", "get_grad_norm_", "LossScaler",
+    # checkpoints
+    "CheckpointError", "NonFiniteCheckpointError", "ResumeInfo", "atomic_torch_save", "save_checkpoint",
+    "load_checkpoint_file", "auto_load_model",
+    # logging
+    "SmoothedValue", "MetricLogger", "TensorboardLogger", "write_log_line",
+    # misc
+    "unwrap_model", "strip_state_dict_prefixes", "get_model_state_dict", "count_parameters",
+]
+
+PathLike = Union[str, os.PathLike]
+CHECKPOINT_FORMAT_VERSION = 1
+DEFAULT_MASTER_PORT = 29500
+
+
+# ----------------------------------------------------------------------------------------------------
+# Distributed set-up
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class DistEnv:
+    """Where this process sits in the job, as resolved from the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str | None
+    master_port: str | None
+    source: str  # "torchrun" | "slurm" | "itp"
+
+
+def _has_option(parser: argparse.ArgumentParser, option: str) -> bool:
+    return option in parser._option_string_actions  # noqa: SLF001 - argparse has no public lookup
+
+
+def add_distributed_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the launcher-related flags; both ``--local_rank`` and torch>=2's ``--local-rank`` are accepted.
+
+    The value of ``--local_rank`` is ignored (LOCAL_RANK from the environment wins); it only exists so that
+    ``torch.distributed.launch`` does not make argparse fail. Options the caller already defined are skipped.
+    """
+    group = parser.add_argument_group("distributed")
+    if not _has_option(parser, "--world_size"):
+        group.add_argument("--world_size", default=1, type=int, help="number of processes (from launcher)")
+    if not _has_option(parser, "--local_rank"):
+        group.add_argument("--local_rank", "--local-rank", dest="local_rank", default=-1, type=int,
+                           help="ignored; accepted for torch.distributed.launch compatibility")
+    if not _has_option(parser, "--dist_url"):
+        group.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    if not _has_option(parser, "--dist_timeout"):
+        group.add_argument("--dist_timeout", default=30, type=float,
+                           help="minutes a collective may wait before the job fails (instead of hanging)")
+    if not _has_option(parser, "--dist_on_itp"):
+        group.add_argument("--dist_on_itp", action="store_true", help="use OpenMPI OMPI_COMM_WORLD_* vars")
+    if not _has_option(parser, "--device"):
+        group.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                           help="device to train on (cuda or cpu)")
+    if not _has_option(parser, "--seed"):
+        group.add_argument("--seed", default=0, type=int, help="base seed; each rank uses seed + rank")
+    return parser
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, cur = [], 0, []
+    for ch in text:
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"unbalanced ']' in node list {text!r}")
+        if ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if depth != 0:
+        raise ValueError(f"unbalanced '[' in node list {text!r}")
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
+
+
+def _expand_range_list(spec: str) -> list[str]:
+    out = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "-" in item:
+            lo, hi = item.split("-", 1)
+            if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
+                raise ValueError(f"bad range {item!r} in node list")
+            width = len(lo) if lo.startswith("0") else 0
+            out.extend(str(i).zfill(width) for i in range(int(lo), int(hi) + 1))
+        else:
+            out.append(item)
+    return out
+
+
+def _expand_host(expr: str) -> list[str]:
+    m = re.search(r"\[([^\[\]]*)\]", expr)
+    if m is None:
+        return [expr]
+    prefix, suffix = expr[: m.start()], expr[m.end():]
+    return [h for v in _expand_range_list(m.group(1)) for h in _expand_host(prefix + v + suffix)]
+
+
+def parse_slurm_nodelist(nodelist: str, use_scontrol: bool = True) -> list[str]:
+    """Expand SLURM's compact host list (``node[001-004,7],gpu5``) in order, keeping zero padding.
+
+    Parsed in Python so that compute nodes without the SLURM client tools still work;
+    ``scontrol show hostnames`` is only the fallback for forms this parser rejects.
+    """
+    try:
+        hosts = [h for part in _split_top_level(nodelist) for h in _expand_host(part)]
+        if hosts:
+            return hosts
+        raise ValueError(f"empty node list {nodelist!r}")
+    except ValueError:
+        if use_scontrol and shutil.which("scontrol"):
+            out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 check=True, timeout=30).stdout
+            hosts = [h for h in out.split() if h]
+            if hosts:
+                return hosts
+        raise
+
+
+def resolve_distributed_env(environ: Mapping[str, str] | None = None, dist_on_itp: bool = False,
+                            use_scontrol: bool = True) -> DistEnv | None:
+    """Work out rank/world/local rank and rendezvous address from the launcher's variables, or None if alone.
+
+    torchrun's variables win over SLURM's, so ``srun torchrun ...`` (one torchrun per node) uses torchrun's
+    ranks.
+    A SLURM step with a single task is treated as non-distributed (interactive ``python`` inside ``salloc``).
+    """
+    env = os.environ if environ is None else environ
+    n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dist_on_itp:
+        rank = int(env["OMPI_COMM_WORLD_RANK"])
+        world = int(env["OMPI_COMM_WORLD_SIZE"])
+        local = int(env["OMPI_COMM_WORLD_LOCAL_RANK"])
+        return DistEnv(rank, world, local, env.get("MASTER_ADDR"), env.get("MASTER_PORT"), "itp")
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world = int(env["RANK"]), int(env["WORLD_SIZE"])
+        local = int(env["LOCAL_RANK"]) if "LOCAL_RANK" in env else rank % max(1, n_gpu)
+        return DistEnv(rank, world, local, env.get("MASTER_ADDR"), env.get("MASTER_PORT"), "torchrun")
+    if "SLURM_PROCID" in env:
+        world_str = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+        world = int(world_str)
+        if world <= 1:
+            return None
+        rank = int(env["SLURM_PROCID"])
+        local = int(env["SLURM_LOCALID"]) if "SLURM_LOCALID" in env else rank % max(1, n_gpu)
+        addr = env.get("MASTER_ADDR")
+        if not addr:
+            nodelist = (env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST")
+                        or env.get("SLURM_NODELIST"))
+            if not nodelist:
+                raise RuntimeError("SLURM job without MASTER_ADDR and without SLURM_*NODELIST: cannot "
+                                   "find the rendezvous host; export MASTER_ADDR")
+            addr = parse_slurm_nodelist(nodelist, use_scontrol=use_scontrol)[0]
+        port = env.get("MASTER_PORT")
+        if not port:
+            job_id = env.get("SLURM_JOB_ID", "")
+            # Derive from the job id so that two jobs sharing a node do not collide on the same port.
+            port = str(15000 + int(job_id) % 20000) if job_id.isdigit() else str(DEFAULT_MASTER_PORT)
+        return DistEnv(rank, world, local, addr, port, "slurm")
+    return None
+
+
+_builtin_print = builtins.print
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence ``print`` on non-master ranks so logs are not multiplied; ``print(..., force=True)`` still
+    prints."""
+
+    def _print(*args: Any, **kwargs: Any) -> None:
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            _builtin_print(*args, **kwargs)
+
+    builtins.print = _print
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Initialise the process group from torchrun / SLURM / OpenMPI variables, or set up a single process.
+
+    Sets ``args.rank``, ``args.world_size``, ``args.local_rank``, ``args.gpu`` (the CUDA index: local rank
+    modulo the visible GPUs, for clusters that bind one GPU per task), ``args.distributed`` and
+    ``args.dist_backend`` (``nccl`` for CUDA devices, ``gloo`` otherwise; None when not distributed).
+    """
+    info = resolve_distributed_env(dist_on_itp=getattr(args, "dist_on_itp", False))
+    device = str(getattr(args, "device", "cuda" if torch.cuda.is_available() else "cpu"))
+    if info is None or info.world_size < 1:
+        print("Not using distributed mode")
+        args.rank, args.world_size, args.distributed, args.dist_backend = 0, 1, False, None
+        args.gpu = args.local_rank = 0
+        setup_for_distributed(True)
+        return
+
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(info.rank), str(info.world_size)
+    os.environ["LOCAL_RANK"] = str(info.local_rank)
+    if info.master_addr:
+        os.environ.setdefault("MASTER_ADDR", info.master_addr)
+    if info.master_port:
+        os.environ.setdefault("MASTER_PORT", str(info.master_port))
+    dist_url = getattr(args, "dist_url", None) or "env://"
+    if info.source == "itp" and dist_url == "env://":
+        dist_url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+
+    args.rank, args.world_size, args.distributed = info.rank, info.world_size, True
+    args.gpu = args.local_rank = info.local_rank
+    use_cuda = torch.cuda.is_available() and device.startswith("cuda")
+    args.dist_backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        args.gpu = info.local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(args.gpu)
+    if is_dist_avail_and_initialized():  # called twice (e.g. by a wrapper script): keep the existing group
+        setup_for_distributed(info.rank == 0)
+        return
+    timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 30) or 30))
+    _builtin_print(f"| distributed init ({info.source}): rank {info.rank}/{info.world_size}, local rank "
+                   f"{info.local_rank}, backend {args.dist_backend}, url {dist_url}", flush=True)
+    dist.init_process_group(backend=args.dist_backend, init_method=dist_url, world_size=info.world_size,
+                            rank=info.rank, timeout=timeout)
+    barrier()
+    setup_for_distributed(info.rank == 0)
+
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def _collective_device() -> torch.device:
+    """NCCL only reduces CUDA tensors; gloo wants CPU ones."""
+    if is_dist_avail_and_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Barrier that is a no-op without a process group (so single-process runs never hang or crash)."""
+    if not is_dist_avail_and_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def all_reduce_mean(x: Union[torch.Tensor, float, int]) -> Union[torch.Tensor, float]:
+    """Mean over ranks; a tensor in gives a tensor out (no host sync), a number in gives a float out."""
+    if isinstance(x, torch.Tensor):
+        if not is_dist_avail_and_initialized():
+            return x
+        dev = _collective_device()
+        t = x.detach().to(dev, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, copy=True)
+        dist.all_reduce(t)
+        return (t / get_world_size()).to(x.device)
+    if not is_dist_avail_and_initialized():
+        return float(x)
+    t = torch.tensor(float(x), dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return float(t.item()) / get_world_size()
+
+
+def setup_seed(seed: int) -> int:
+    """Seed torch, numpy and random with ``seed + rank`` (else all ranks draw the same augmentations)."""
+    s = int(seed) + get_rank()
+    torch.manual_seed(s)
+    np.random.seed(s % 2**32)
+    random.seed(s)
+    return s
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: torch does not reseed numpy/random per worker, so derive them here."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def cleanup() -> None:
+    """Destroy the process group at exit so NCCL does not warn about leaked communicators."""
+    if is_dist_avail_and_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Optimizer, lr scaling, schedules
+# ----------------------------------------------------------------------------------------------------
+
+def _matches_skip(name: str, skip: Iterable[str]) -> bool:
+    for s in skip:
+        if name == s or name.endswith("." + s) or fnmatch.fnmatchcase(name, s):
+            return True
+    return False
+
+
+def create_optimizer(args: argparse.Namespace, model: nn.Module, skip_list: Iterable[str] | None = None,
+                     layer_decay: float | None = None, verbose: bool = True) -> torch.optim.Optimizer:
+    """Build the optimizer (timm registry, AdamW by default) over weight-decay / layer-decay parameter groups.
+
+    Every group carries ``lr_scale`` and ``weight_decay`` so that ``apply_schedule`` can drive them per step.
+    1-D parameters, ``*.bias`` and names in ``skip_list`` (default: ``model.no_weight_decay()``; a name
+    matches exactly, as a dotted suffix, or as a glob) get no weight decay. Layer decay (``layer_decay`` or
+    ``args.layer_decay`` < 1) uses timm's ``param_groups_layer_decay``, i.e.
+    ``model.group_matcher(coarse=False)``.
+    Reads ``args.opt`` ('adamw'), ``args.lr``, ``args.weight_decay``, ``args.opt_eps``, ``args.opt_betas``,
+    ``args.momentum``.
+    """
+    from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+
+    model = unwrap_model(model)
+    if skip_list is None:
+        skip_list = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+    skip_list = tuple(skip_list)
+    if layer_decay is None:
+        layer_decay = getattr(args, "layer_decay", None)
+    weight_decay = float(getattr(args, "weight_decay", 0.0) or 0.0)
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # Expand our matching rule into exact names for timm (its fnmatch would miss "encoder.pos_embed").
+    no_wd_names = [n for n, p in named if n.endswith(".bias") or _matches_skip(n, skip_list)]
+    if layer_decay is not None and float(layer_decay) < 1.0:
+        groups = param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_wd_names,
+                                          layer_decay=float(layer_decay))
+    else:
+        # Always build groups, even with weight_decay == 0, so that lr_scale exists (VideoMAE's KeyError).
+        groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=no_wd_names)
+
+    id2name = {id(p): n for n, p in named}
+    for g in groups:
+        g.setdefault("lr_scale", 1.0)
+        g["weight_decay"] = float(g["weight_decay"])
+        g["wd_enabled"] = g["weight_decay"] > 0  # survives a weight-decay schedule that reaches 0
+        if "group_name" not in g:
+            g["group_name"] = f"scale_{g['lr_scale']:.4g}_{'decay' if g['wd_enabled'] else 'no_decay'}"
+
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "opt_eps", None) is not None:
+        kwargs["eps"] = float(args.opt_eps)
+    if getattr(args, "opt_betas", None) is not None:
+        kwargs["betas"] = tuple(float(b) for b in args.opt_betas)
+    opt_name = getattr(args, "opt", None) or "adamw"
+    momentum = getattr(args, "momentum", None)
+    optimizer = create_optimizer_v2(groups, opt=opt_name, lr=float(args.lr), weight_decay=weight_decay,
+                                    momentum=0.9 if momentum is None else float(momentum), **kwargs)
+    if verbose:
+        lines = [f"Optimizer {opt_name}: lr {float(args.lr):.3e}, weight_decay {weight_decay}, "
+                 f"layer_decay {layer_decay}, {len(optimizer.param_groups)} groups"]
+        for g in optimizer.param_groups:
+            names = [id2name.get(id(p), "?") for p in g["params"]]
+            shown = ", ".join(names[:4]) + (f", ... (+{len(names) - 4})" if len(names) > 4 else "")
+            lines.append(f"  {g.get('group_name', '?'):<24} lr_scale {g['lr_scale']:.4g}  "
+                         f"wd {g['weight_decay']:g}"
+                         f"  {len(names)} tensors / {sum(p.numel() for p in g['params']):,} params: {shown}")
+        print("\n".join(lines))
+    return optimizer
+
+
+def scale_lr(args: argparse.Namespace, total_batch: int | None = None, base_batch: int = 256) -> float:
+    """Apply the linear scaling rule ``lr = base_lr * total_batch / 256`` (also min_lr, warmup_lr) and say so.
+
+    ``total_batch`` defaults to ``batch_size * world_size * update_freq``. The unscaled values are kept in
+    ``args.base_lr`` / ``base_min_lr`` / ``base_warmup_lr`` so calling this twice does not scale twice.
+    """
+    update_freq = int(getattr(args, "update_freq", 1) or 1)
+    if total_batch is None:
+        total_batch = int(args.batch_size) * get_world_size() * update_freq
+    factor = float(total_batch) / float(base_batch)
+    for name in ("lr", "min_lr", "warmup_lr"):
+        if getattr(args, name, None) is None:
+            continue
+        base_name = f"base_{name}"
+        if getattr(args, base_name, None) is None:
+            setattr(args, base_name, float(getattr(args, name)))
+        setattr(args, name, getattr(args, base_name) * factor)
+    print(f"LR scaling: base lr {args.base_lr:.3e} x total batch {total_batch} / {base_batch} = "
+          f"lr {args.lr:.3e}"
+          f" (batch_size {getattr(args, 'batch_size', '?')} x world {get_world_size()} x update_freq "
+          f"{update_freq}); min_lr {getattr(args, 'min_lr', None)}, "
+          f"warmup_lr {getattr(args, 'warmup_lr', None)}")
+    return float(args.lr)
+
+
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: float = 0, start_warmup_value: float = 0.0, warmup_steps: int = -1
+                     ) -> np.ndarray:
+    """Per-iteration linear warm-up (``linspace(start, base)``, end point included) then cosine to ``final``.
+
+    Numpy rather than timm's CosineLRScheduler: timm's warm-up ramp excludes the end point, so it cannot
+    reproduce VideoMAE's curve exactly; the same function also drives the weight-decay schedule. Unlike
+    VideoMAE this does not assert when ``warmup_steps > 0`` with ``warmup_epochs == 0``, and clamps a warm-up
+    longer than the run.
+    """
+    total = max(0, int(epochs) * int(niter_per_ep))
+    warmup_iters = int(warmup_steps) if warmup_steps is not None and warmup_steps > 0 \
+        else int(round(warmup_epochs * niter_per_ep))
+    warmup_iters = min(max(0, warmup_iters), total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_iters > 0 else np.array([])
+    n = total - warmup_iters
+    i = np.arange(n, dtype=np.float64)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1.0 + np.cos(np.pi * i / max(n, 1)))
+    schedule = np.concatenate((warmup, cosine)).astype(np.float64)
+    assert len(schedule) == total
+    return schedule
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, lr: float | None = None,
+                   weight_decay: float | None = None) -> None:
+    """Per-step update: ``lr * lr_scale`` for every group; ``weight_decay`` only for groups that decay."""
+    for g in optimizer.param_groups:
+        if lr is not None:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        if weight_decay is not None and g.get("wd_enabled", g["weight_decay"] > 0):
+            g["weight_decay"] = weight_decay
+
+
+def get_lr_stats(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """Max/min lr and the decaying groups' weight decay, for the ``opt/*`` log entries."""
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    wds = [g["weight_decay"] for g in optimizer.param_groups if g.get("wd_enabled", g["weight_decay"] > 0)]
+    return {"lr": max(lrs), "min_lr": min(lrs), "weight_decay": max(wds) if wds else 0.0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixed precision
+# ----------------------------------------------------------------------------------------------------
+
+_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _device_type(device: Union[str, torch.device]) -> str:
+    return torch.device(device).type if not isinstance(device, str) else device.split(":")[0]
+
+
+def resolve_precision(precision: str, device: Union[str, torch.device]) -> str:
+    """Validate ``precision``; fall back from bf16 to fp16 (with a message) on GPUs without bf16 support."""
+    precision = str(precision).lower()
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    if precision == "bf16" and _device_type(device) == "cuda" and torch.cuda.is_available() \
+            and not torch.cuda.is_bf16_supported():
+        print("bf16 is not supported on this GPU; using fp16 autocast with a GradScaler instead")
+        return "fp16"
+    return precision
+
+
+def autocast(device_type: Union[str, torch.device],
+             precision: str = "fp32") -> contextlib.AbstractContextManager:
+    """Autocast context for ``precision`` (fp32 is a no-op); accepts 'cuda:0' style devices."""
+    precision = str(precision).lower()
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=_device_type(device_type), dtype=_PRECISIONS[precision])
+
+
+def get_grad_norm_(parameters: Union[torch.Tensor, Iterable[torch.Tensor]],
+                   norm_type: float = 2.0) -> torch.Tensor:
+    """Total gradient norm as a tensor (no host sync); 0 when no parameter has a gradient."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    grads = [p.grad.detach() for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    norm_type = float(norm_type)
+    if hasattr(torch.nn.utils, "get_total_norm"):
+        return torch.nn.utils.get_total_norm(grads, norm_type=norm_type)
+    device = grads[0].device
+    if norm_type == math.inf:
+        return torch.stack([g.abs().max().to(device) for g in grads]).max()
+    norms = torch.stack([torch.linalg.vector_norm(g, norm_type).to(device) for g in grads])
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+class LossScaler:
+    """Backward + (accumulate) + unscale + clip/measure + step + scaler update, for every precision.
+
+    fp16 uses a real ``torch.amp.GradScaler``; bf16/fp32 use a disabled one so the call is a plain
+    backward/step with the same interface. The returned grad norm is a tensor (no ``.item()``), None on
+    accumulation micro-steps. ``num_nonfinite`` counts steps whose grad norm was inf/NaN (skipped by the
+    GradScaler in fp16), as a tensor, so the log can tell a skipped step from a divergence.
+    """
+
+    state_dict_key = "amp_scaler"
+
+    def __init__(self, precision: str = "fp16", device_type: Union[str, torch.device] = "cuda",
+                 init_scale: float = 2.0**16, growth_interval: int = 2000) -> None:
+        self.precision = str(precision).lower()
+        if self.precision not in _PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+        self.device_type = _device_type(device_type)
+        self.enabled = self.precision == "fp16"
+        self._scaler = torch.amp.GradScaler(self.device_type, enabled=self.enabled, init_scale=init_scale,
+                                            growth_interval=growth_interval)
+        self.num_nonfinite: torch.Tensor | None = None
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: float | None = None,
+                 parameters: Iterable[torch.Tensor] | None = None, create_graph: bool = False,
+                 update_grad: bool = True) -> torch.Tensor | None:
+        """Backward ``loss``; when ``update_grad`` also unscale, clip (``clip_grad``) or measure, and step.
+
+        Divide the loss by the accumulation count yourself; call with ``update_grad=False`` on the micro-steps
+        that should only accumulate. ``optimizer.zero_grad()`` stays the caller's job (after an update step).
+        """
+        self._scaler.scale(loss).backward(create_graph=create_graph)
+        if not update_grad:
+            return None
+        if parameters is None:
+            parameters = [p for g in optimizer.param_groups for p in g["params"]]
+        else:
+            parameters = list(parameters)
+        self._scaler.unscale_(optimizer)  # no-op when disabled
+        if clip_grad is not None and clip_grad > 0:
+            norm = torch.nn.utils.clip_grad_norm_(parameters, float(clip_grad))
+        else:
+            norm = get_grad_norm_(parameters)
+        nonfinite = (~torch.isfinite(norm)).to(torch.int64)
+        self.num_nonfinite = nonfinite if self.num_nonfinite is None else self.num_nonfinite + nonfinite.to(
+            self.num_nonfinite.device)
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        return norm
+
+    def get_scale(self) -> float:
+        """Current loss scale (1.0 when disabled). Syncs with the device: call it on logging steps only."""
+        return float(self._scaler.get_scale()) if self.enabled else 1.0
+
+    def get_scale_tensor(self) -> torch.Tensor:
+        """Current loss scale as a tensor (no sync), for lazy meters such as ``MetricLogger.update``."""
+        scale = getattr(self._scaler, "_scale", None)  # GradScaler keeps it on the device once used
+        if self.enabled and isinstance(scale, torch.Tensor):
+            return scale.detach().reshape(())
+        return torch.tensor(self.get_scale())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a GradScaler state; an empty state (saved by a bf16/fp32 run) keeps the fresh fp16 scale."""
+        if self.enabled and not state_dict:
+            print("LossScaler: checkpoint has no GradScaler state (saved without fp16); using a fresh scale")
+            return
+        self._scaler.load_state_dict(dict(state_dict))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file could not be read or does not look like one of ours."""
+
+
+class NonFiniteCheckpointError(ValueError):
+    """Refused to save weights containing NaN/Inf: resuming from them would only continue a diverged run."""
+
+
+@dataclass
+class ResumeInfo:
+    """What ``auto_load_model`` restored; ``path`` is None when training starts from scratch."""
+
+    path: str | None = None
+    epoch: int = -1
+    start_epoch: int = 0
+    global_step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resumed(self) -> bool:
+        return self.path is not None
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP/DataParallel (``module``) and torch.compile (``_orig_mod``) wrappers, in any order."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # noqa: SLF001 - torch.compile's OptimizedModule
+        else:
+            return model
+
+
+def strip_state_dict_prefixes(state_dict: Mapping[str, Any],
+                              prefixes: Sequence[str] = ("module.", "_orig_mod.")) -> dict[str, Any]:
+    """Remove wrapper prefixes from every key (repeatedly, so ``module._orig_mod.x`` becomes ``x``)."""
+    out = {}
+    for k, v in state_dict.items():
+        changed = True
+        while changed:
+            changed = False
+            for p in prefixes:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        out[k] = v
+    return out
+
+
+def get_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with wrapper prefixes removed, so checkpoints load into a bare model."""
+    return strip_state_dict_prefixes(unwrap_model(model).state_dict())
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _ema_module(model_ema: Any) -> nn.Module:
+    # timm ModelEma keeps the copy in .ema; ModelEmaV2/V3 in .module.
+    for attr in ("module", "ema"):
+        m = getattr(model_ema, attr, None)
+        if isinstance(m, nn.Module):
+            return m
+    return model_ema
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
+
+
+_UMASK: int | None = None
+
+
+def _get_umask() -> int:
+    """Process umask, read without changing it where Linux allows (os.umask alone must set it to read it)."""
+    global _UMASK
+    if _UMASK is None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                _UMASK = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+        except (OSError, StopIteration, ValueError, IndexError):
+            _UMASK = os.umask(0o022)
+            os.umask(_UMASK)
+    return _UMASK
+
+
+def _atomic_write(path: Path, write_fn: Callable[[io.BufferedWriter], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_get_umask())  # mkstemp gives 0600; match a plain open()
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """torch.save via temp file + fsync + rename: a crash mid-save leaves the old file, never a torn one."""
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    def _copy(f: io.BufferedWriter) -> None:
+        with open(src, "rb") as s:
+            shutil.copyfileobj(s, f, length=16 * 1024 * 1024)
+    _atomic_write(dst, _copy)
+
+
+def _plain_args(args: Any) -> dict[str, Any]:
+    d = vars(args) if not isinstance(args, Mapping) else dict(args)
+
+    def conv(v: Any) -> Any:
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (list, tuple)):
+            return type(v)(conv(x) for x in v)
+        if isinstance(v, Mapping):
+            return {str(k): conv(x) for k, x in v.items()}
+        return str(v)
+    return {k: conv(v) for k, v in d.items() if not k.startswith("_")}
+
+
+def _nonfinite_keys(state_dict: Mapping[str, Any]) -> list[str]:
+    bad = []
+    for k, v in state_dict.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() \
+                and not bool(torch.isfinite(v).all()):
+            bad.append(k)
+    return bad
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "python" in state:
+        random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        states = state["cuda"]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+
+
+def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.Module,
+                    optimizer: torch.optim.Optimizer | None, loss_scaler: LossScaler | None,
+                    global_step: int, extra: Mapping[str, Any] | None = None, model_ema: Any = None,
+                    tag: str | None = None) -> list[str]:
+    """Write ``checkpoint-{epoch}.pth`` (every ``args.save_ckpt_freq`` epochs and at the last) and, always,
+    ``checkpoint-latest.pth`` into ``args.output_dir``; with ``tag`` only ``checkpoint-{tag}.pth``
+    (e.g. 'best').
+
+    Collective: call it on every rank. All ranks check the weights for NaN/Inf (so all raise together) and
+    gather their RNG states; only rank 0 writes, atomically. Returns the paths written (empty on other ranks).
+    ``extra`` entries go to the top level (e.g. ``{'kind': 'pretrain', 'best_acc1': 81.2}``).
+    """
+    output_dir = getattr(args, "output_dir", None)
+    if not output_dir:
+        print("save_checkpoint: args.output_dir is empty, nothing saved")
+        return []
+    model_sd = get_model_state_dict(model_without_ddp)
+    ema_sd = get_model_state_dict(_ema_module(model_ema)) if model_ema is not None else None
+    bad = _nonfinite_keys(model_sd) + [f"model_ema.{k}" for k in (_nonfinite_keys(ema_sd) if ema_sd else [])]
+    if bad:
+        raise NonFiniteCheckpointError(
+            f"refusing to save epoch {epoch}: {len(bad)} weight tensor(s) contain NaN/Inf (first: "
+            f"{', '.join(bad[:5])}); the run has diverged, resume from the previous checkpoint instead")
+
+    rng = _rng_state()
+    if is_dist_avail_and_initialized():
+        gathered: list[Any] = [None] * get_world_size()
+        dist.all_gather_object(gathered, rng)
+        rng_states = gathered
+    else:
+        rng_states = [rng]
+    if not is_main_process():
+        return []
+
+    ckpt: dict[str, Any] = {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "kind": "train_state",
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "model": model_sd,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
+        "epoch": int(epoch),
+        "global_step": int(global_step),
+        "args": _plain_args(args),
+        "rng_state": rng_states,
+    }
+    if ema_sd is not None:
+        ckpt["model_ema"] = ema_sd
+    if extra:
+        ckpt.update(dict(extra))
+
+    out = Path(output_dir)
+    written: list[str] = []
+    if tag is not None:
+        path = out / f"checkpoint-{tag}.pth"
+        atomic_torch_save(ckpt, path)
+        return [str(path)]
+    freq = int(getattr(args, "save_ckpt_freq", 1) or 1)
+    epochs = getattr(args, "epochs", None)
+    is_last = epochs is not None and epoch + 1 >= int(epochs)
+    latest = out / "checkpoint-latest.pth"
+    if (epoch + 1) % freq == 0 or is_last:
+        numbered = out / f"checkpoint-{epoch}.pth"
+        atomic_torch_save(ckpt, numbered)
+        _atomic_copy(numbered, latest)  # one serialisation, two files
+        written += [str(numbered), str(latest)]
+    else:
+        atomic_torch_save(ckpt, latest)
+        written.append(str(latest))
+    return written
+
+
+def load_checkpoint_file(path: PathLike) -> dict[str, Any]:
+    """Load one of our checkpoints (or a URL); a torn/unreadable file raises a CheckpointError naming it."""
+    path = str(path)
+    try:
+        if path.startswith(("https://", "http://")):
+            ckpt = torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False,
+                                                      weights_only=False)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except Exception as e:  # noqa: BLE001 - any decode failure means the same thing to the user
+        raise CheckpointError(f"checkpoint {path} is truncated or unreadable ({type(e).__name__}: {e}); "
+                              f"it was probably cut short by a crash during saving") from e
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has no 'model' entry (keys: "
+                              f"{sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__})")
+    return ckpt
+
+
+def _find_auto_resume_candidates(output_dir: Path) -> tuple[Path | None, list[tuple[int, Path]]]:
+    latest = output_dir / "checkpoint-latest.pth"
+    numbered = []
+    for p in output_dir.glob("checkpoint-*.pth"):
+        m = re.fullmatch(r"checkpoint-(\d+)\.pth", p.name)
+        if m:
+            numbered.append((int(m.group(1)), p))
+    numbered.sort(key=lambda t: t[0], reverse=True)
+    return (latest if latest.is_file() else None), numbered
+
+
+def _restore(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, model_without_ddp: nn.Module,
+             optimizer: torch.optim.Optimizer | None, loss_scaler: LossScaler | None, model_ema: Any
+             ) -> ResumeInfo:
+    unwrap_model(model_without_ddp).load_state_dict(strip_state_dict_prefixes(ckpt["model"]), strict=True)
+    info = ResumeInfo(path=path, start_epoch=int(getattr(args, "start_epoch", 0) or 0))
+    if model_ema is not None and ckpt.get("model_ema") is not None:
+        _ema_module(model_ema).load_state_dict(strip_state_dict_prefixes(ckpt["model_ema"]), strict=True)
+    if "epoch" in ckpt and ckpt.get("optimizer") is not None:
+        if optimizer is not None:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if loss_scaler is not None and ckpt.get("scaler") is not None:
+            loss_scaler.load_state_dict(ckpt["scaler"])
+        info.epoch = int(ckpt["epoch"])
+        info.start_epoch = info.epoch + 1
+        args.start_epoch = info.start_epoch
+        if ckpt.get("global_step") is not None:
+            info.global_step = int(ckpt["global_step"])
+        else:
+            per_ep = int(getattr(args, "num_training_steps_per_epoch", 0) or 0)
+            info.global_step = info.start_epoch * per_ep
+            print(f"checkpoint {path} has no global_step; assuming {info.global_step}")
+        rng = ckpt.get("rng_state")
+        if isinstance(rng, list) and rng:
+            if len(rng) == get_world_size():
+                _set_rng_state(rng[get_rank()])
+            elif get_rank() == 0:
+                _set_rng_state(rng[0])
+            else:
+                _builtin_print(f"[rank {get_rank()}] RNG state saved with world size {len(rng)}; keeping "
+                               f"seeded RNG")
+        elif isinstance(rng, Mapping):
+            _set_rng_state(rng)
+    info.extra = {k: v for k, v in ckpt.items() if k not in {"model", "model_ema", "optimizer", "scaler",
+                                                            "rng_state", "args"}}
+    print(f"Resumed from {path}: epoch {info.epoch}, start_epoch {info.start_epoch}, "
+          f"global_step {info.global_step}")
+    return info
+
+
+def auto_load_model(args: argparse.Namespace, model_without_ddp: nn.Module,
+                    optimizer: torch.optim.Optimizer | None, loss_scaler: LossScaler | None,
+                    model_ema: Any = None) -> ResumeInfo:
+    """Resume model/optimizer/scaler/EMA/RNG and set ``args.start_epoch``; the info has ``global_step``.
+
+    ``args.resume`` (path, URL, or 'auto') wins and must load; otherwise with ``args.auto_resume`` (default
+    True) the newest readable checkpoint in ``args.output_dir`` is used: ``checkpoint-latest.pth`` or
+    ``checkpoint-N.pth`` by stored epoch, falling back past truncated files with a message naming each one.
+    """
+    if getattr(args, "start_epoch", None) is None:
+        args.start_epoch = 0
+    resume = getattr(args, "resume", None) or ""
+    if resume and resume != "auto":
+        ckpt = load_checkpoint_file(resume)
+        return _restore(ckpt, resume, args, model_without_ddp, optimizer, loss_scaler, model_ema)
+    if not (resume == "auto" or getattr(args, "auto_resume", True)):
+        return ResumeInfo(start_epoch=int(args.start_epoch))
+    output_dir = getattr(args, "output_dir", None)
+    if not output_dir or not Path(output_dir).is_dir():
+        return ResumeInfo(start_epoch=int(args.start_epoch))
+
+    latest, numbered = _find_auto_resume_candidates(Path(output_dir))
+    candidates: list[tuple[int, int, Path, dict[str, Any] | None]] = []  # (epoch, prefer, path, preloaded)
+    if latest is not None:
+        try:
+            ck = load_checkpoint_file(latest)
+            candidates.append((int(ck.get("epoch", -1)), 1, latest, ck))
+        except CheckpointError as e:
+            _builtin_print(f"[auto_resume] WARNING: {e}; falling back to the previous numbered checkpoint")
+    candidates += [(n, 0, p, None) for n, p in numbered]
+    candidates.sort(key=lambda t: (t[0], t[1]), reverse=True)
+    for _, _, path, ck in candidates:
+        if ck is None:
+            try:
+                ck = load_checkpoint_file(path)
+            except CheckpointError as e:
+                _builtin_print(f"[auto_resume] WARNING: {e}; falling back to the previous checkpoint")
+                continue
+        return _restore(ck, str(path), args, model_without_ddp, optimizer, loss_scaler, model_ema)
+    if candidates or latest is not None:
+        _builtin_print(f"[auto_resume] WARNING: no readable checkpoint in {output_dir}; starting fresh")
+    return ResumeInfo(start_epoch=int(args.start_epoch))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logging
+# ----------------------------------------------------------------------------------------------------
+
+Number = Union[float, int, torch.Tensor]
+_MAX_PENDING = 1024
+
+
+class SmoothedValue:
+    """Windowed and global statistics; tensors are kept as-is and read to host only when printed."""
+
+    def __init__(self, window_size: int = 20, fmt: str | None = None) -> None:
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+        self.deque: deque[float] = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self._pending: list[tuple[torch.Tensor, int]] = []
+
+    def update(self, value: Number, n: int = 1) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"SmoothedValue takes scalars, got a tensor of shape {tuple(value.shape)}")
+            self._pending.append((value.detach().reshape(()), n))
+            if len(self._pending) >= _MAX_PENDING:
+                self._materialize()
+            return
+        self._push(float(value), n)
+
+    def _push(self, v: float, n: int) -> None:
+        self.deque.append(v)
+        self.count += n
+        self.total += v * n
+
+    def _materialize(self) -> None:
+        """One device->host copy for all pending tensors (per device), instead of one sync per step."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        by_dev: dict[torch.device, list[int]] = defaultdict(list)
+        for i, (t, _) in enumerate(pending):
+            by_dev[t.device].append(i)
+        values = [0.0] * len(pending)
+        for idx in by_dev.values():
+            host = torch.stack([pending[i][0].to(torch.float64) for i in idx]).cpu().tolist()
+            for i, v in zip(idx, host):
+                values[i] = v
+        for v, (_, n) in zip(values, pending):
+            self._push(v, n)
+
+    def synchronize_between_processes(self) -> None:
+        """All-reduce count and total (not the window): global_avg becomes the all-rank average."""
+        self._materialize()
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=_collective_device())
+        barrier()
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), float(t[1].item())
+
+    @property
+    def median(self) -> float:
+        self._materialize()
+        return float(np.median(list(self.deque))) if self.deque else float("nan")
+
+    @property
+    def avg(self) -> float:
+        self._materialize()
+        return float(np.mean(list(self.deque))) if self.deque else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        self._materialize()
+        return self.total / self.count if self.count else float("nan")
+
+    @property
+    def max(self) -> float:
+        self._materialize()
+        return max(self.deque) if self.deque else float("nan")
+
+    @property
+    def value(self) -> float:
+        self._materialize()
+        return self.deque[-1] if self.deque else float("nan")
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
+                               value=self.value)
+
+
+class MetricLogger:
+    """Named meters plus ``log_every``, which prints progress, ETA, data vs step time and peak CUDA memory."""
+
+    def __init__(self, delimiter: str = "  ", window_size: int = 20) -> None:
+        self.meters: defaultdict[str, SmoothedValue] = defaultdict(lambda: SmoothedValue(window_size))
+        self.delimiter = delimiter
+
+    def update(self, **kwargs: Number | None) -> None:
+        """Record values; tensors are not synced here. ``None`` is skipped (e.g. accumulation steps)."""
+        for k, v in kwargs.items():
+            if v is None:
+                continue
+            self.meters[k].update(v if isinstance(v, torch.Tensor) else float(v))
+
+    def __getattr__(self, attr: str) -> SmoothedValue:
+        meters = self.__dict__.get("meters")
+        if meters is not None and attr in meters:
+            return meters[attr]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{attr}'")
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def global_averages(self) -> dict[str, float]:
+        return {k: m.global_avg for k, m in self.meters.items()}
+
+    def log_every(self, iterable: Iterable[Any], print_freq: int, header: str | None = None) -> Iterator[Any]:
+        header = header or ""
+        try:
+            total: int | None = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+        print_freq = max(1, int(print_freq))
+        step_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        self.step_time, self.data_time = step_time, data_time  # readable by the loop body (e.g. TensorBoard)
+        width = len(str(total)) if total else 1
+        start = end = time.time()
+        use_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        i = 0
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            step_time.update(time.time() - end)
+            last = total is not None and i == total - 1
+            if i % print_freq == 0 or last:
+                parts = [header, f"[{i:>{width}}/{total}]" if total else f"[{i}]"]
+                if total:
+                    eta = step_time.global_avg * (total - i - 1)
+                    parts.append(f"eta: {datetime.timedelta(seconds=int(eta))}")
+                parts.append(str(self))
+                parts.append(f"time: {step_time.avg:.4f}s (data {data_time.avg:.4f}s, "
+                             f"compute {max(step_time.avg - data_time.avg, 0.0):.4f}s)")
+                if use_cuda:
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+            end = time.time()
+        total_time = time.time() - start
+        n = (i + 1) if total is None else max(total, 1)
+        print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
+              f"({total_time / n:.4f} s / it)", flush=True)
+
+
+class TensorboardLogger:
+    """TensorBoard scalars under ``{head}/{key}``; a no-op on ranks other than 0.
+
+    Tensor values are buffered and read to host in one go at ``flush()`` (or when the buffer fills), so
+    calling ``update`` every step does not force a device sync every step.
+    """
+
+    def __init__(self, log_dir: PathLike | None, buffer_size: int = 256) -> None:
+        self.writer = None
+        self.step = 0
+        self.buffer_size = int(buffer_size)
+        self._pending: list[tuple[str, torch.Tensor, int]] = []
+        if log_dir and is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+            Path(log_dir).mkdir(parents=True, exist_ok=True)
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def set_step(self, step: int | None = None) -> None:
+        self.step = int(step) if step is not None else self.step + 1
+
+    def update(self, head: str = "scalar", step: int | None = None, **kwargs: Number | None) -> None:
+        if self.writer is None:
+            return
+        step = self.step if step is None else int(step)
+        for k, v in kwargs.items():
+            if v is None:
+                continue
+            tag = f"{head}/{k}"
+            if isinstance(v, torch.Tensor):
+                self._pending.append((tag, v.detach().reshape(()), step))
+            else:
+                self.writer.add_scalar(tag, float(v), step)
+        if len(self._pending) >= self.buffer_size:
+            self._drain()
+
+    def _drain(self) -> None:
+        if not self._pending or self.writer is None:
+            self._pending = []
+            return
+        pending, self._pending = self._pending, []
+        values = [float(t.item()) if t.device.type == "cpu" else None for _, t, _ in pending]
+        gpu_idx = [i for i, v in enumerate(values) if v is None]
+        if gpu_idx:
+            host = torch.stack([pending[i][1].to(torch.float64) for i in gpu_idx]).cpu().tolist()
+            for i, v in zip(gpu_idx, host):
+                values[i] = v
+        for (tag, _, step), v in zip(pending, values):
+            self.writer.add_scalar(tag, v, step)
+
+    def add_images(self, tag: str, images: Union[torch.Tensor, np.ndarray], step: int | None = None,
+                   dataformats: str = "NCHW") -> None:
+        if self.writer is not None:
+            step = self.step if step is None else int(step)
+            self.writer.add_images(tag, images, step, dataformats=dataformats)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self._drain()
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.flush()
+            self.writer.close()
+            self.writer = None
+
+
+def _json_value(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # keep log.txt strict JSON
+    return v
+
+
+def write_log_line(output_dir: PathLike | None, stats: Mapping[str, Any], filename: str = "log.txt") -> None:
+    """Append one JSON line to ``output_dir/log.txt`` (rank 0 only), flushed so a crash keeps past epochs."""
+    if not output_dir or not is_main_process():
+        return
+    path = Path(output_dir) / filename
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps({str(k): _json_value(v) for k, v in stats.items()}, default=str)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+        f.flush()

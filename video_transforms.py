@@ -1,0 +1,289 @@
+"""Clip transforms on torch tensors: ``uint8 [T, H, W, C]`` frames in, ``float32 [3, T, H, W]`` normalised out.
+
+Why this layout: decoders return ``[T, H, W, C]`` uint8; ``permute(0, 3, 1, 2)`` gives a channels-last
+``[T, C, H, W]`` view without a copy, and torch's uint8 bilinear (antialiased) resize is fastest on exactly that
+layout. Crops are slices (no copy), resizes run on uint8, and the float conversion + ImageNet normalisation is
+one fused pass at the end, after the clip has been reduced to the output size.
+
+All random choices use Python's ``random`` module (seeded per DataLoader worker by PyTorch) and are drawn once
+per clip, so every frame gets the same crop / flip / RandAugment ops / erase box.
+
+Building blocks: :func:`multi_scale_crop_params` (VideoMAE's GroupMultiScaleCrop semantics),
+:func:`random_resized_crop_params`, :func:`short_side_resize`, :func:`spatial_crop` (centre / three-crop),
+:func:`normalize`, :class:`ClipRandAugment` (timm RandAugment, consistent over frames) and
+:class:`ClipRandomErasing` (timm RandomErasing, as a tube). Pipelines: :class:`PretrainTransform`,
+:class:`TrainTransform`, :class:`EvalTransform`.
+"""
+from __future__ import annotations
+
+import math
+import random
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Frames = Union[torch.Tensor, np.ndarray]
+
+
+def _to_size(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+    """(h, w) from an int or a pair."""
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def as_tchw(frames: Frames) -> torch.Tensor:
+    """``[T, H, W, C]`` uint8 array/tensor -> ``[T, C, H, W]`` channels-last view (no copy)."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"expected frames [T, H, W, 3], got {tuple(frames.shape)}")
+    return frames.permute(0, 3, 1, 2)
+
+
+def resize(x: torch.Tensor, size: Tuple[int, int], antialias: bool = True) -> torch.Tensor:
+    """Bilinear resize of ``[T, C, H, W]`` (uint8 or float) to ``size=(h, w)``; antialiased when shrinking."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+
+
+def short_side_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize so that the short side is ``size`` (aspect ratio kept), like VideoMAE's eval ``Resize``."""
+    h, w = x.shape[-2:]
+    if h <= w:
+        nh, nw = size, max(1, int(round(w * size / h)))
+    else:
+        nh, nw = max(1, int(round(h * size / w))), size
+    return resize(x, (nh, nw))
+
+
+def crop(x: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
+    return x[..., top:top + h, left:left + w]
+
+
+def multi_scale_crop_params(
+    height: int,
+    width: int,
+    out_size: Tuple[int, int],
+    scales: Sequence[float] = (1, 0.875, 0.75, 0.66),
+    max_distort: int = 1,
+    more_fix_crop: bool = True,
+    rng: random.Random = random,
+) -> Tuple[int, int, int, int]:
+    """VideoMAE's ``GroupMultiScaleCrop(fix_crop=True)``: returns ``(top, left, crop_h, crop_w)``.
+
+    Crop sides are ``int(min_side * s)`` for each scale, snapped to the output size when within 3 px; the
+    (w, h) pair is drawn among scale pairs at most ``max_distort`` steps apart; the offset is one of the 5 (or 13
+    with ``more_fix_crop``) fixed positions on a quarter grid.
+    """
+    out_h, out_w = out_size
+    base = min(height, width)
+    sizes = [int(base * s) for s in scales]
+    crop_hs = [out_h if abs(s - out_h) < 3 else s for s in sizes]
+    crop_ws = [out_w if abs(s - out_w) < 3 else s for s in sizes]
+    pairs = [(cw, ch) for i, ch in enumerate(crop_hs) for j, cw in enumerate(crop_ws) if abs(i - j) <= max_distort]
+    cw, ch = rng.choice(pairs)
+    cw, ch = max(1, min(cw, width)), max(1, min(ch, height))
+    ws, hs = (width - cw) // 4, (height - ch) // 4
+    offsets = [(0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs)]
+    if more_fix_crop:
+        offsets += [(0, 2 * hs), (4 * ws, 2 * hs), (2 * ws, 4 * hs), (2 * ws, 0),
+                    (ws, hs), (3 * ws, hs), (ws, 3 * hs), (3 * ws, 3 * hs)]
+    left, top = rng.choice(offsets)
+    return top, left, ch, cw
+
+
+def random_resized_crop_params(
+    height: int,
+    width: int,
+    scale: Tuple[float, float] = (0.08, 1.0),
+    ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+    rng: random.Random = random,
+) -> Tuple[int, int, int, int]:
+    """Inception-style crop box ``(top, left, h, w)``: area fraction in ``scale``, log-uniform aspect ratio,
+    10 tries, then a centre crop clamped to ``ratio`` (as VideoMAE's ``random_resized_crop``)."""
+    area = height * width
+    log_r = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ar = math.exp(rng.uniform(*log_r))
+        w = int(round(math.sqrt(target * ar)))
+        h = int(round(math.sqrt(target / ar)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def spatial_crop(x: torch.Tensor, size: int, crop_idx: int = 1, num_crops: int = 3) -> torch.Tensor:
+    """Square ``size`` crop number ``crop_idx`` of ``num_crops`` spread evenly along the long side and centred on
+    the short side (left/centre/right or top/centre/bottom for 3). ``num_crops == 1`` is the centre crop (no
+    division by zero). Frames smaller than ``size`` are first resized up."""
+    h, w = x.shape[-2:]
+    if min(h, w) < size:
+        x = short_side_resize(x, size)
+        h, w = x.shape[-2:]
+    pos = 0.5 if num_crops <= 1 else crop_idx / (num_crops - 1)
+    if h >= w:
+        top, left = int(round(pos * (h - size))), (w - size) // 2
+    else:
+        top, left = (h - size) // 2, int(round(pos * (w - size)))
+    return crop(x, top, left, size, size)
+
+
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """``[T, C, H, W]`` uint8 (0..255) -> contiguous ``float32 [C, T, H, W]``, ``(x / 255 - mean) / std``."""
+    u = x.permute(1, 0, 2, 3).contiguous()
+    out = torch.empty(u.shape, dtype=torch.float32)
+    out.copy_(u)
+    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1, 1) * 255.0
+    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1, 1) * 255.0
+    return out.mul_(1.0 / s).add_(-m / s)
+
+
+class ClipRandAugment:
+    """timm's ``rand_augment_transform`` applied with the same ops and magnitudes to every frame of a clip.
+
+    timm draws the ops with ``np.random`` and each op's probability / magnitude / sign with Python's
+    ``random``. We snapshot both generator states, restore them before every frame, and leave them in the
+    state after one application: each frame therefore sees exactly the same draws (temporally consistent,
+    as VideoMAE's video RandAugment), the generators still advance once per clip, and timm's op code is used
+    unchanged. Tiling frames into one image would be cheaper but wrong for geometric ops (rotate/shear/
+    translate would move content across tiles). Runs on the (already cropped) frames via PIL, which timm needs.
+    """
+
+    def __init__(self, config_str: str, input_size: int, interpolation: str = "bicubic",
+                 mean: Sequence[float] = IMAGENET_MEAN):
+        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.transforms import str_to_pil_interp
+
+        hparams = dict(
+            translate_const=int(0.45 * input_size),
+            img_mean=tuple(int(round(255 * m)) for m in mean),
+        )
+        if interpolation and interpolation != "random":
+            hparams["interpolation"] = str_to_pil_interp(interpolation)
+        self.config_str = config_str
+        self.op = rand_augment_transform(config_str, hparams)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, C, H, W]`` uint8 -> ``[T, C, H, W]`` uint8 (channels-last)."""
+        from PIL import Image
+
+        frames = x.permute(0, 2, 3, 1).numpy()  # [T, H, W, C] view
+        py_state, np_state = random.getstate(), np.random.get_state()
+        out = []
+        for f in frames:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            out.append(np.asarray(self.op(Image.fromarray(np.ascontiguousarray(f)))))
+        return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2)
+
+    def __repr__(self) -> str:
+        return f"ClipRandAugment({self.config_str!r})"
+
+
+class ClipRandomErasing:
+    """timm's ``RandomErasing`` as a tube: one box, erased in every frame.
+
+    The normalised clip ``[C, T, H, W]`` is viewed as one ``[C*T, H, W]`` image, so timm draws a single box (and
+    count) for the whole clip and fills it in every frame (per-pixel noise in 'pixel' mode), as VideoMAE's
+    ``cube=True`` erasing.
+    """
+
+    def __init__(self, probability: float = 0.25, mode: str = "pixel", max_count: int = 1):
+        from timm.data.random_erasing import RandomErasing
+
+        self.op = RandomErasing(probability=probability, mode=mode, max_count=max_count, num_splits=0,
+                                device="cpu")
+
+    def __call__(self, clip: torch.Tensor) -> torch.Tensor:
+        c, t, h, w = clip.shape
+        self.op(clip.view(c * t, h, w))  # in place
+        return clip
+
+
+class PretrainTransform:
+    """Pre-training: multi-scale crop -> resize to ``input_size`` -> optional flip -> normalise.
+
+    Flip is off for SSv2 (it changes the meaning of "left to right" labels; VideoMAE uses no flip at all).
+    """
+
+    def __init__(self, input_size: int = 224, scales: Sequence[float] = (1, 0.875, 0.75, 0.66),
+                 flip: bool = True, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.size = _to_size(input_size)
+        self.scales = tuple(scales)
+        self.flip = flip
+        self.mean, self.std = mean, std
+
+    def __call__(self, frames: Frames) -> torch.Tensor:
+        x = as_tchw(frames)
+        top, left, ch, cw = multi_scale_crop_params(x.shape[-2], x.shape[-1], self.size, self.scales)
+        x = resize(crop(x, top, left, ch, cw), self.size)
+        if self.flip and random.random() < 0.5:
+            x = x.flip(-1)
+        return normalize(x, self.mean, self.std)
+
+
+class TrainTransform:
+    """Fine-tuning train: random resized crop -> resize -> RandAugment -> normalise -> flip -> tube erasing.
+
+    RandAugment runs after the crop (on ``input_size`` frames instead of full frames: same ops, ~2x cheaper);
+    ``translate_const`` is relative to ``input_size`` as in VideoMAE.
+    """
+
+    def __init__(self, input_size: int = 224, aa: str | None = "rand-m7-n4-mstd0.5-inc1",
+                 interpolation: str = "bicubic", reprob: float = 0.25, remode: str = "pixel", recount: int = 1,
+                 flip: bool = True, scale: Tuple[float, float] = (0.08, 1.0),
+                 ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.size = _to_size(input_size)
+        self.scale, self.ratio, self.flip = scale, ratio, flip
+        self.mean, self.std = mean, std
+        use_aa = bool(aa) and str(aa).lower() not in ("none", "")
+        self.rand_aug = ClipRandAugment(aa, self.size[0], interpolation, mean) if use_aa else None
+        self.erase = ClipRandomErasing(reprob, remode, recount) if reprob > 0 else None
+
+    def __call__(self, frames: Frames) -> torch.Tensor:
+        x = as_tchw(frames)
+        top, left, h, w = random_resized_crop_params(x.shape[-2], x.shape[-1], self.scale, self.ratio)
+        x = resize(crop(x, top, left, h, w), self.size)
+        if self.rand_aug is not None:
+            x = self.rand_aug(x)
+        clip = normalize(x, self.mean, self.std)
+        if self.flip and random.random() < 0.5:
+            clip = clip.flip(-1)
+        if self.erase is not None:
+            clip = self.erase(clip)
+        return clip
+
+
+class EvalTransform:
+    """Validation / test: short-side resize to ``short_side_size``, then crop ``crop_idx`` of ``num_crops``
+    ``crop_size`` squares (``num_crops=1``: centre crop), normalise."""
+
+    def __init__(self, short_side_size: int = 224, crop_size: int = 224,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+        self.short_side_size = short_side_size
+        self.crop_size = crop_size
+        self.mean, self.std = mean, std
+
+    def __call__(self, frames: Frames, crop_idx: int = 0, num_crops: int = 1) -> torch.Tensor:
+        x = short_side_resize(as_tchw(frames), self.short_side_size)
+        x = spatial_crop(x, self.crop_size, crop_idx, num_crops)
+        return normalize(x, self.mean, self.std)
