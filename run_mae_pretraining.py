@@ -24,6 +24,7 @@ import modeling_pretrain  # noqa: F401  (registers the models)
 import utils
 from datasets import add_data_args, build_pretraining_dataset, get_broken_count, multiple_samples_collate
 from engine_for_pretraining import train_one_epoch
+from mask_visualization import log_mask_images
 from masking_generator import MASK_TYPES
 
 
@@ -90,6 +91,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
                    help="resume from the newest checkpoint in --output_dir")
     g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--vis_freq", default=20, type=int,
+                   help="every N epochs log the Video|Prediction|Error|CAT|Mask grid of fixed clips to TensorBoard "
+                        "(0: never)")
+    g.add_argument("--vis_num_clips", default=4, type=int)
 
     add_data_args(p, pretrain=True)
     utils.add_distributed_args(p)
@@ -104,6 +109,10 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
         sampler_depth=args.sampler_depth, sampler_dim=args.sampler_dim, sampler_heads=args.sampler_heads,
         sampler_temperature=args.sampler_temperature, sampler_detach_input=args.sampler_detach_input,
         **args.model_kwargs)
+
+
+def _first_clip(item: torch.Tensor | list) -> torch.Tensor:
+    return item[0] if isinstance(item, list) else item
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -164,6 +173,11 @@ def main(args: argparse.Namespace) -> dict:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
     log_writer = utils.TensorboardLogger(args.log_dir) if args.log_dir else None
+    vis_clips = None
+    if log_writer is not None and log_writer.writer is not None and args.vis_freq > 0:
+        # Fixed clips (the dataset's augmentation is seeded per index and epoch) so the grid shows the mask evolving.
+        dataset.set_epoch(0)
+        vis_clips = torch.stack([_first_clip(dataset[i]) for i in range(min(args.vis_num_clips, len(dataset)))])
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
     start_time = time.time()
@@ -182,6 +196,9 @@ def main(args: argparse.Namespace) -> dict:
                                          "mask_type": model_without_ddp.mask_type, "mask_ratio": args.mask_ratio})
         utils.write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                                                "n_parameters": n_params})
+        if vis_clips is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
+            log_mask_images(log_writer, model_without_ddp, vis_clips.to(device), step=(epoch + 1) * steps_per_epoch,
+                            normalize_target=args.normalize_target)
         if log_writer is not None:
             log_writer.flush()
     total = datetime.timedelta(seconds=int(time.time() - start_time))

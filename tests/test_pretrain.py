@@ -42,7 +42,8 @@ def tiny_args(train_list: str, out: Path, *extra: str) -> list[str]:
 
 
 def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
-    args = run_mae_pretraining.get_args_parser().parse_args(tiny_args(train_list, tmp_path, "--save_ckpt_freq", "1"))
+    args = run_mae_pretraining.get_args_parser().parse_args(
+        tiny_args(train_list, tmp_path, "--save_ckpt_freq", "1", "--vis_freq", "1", "--vis_num_clips", "2"))
     stats = run_mae_pretraining.main(args)
     assert args.lr == pytest.approx(1e-2 * 4 / 256)  # linear scaling from the base lr
     assert {"loss", "loss_rec", "loss_samp", "grad_norm", "sampler_entropy", "motion_coverage"} <= set(stats)
@@ -68,6 +69,8 @@ def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
                 "data/data_time", "data/broken_videos"}
     assert expected <= tags, expected - tags
     assert len(acc.Scalars("loss/loss")) == 2 * args.num_training_steps_per_epoch
+    grids = acc.Images("vis/masks")  # the mask grid of fixed clips, once per epoch
+    assert [g.step for g in grids] == [args.num_training_steps_per_epoch * (e + 1) for e in range(2)]
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

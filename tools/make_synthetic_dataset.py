@@ -1,7 +1,9 @@
 """Write a small synthetic video classification dataset whose classes can only be told apart by motion.
 
 Each video: a textured, static background (smooth noise, plus slight per-frame noise), one textured object
-that moves according to the class, and sometimes a second, static textured distractor. A single frame says
+that moves according to the class, and (``--distractor_prob``, off by default) a second, static textured
+distractor. Off by default because in a minutes-long pre-training run the model cannot yet copy a static texture
+from other time slices, so a distractor would draw the sampler's attention away from motion. A single frame says
 nothing about the class (object texture, position and background are random), so a model has to use motion,
 as on SSv2. Classes are invariant to horizontal flipping (so the default flip augmentation is safe):
 
@@ -123,7 +125,8 @@ def _paste(img: np.ndarray, tex: np.ndarray, y: float, x: float, side: float) ->
         img[ya:yb, xa:xb] = patch[ya - y0:yb - y0, xa - x0:xb - x0]
 
 
-def render_video(cls: int, rng: np.random.Generator, size: int = 112, frames: int = 32) -> np.ndarray:
+def render_video(cls: int, rng: np.random.Generator, size: int = 112, frames: int = 32,
+                 distractor_prob: float = 0.0) -> np.ndarray:
     """``uint8 [frames, size, size, 3]`` for class ``cls``."""
     # Background detail at about the patch scale (8-12 px cells at 112 px): per-patch normalised targets of a
     # nearly flat background would be mostly encoder noise, which no model can predict.
@@ -132,7 +135,7 @@ def render_video(cls: int, rng: np.random.Generator, size: int = 112, frames: in
     tex = _object_texture(rng, obj * 2)
     y, x, sides = _trajectory(cls, rng, frames, size, obj)
     distractor = None
-    if rng.random() < 0.5:
+    if rng.random() < distractor_prob:
         ds = max(4, int(size * rng.uniform(0.12, 0.2)))
         distractor = (_object_texture(rng, ds), rng.uniform(0, size - ds), rng.uniform(0, size - ds), ds)
     out = np.empty((frames, size, size, 3), dtype=np.uint8)
@@ -147,7 +150,8 @@ def render_video(cls: int, rng: np.random.Generator, size: int = 112, frames: in
 
 def make_synthetic_dataset(out_dir: str, num_videos: int = 240, num_classes: int = 4, fmt: str = "mp4",
                            seed: int = 0, size: int = 112, frames: int = 32, fps: int = 25,
-                           split: tuple = (0.7, 0.15, 0.15), relative: bool = False) -> Dict[str, str]:
+                           split: tuple = (0.7, 0.15, 0.15), relative: bool = False,
+                           distractor_prob: float = 0.0) -> Dict[str, str]:
     """Write videos and ``train.csv``/``val.csv``/``test.csv`` (classes balanced in every split).
 
     Returns ``{'train': path, 'val': path, 'test': path}``.
@@ -178,7 +182,8 @@ def make_synthetic_dataset(out_dir: str, num_videos: int = 240, num_classes: int
             rows[part].append(i)
     for i in range(num_videos):
         name = f"{i:05d}_{CLASS_NAMES[labels[i]]}.{fmt}"
-        frames_arr = render_video(int(labels[i]), np.random.default_rng(int(seeds[i])), size, frames)
+        frames_arr = render_video(int(labels[i]), np.random.default_rng(int(seeds[i])), size, frames,
+                                  distractor_prob)
         write_video(os.path.join(vdir, name), frames_arr, fmt, fps)
     lists = {}
     for part, idx in rows.items():
@@ -204,10 +209,12 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=32)
     p.add_argument("--fps", type=int, default=25)
     p.add_argument("--relative", action="store_true", help="write paths relative to --out (use --data_root)")
+    p.add_argument("--distractor_prob", type=float, default=0.0,
+                   help="probability of a static textured distractor object in a video")
     a = p.parse_args(argv)
     t0 = time.time()
     lists = make_synthetic_dataset(a.out, a.num_videos, a.num_classes, a.format, a.seed, a.size, a.frames,
-                                   a.fps, relative=a.relative)
+                                   a.fps, relative=a.relative, distractor_prob=a.distractor_prob)
     print(f"wrote {a.num_videos} videos ({a.num_classes} classes, {a.format}) to {a.out} in "
           f"{time.time() - t0:.1f}s: " + ", ".join(f"{k}={v}" for k, v in lists.items()))
     return 0
