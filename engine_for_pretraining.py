@@ -140,6 +140,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
     check_finite()
     metric_logger.synchronize_between_processes()
     averages = metric_logger.global_averages()
+    # Seconds per iteration, and the part of it spent waiting for the data loader (this process).
+    averages.update(step_time=metric_logger.step_time.global_avg, data_time=metric_logger.data_time.global_avg)
     if broken_count:
         averages["broken_videos"] = broken_count()
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in averages.items()))

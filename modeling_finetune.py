@@ -139,6 +139,15 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> 
     return x
 
 
+def make_blocks(depth: int, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, qk_scale: float | None,
+                drop: float, attn_drop: float, drop_path_rate: float, init_values: float,
+                norm_layer: Callable[..., nn.Module]) -> nn.ModuleList:
+    """A stack of ``depth`` blocks with linearly increasing stochastic depth (VideoMAE's schedule)."""
+    dpr = drop_path_rates(drop_path_rate, depth)
+    return nn.ModuleList([Block(dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop, attn_drop, dpr[i], init_values,
+                                norm_layer=norm_layer) for i in range(depth)])
+
+
 def drop_path_rates(drop_path_rate: float, depth: int) -> list[float]:
     """Stochastic depth rises linearly with depth, as in VideoMAE."""
     if depth <= 1:
@@ -184,11 +193,8 @@ class VisionTransformer(nn.Module):
             # A buffer follows .to(device) but is not saved: released checkpoints do not contain it.
             self.register_buffer("pos_embed", get_sinusoid_encoding_table(num_patches, embed_dim), persistent=False)
         self.pos_drop = nn.Dropout(p=drop_rate)
-        dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i],
-                  init_values, norm_layer=norm_layer)
-            for i in range(depth)])
+        self.blocks = make_blocks(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate,
+                                  attn_drop_rate, drop_path_rate, init_values, norm_layer)
         self.norm = nn.Identity() if use_mean_pooling else norm_layer(embed_dim)
         self.fc_norm = norm_layer(embed_dim) if use_mean_pooling else None
         self.fc_dropout = nn.Dropout(p=fc_drop_rate) if fc_drop_rate > 0 else nn.Identity()

@@ -16,8 +16,8 @@ from timm.layers import trunc_normal_
 from losses import gather_tokens, masked_indices
 from masking_generator import MaskGenerator, TokenSamplerNet, canonical_mask_type, gumbel_topk, \
     mask_from_visible, num_visible_tokens
-from modeling_finetune import VIT_SIZES, Block, PatchEmbed, drop_path_rates, get_sinusoid_encoding_table, \
-    init_linear_and_norm, register_factory, run_blocks, TIMM_FACTORY_KWARGS
+from modeling_finetune import TIMM_FACTORY_KWARGS, VIT_SIZES, PatchEmbed, get_sinusoid_encoding_table, \
+    init_linear_and_norm, make_blocks, register_factory, run_blocks
 
 
 class PretrainOutput(tuple):
@@ -66,11 +66,8 @@ class PretrainVisionTransformerEncoder(nn.Module):
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, num_frames, tubelet_size)
         self.register_buffer("pos_embed", get_sinusoid_encoding_table(self.patch_embed.num_patches, embed_dim),
                              persistent=False)
-        dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i],
-                  init_values, norm_layer=norm_layer)
-            for i in range(depth)])
+        self.blocks = make_blocks(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate,
+                                  attn_drop_rate, drop_path_rate, init_values, norm_layer)
         self.norm = norm_layer(embed_dim)
         self.sampler_temperature = sampler_temperature
         self.sampler_detach_input = sampler_detach_input
@@ -109,11 +106,8 @@ class PretrainVisionTransformerDecoder(nn.Module):
                  use_checkpoint: bool = False):
         super().__init__()
         self.use_checkpoint = use_checkpoint
-        dpr = drop_path_rates(drop_path_rate, depth)
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i],
-                  init_values, norm_layer=norm_layer)
-            for i in range(depth)])
+        self.blocks = make_blocks(depth, embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate,
+                                  attn_drop_rate, drop_path_rate, init_values, norm_layer)
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes)
         self.apply(init_linear_and_norm)
