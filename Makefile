@@ -13,6 +13,11 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(BIN)/pip install -r requirements-dev.txt
 	touch $@
 
+# DeepSpeed (optional at run time, exercised by the tests) builds against the venv's torch.
+$(BIN)/.installed-deepspeed: $(BIN)/.installed requirements-deepspeed.txt
+	$(BIN)/pip install --no-build-isolation -r requirements-deepspeed.txt
+	touch $@
+
 $(DATA)/train.csv: $(BIN)/.installed
 	$(BIN)/python tools/make_synthetic_dataset.py --out $(DATA) --num_videos 240 --num_classes 4 --seed 0
 
@@ -24,9 +29,9 @@ quickstart: $(DATA)/train.csv
 	  --decoder_depth 2 --mask_type adaptive --mask_ratio 0.75 --no-normalize_target \
 	  --num_frames 8 --sampling_rate 2 --input_size 96 --batch_size 16 --num_workers 2 \
 	  --epochs 60 --warmup_epochs 3 --lr 3e-2 --min_lr 1e-3 --opt_betas 0.9 0.95 \
-	  --save_ckpt_freq 20 --print_freq 20 --device cpu
+	  --save_ckpt_freq 20 --print_freq 20 --vis_freq 10 --device cpu
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed-deepspeed
 	$(BIN)/python -m pytest -q
 
 lint: $(BIN)/.installed

@@ -1,0 +1,284 @@
+"""Load a pre-trained (or fine-tuned) checkpoint into the video ViT classifier, with a report of what happened.
+
+Accepted layouts: our pre-training / fine-tuning checkpoints (weights under ``model``), released AdaMAE / VideoMAE
+files (``model`` or ``module``, the latter also DeepSpeed's ``mp_rank_00_model_states.pt``; a DeepSpeed checkpoint
+folder works too) and bare state dicts. Wrapper prefixes (``module.``, ``_orig_mod.`` from torch.compile,
+``backbone.``, ``encoder.``) are stripped; the pre-training-only parts (decoder, AdaMAE sampler, ``mask_token``,
+``encoder_to_decoder``) are dropped by name, not silently via a non-strict load. A classifier head whose class count
+differs is dropped. Learnable position embeddings are interpolated in time (linear) and space (bicubic) when the
+clip length or resolution changed; sinusoid tables are never stored and are built by the model for its own grid.
+
+Loading fails loudly (``CheckpointMismatchError``) when encoder weights are missing or have the wrong shape (e.g. a
+different tubelet / patch size or model width), because a silently random backbone is the classic way to get chance
+accuracy after "fine-tuning".
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import utils
+
+__all__ = ["CheckpointMismatchError", "LoadReport", "read_checkpoint", "select_state_dict", "convert_state_dict",
+           "interpolate_pos_embed", "load_pretrained_encoder", "DROPPED_PREFIXES"]
+
+# Keys of the pre-training model that the classifier has no use for (after the ``encoder.`` prefix is removed).
+DROPPED_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("decoder.", "pre-training decoder"),
+    ("encoder_to_decoder.", "pre-training decoder projection"),
+    ("mask_token", "pre-training mask token"),
+    ("pos_embed_probs", "AdaMAE sampler"),
+    ("get_token_probs.", "AdaMAE sampler"),
+    ("mask_generator.", "mask generator"),
+)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.", "backbone.", "encoder.")
+Grid = tuple[int, int, int]
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint does not fit the model (missing encoder weights, wrong shapes); the message says which."""
+
+
+@dataclass
+class LoadReport:
+    """What ``load_pretrained_encoder`` did; ``str(report)`` is the printed summary."""
+
+    source: str = "<state dict>"
+    model_key: str = "(top level)"
+    kind: str | None = None
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # model keys left at their initialisation
+    unexpected: list[str] = field(default_factory=list)  # checkpoint keys nothing matched
+    dropped: dict[str, str] = field(default_factory=dict)  # checkpoint key -> reason
+    reshaped: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def head_loaded(self) -> bool:
+        return any(k.startswith("head.") for k in self.loaded)
+
+    def __str__(self) -> str:
+        lines = [f"Load report for {self.source} (weights under {self.model_key}"
+                 + (f", kind {self.kind}" if self.kind else "") + ")",
+                 f"  loaded:     {len(self.loaded)} tensors"]
+        if self.reshaped:
+            lines.append("  reshaped:   " + ", ".join(f"{k} {list(a)} -> {list(b)}" for k, (a, b) in
+                                                      self.reshaped.items()))
+        by_reason: dict[str, list[str]] = {}
+        for k, r in self.dropped.items():
+            by_reason.setdefault(r, []).append(k)
+        for r, ks in by_reason.items():
+            lines.append(f"  dropped ({r}): {_short(ks)}")
+        lines.append(f"  missing (kept at init): {_short(self.missing) if self.missing else 'none'}")
+        lines.append(f"  unexpected: {_short(self.unexpected) if self.unexpected else 'none'}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _short(keys: Sequence[str], n: int = 6) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint file or URL; a DeepSpeed checkpoint folder (or its parent with ``latest``) is resolved
+    to its ``mp_rank_00_model_states.pt``."""
+    path = str(path)
+    if os.path.isdir(path):
+        tag_file = os.path.join(path, "latest")
+        if os.path.isfile(tag_file):
+            with open(tag_file, encoding="utf-8") as f:
+                path = os.path.join(path, f.read().strip())
+        candidate = os.path.join(path, "mp_rank_00_model_states.pt")
+        if not os.path.isfile(candidate):
+            raise FileNotFoundError(f"{path} is a folder without mp_rank_00_model_states.pt (not a DeepSpeed "
+                                    f"checkpoint); pass a .pth file")
+        path = candidate
+    if path.startswith(("https://", "http://")):
+        ckpt = torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False, weights_only=False)
+    else:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointMismatchError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+    return dict(ckpt)
+
+
+def select_state_dict(ckpt: Mapping[str, Any], model_key: str = "model|module") -> tuple[dict[str, Any], str]:
+    """The weights: the first of ``model_key`` ('|'-separated) present in the file, else the file itself."""
+    for key in model_key.split("|"):
+        if key and isinstance(ckpt.get(key), Mapping):
+            return dict(ckpt[key]), key
+    tensors = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointMismatchError(f"no state dict under {model_key!r} and no tensors at the top level "
+                                      f"(keys: {sorted(ckpt)[:10]})")
+    return tensors, "(top level)"
+
+
+def convert_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Strip wrapper prefixes and drop pre-training-only keys; returns ``(weights, {dropped key: reason})``."""
+    out: dict[str, Any] = {}
+    dropped: dict[str, str] = {}
+    for key, value in state_dict.items():
+        k = key
+        changed = True
+        while changed:
+            changed = False
+            for p in WRAPPER_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        reason = next((r for p, r in DROPPED_PREFIXES if k.startswith(p)), None)
+        if reason is not None:
+            dropped[key] = reason
+            continue
+        if k in out:
+            raise CheckpointMismatchError(f"checkpoint keys {key!r} and another one both map to {k!r}")
+        out[k] = value
+    return out, dropped
+
+
+def interpolate_pos_embed(pos_embed: torch.Tensor, src_grid: Sequence[int], dst_grid: Sequence[int]
+                          ) -> torch.Tensor:
+    """Resize a learnable ``[1, T*H*W, D]`` table from ``src_grid`` (T, H, W) to ``dst_grid``.
+
+    Space is resized bicubically per time step, then time linearly per position (separately, so a change in only
+    one of them leaves the other untouched). Computed in float32, returned in the input dtype.
+    """
+    t0, h0, w0 = (int(v) for v in src_grid)
+    t1, h1, w1 = (int(v) for v in dst_grid)
+    if pos_embed.dim() != 3 or pos_embed.shape[1] != t0 * h0 * w0:
+        raise ValueError(f"pos_embed {list(pos_embed.shape)} does not match the source grid {src_grid}")
+    d = pos_embed.shape[-1]
+    x = pos_embed.float().reshape(t0, h0, w0, d)
+    if (h0, w0) != (h1, w1):
+        x = F.interpolate(x.permute(0, 3, 1, 2), size=(h1, w1), mode="bicubic", align_corners=False)
+        x = x.permute(0, 2, 3, 1)  # [t0, h1, w1, d]
+    if t0 != t1:
+        y = x.permute(1, 2, 3, 0).reshape(1, h1 * w1 * d, t0)
+        y = F.interpolate(y, size=t1, mode="linear", align_corners=False)
+        x = y.reshape(h1, w1, d, t1).permute(3, 0, 1, 2)
+    return x.reshape(1, t1 * h1 * w1, d).to(pos_embed.dtype)
+
+
+def _model_grid(model: nn.Module) -> Grid:
+    return tuple(int(g) for g in model.patch_embed.grid_size)  # type: ignore[return-value]
+
+
+def _grid_from_args(ckpt_args: Any, patch: int) -> Grid | None:
+    """The checkpoint's token grid from its stored args (our checkpoints keep them)."""
+    if not isinstance(ckpt_args, Mapping):
+        return None
+    try:
+        frames = int(ckpt_args["num_frames"]) * int(ckpt_args.get("num_segments", 1) or 1)
+        tubelet, size = int(ckpt_args.get("tubelet_size", 2)), int(ckpt_args["input_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return frames // tubelet, size // patch, size // patch
+
+
+def _infer_src_grid(n_tokens: int, dst: Grid) -> Grid:
+    """Guess the checkpoint grid from its token count: same frames with a square image, or same image size."""
+    t1, h1, w1 = dst
+    if n_tokens % t1 == 0:
+        side = math.isqrt(n_tokens // t1)
+        if side * side * t1 == n_tokens:
+            return t1, side, side
+    if n_tokens % (h1 * w1) == 0:
+        return n_tokens // (h1 * w1), h1, w1
+    raise CheckpointMismatchError(
+        f"cannot tell the token grid of a {n_tokens}-token pos_embed (the model has {t1}x{h1}x{w1}); pass "
+        f"src_grid=(T, H, W)")
+
+
+def load_pretrained_encoder(model: nn.Module, path_or_state: str | os.PathLike | Mapping[str, Any],
+                            model_key: str = "model|module", src_grid: Sequence[int] | None = None,
+                            require_head: bool = False, verbose: bool = True) -> LoadReport:
+    """Load ``path_or_state`` into the classifier ``model`` (a ``modeling_finetune.VisionTransformer``).
+
+    Returns a ``LoadReport`` (printed when ``verbose``). Raises ``CheckpointMismatchError`` when any
+    ``patch_embed`` / ``blocks`` weight is missing or unexpected, when a shape differs other than the head (dropped
+    if the class count differs) and a learnable ``pos_embed`` (interpolated; grid from ``src_grid``, the
+    checkpoint's stored args, or inferred), or, with ``require_head``, when no classifier head was loaded (the
+    file is a pre-training checkpoint: evaluating it would give chance accuracy).
+    """
+    model = utils.unwrap_model(model)
+    report = LoadReport()
+    if isinstance(path_or_state, (str, os.PathLike)):
+        ckpt = read_checkpoint(path_or_state)
+        report.source = str(path_or_state)
+    else:
+        ckpt = dict(path_or_state)
+    report.kind = ckpt.get("kind") if isinstance(ckpt.get("kind"), str) else None
+    raw, report.model_key = select_state_dict(ckpt, model_key)
+    sd, report.dropped = convert_state_dict(raw)
+
+    target = model.state_dict()
+    pos_is_param = isinstance(getattr(model, "pos_embed", None), nn.Parameter)
+    if "pos_embed" in sd and not pos_is_param:
+        report.dropped["pos_embed"] = "model uses a fixed sinusoid table"
+        sd.pop("pos_embed")
+    if not pos_is_param:
+        grid_text = "x".join(map(str, _model_grid(model)))
+        report.notes.append(f"pos_embed: sinusoid table built for the model's grid {grid_text} (T x H x W tokens); "
+                            f"never stored in checkpoints")
+    if "norm.weight" in sd and "norm.weight" not in target:
+        for k in ("norm.weight", "norm.bias"):
+            if k in sd:
+                sd.pop(k)
+                report.dropped[k] = "encoder norm (the classifier mean-pools into a fresh fc_norm)"
+
+    bad_shapes: list[str] = []
+    for k in list(sd):
+        if k not in target or not isinstance(sd[k], torch.Tensor):
+            continue
+        src, dst = tuple(sd[k].shape), tuple(target[k].shape)
+        if src == dst:
+            continue
+        if k.startswith("head."):
+            sd.pop(k)
+            report.dropped[k] = f"class count differs (checkpoint {src[0]}, model {dst[0]})"
+        elif k == "pos_embed":
+            dst_grid = _model_grid(model)
+            grid = tuple(src_grid) if src_grid is not None else \
+                _grid_from_args(ckpt.get("args"), model.patch_embed.patch_size[0])
+            if grid is None or int(grid[0]) * int(grid[1]) * int(grid[2]) != src[1]:
+                grid = _infer_src_grid(src[1], dst_grid)
+            sd[k] = interpolate_pos_embed(sd[k], grid, dst_grid)
+            report.reshaped[k] = (src, dst)
+            report.notes.append(f"pos_embed interpolated from grid {'x'.join(map(str, grid))} to "
+                                f"{'x'.join(map(str, dst_grid))}")
+        else:
+            bad_shapes.append(f"{k}: checkpoint {list(src)} vs model {list(dst)}")
+    if bad_shapes:
+        raise CheckpointMismatchError(
+            "checkpoint does not fit the model (different width / depth / patch or tubelet size?):\n  "
+            + "\n  ".join(bad_shapes[:10]))
+
+    missing = [k for k in target if k not in sd]
+    unexpected = [k for k in sd if k not in target]
+    enc_missing = [k for k in missing if k.startswith(("patch_embed.", "blocks."))]
+    enc_unexpected = [k for k in unexpected if k.startswith(("patch_embed.", "blocks."))]
+    if enc_missing or enc_unexpected:
+        raise CheckpointMismatchError(
+            f"encoder weights do not match ({report.source}, weights under {report.model_key}): "
+            f"{len(enc_missing)} missing ({_short(enc_missing)}), {len(enc_unexpected)} unexpected "
+            f"({_short(enc_unexpected)}). Is this the right --model / --model_kwargs for the checkpoint?")
+    result = model.load_state_dict(sd, strict=False)
+    report.missing = list(result.missing_keys)
+    report.unexpected = list(result.unexpected_keys)
+    report.loaded = [k for k in sd if k in target]
+    if require_head and not report.head_loaded:
+        raise CheckpointMismatchError(
+            f"{report.source} has no classifier head for {getattr(model, 'num_classes', '?')} classes (it looks "
+            f"like a pre-training checkpoint): evaluating it would give chance accuracy; fine-tune it first")
+    if verbose:
+        print(report)
+    return report

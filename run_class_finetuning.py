@@ -1,0 +1,465 @@
+"""Supervised fine-tuning and multi-view evaluation of the video ViT (VideoMAE-compatible flags).
+
+One process:   python run_class_finetuning.py --data_path DIR --finetune pretrain.pth --output_dir out [...]
+One node:      torchrun --nproc_per_node 8 run_class_finetuning.py [...]
+SLURM:         srun python run_class_finetuning.py [...]   (rank / world / master read from SLURM_*)
+Evaluate:      python run_class_finetuning.py --eval --finetune finetuned.pth --data_path DIR [...]
+
+``--data_path`` is a folder with ``train.csv`` / ``val.csv`` / ``test.csv``. ``--lr`` is the base learning rate for a
+total batch of 256 (``batch_size x update_freq x processes``; ``--num_sample`` repeats are not counted, as in
+VideoMAE). After training (or with ``--eval``) the ``test_num_segment x test_num_crop`` multi-view test writes
+``test_results.json`` with top-1/top-5 and per-video predictions.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch.utils.data import DataLoader, DistributedSampler
+
+import modeling_finetune  # noqa: F401  (registers the models)
+import utils
+from checkpoint_loading import load_pretrained_encoder
+from datasets import add_data_args, build_dataset, get_broken_count, multiple_samples_collate
+from engine_for_finetuning import ShardSampler, evaluate, final_test, train_one_epoch
+from video_mixup import build_mixup
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("AdaMAE fine-tuning and evaluation", add_help=True,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--batch_size", default=64, type=int, help="videos per process per step (before --num_sample)")
+    g.add_argument("--epochs", default=30, type=int)
+    g.add_argument("--update_freq", "--accum_iter", default=1, type=int, dest="accum_iter",
+                   help="gradient accumulation: batches per optimizer step")
+    g.add_argument("--save_ckpt_freq", default=100, type=int, help="keep checkpoint-{epoch}.pth every N epochs "
+                   "(checkpoint-latest.pth is rewritten every epoch)")
+    g.add_argument("--save_ckpt", default=True, action=argparse.BooleanOptionalAction,
+                   help="--no_save_ckpt / --no-save_ckpt to write no checkpoints")
+    g.add_argument("--no_save_ckpt", action="store_false", dest="save_ckpt", help=argparse.SUPPRESS)
+    g.add_argument("--print_freq", default=10, type=int)
+    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default: bf16 on GPUs that support it, else fp16; fp32 on CPU")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="vit_base_patch16_224", type=str)
+    g.add_argument("--tubelet_size", default=2, type=int)
+    g.add_argument("--drop", default=0.0, type=float, help="dropout rate")
+    g.add_argument("--attn_drop_rate", default=0.0, type=float)
+    g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
+    g.add_argument("--fc_drop_rate", "--head_drop_rate", default=0.0, type=float, dest="fc_drop_rate",
+                   help="dropout before the classifier head")
+    g.add_argument("--use_checkpoint", "--with_checkpoint", action="store_true", dest="use_checkpoint",
+                   help="gradient checkpointing in every block")
+    g.add_argument("--use_mean_pooling", action="store_true", default=True, help="mean-pool tokens + fc_norm")
+    g.add_argument("--use_cls", action="store_false", dest="use_mean_pooling",
+                   help="LayerNorm then token 0 (there is no CLS token; VideoMAE's flag)")
+    g.add_argument("--use_learnable_pos_emb", action="store_true", help="learnable position table")
+    g.add_argument("--init_scale", default=0.001, type=float, help="scales the head's initial weights")
+    g.add_argument("--model_kwargs", default="{}", type=json.loads,
+                   help="extra JSON keyword arguments for the model constructor, e.g. '{\"depth\": 4}'")
+
+    g = p.add_argument_group("EMA")
+    g.add_argument("--model_ema", action="store_true", help="keep an exponential moving average of the weights "
+                   "(validated and tested alongside the model)")
+    g.add_argument("--model_ema_decay", default=0.9999, type=float)
+    g.add_argument("--model_ema_force_cpu", action="store_true")
+
+    g = p.add_argument_group("optimizer and schedule")
+    g.add_argument("--opt", default="adamw", type=str)
+    g.add_argument("--opt_eps", default=1e-8, type=float)
+    g.add_argument("--opt_betas", default=None, type=float, nargs="+", help="e.g. 0.9 0.999")
+    g.add_argument("--clip_grad", default=None, type=float)
+    g.add_argument("--momentum", default=0.9, type=float)
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--weight_decay_end", default=None, type=float, help="cosine weight-decay target (default: "
+                   "constant)")
+    g.add_argument("--lr", default=1e-3, type=float, help="base lr; the run uses lr * total_batch / 256")
+    g.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay (1.0 = off)")
+    g.add_argument("--warmup_lr", default=1e-6, type=float, help="warm-up start (scaled like --lr)")
+    g.add_argument("--min_lr", default=1e-6, type=float, help="final lr (scaled like --lr)")
+    g.add_argument("--warmup_epochs", default=5, type=int)
+    g.add_argument("--warmup_steps", default=-1, type=int, help="overrides --warmup_epochs when > 0")
+
+    g = p.add_argument_group("regularisation")
+    g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
+    g.add_argument("--mixup", default=0.8, type=float, help="mixup alpha (0 = off)")
+    g.add_argument("--cutmix", default=1.0, type=float, help="cutmix alpha (0 = off)")
+    g.add_argument("--cutmix_minmax", default=None, type=float, nargs=2)
+    g.add_argument("--mixup_prob", default=1.0, type=float)
+    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
+    g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--finetune", default="", help="pre-trained (or fine-tuned) checkpoint to start from")
+    g.add_argument("--model_key", default="model|module", help="where the weights are in --finetune")
+    g.add_argument("--output_dir", default="", help="checkpoints, log.txt, test_results.json")
+    g.add_argument("--log_dir", default=None, help="TensorBoard logs (default: OUTPUT_DIR/tensorboard)")
+    g.add_argument("--resume", default="", help="training checkpoint to resume from")
+    g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
+                   help="resume from the newest checkpoint in --output_dir")
+    g.add_argument("--no_auto_resume", action="store_false", dest="auto_resume", help=argparse.SUPPRESS)
+    g.add_argument("--start_epoch", default=0, type=int)
+
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", action="store_true", help="only run validation + the multi-view test")
+    g.add_argument("--dist_eval", action="store_true", help="shard validation and test over all processes")
+    g.add_argument("--disable_eval_during_finetuning", action="store_true")
+    g.add_argument("--skip_final_test", action="store_true", help="no multi-view test after training")
+
+    g = p.add_argument_group("DeepSpeed")
+    g.add_argument("--enable_deepspeed", action="store_true", help="train with a DeepSpeed engine")
+    g.add_argument("--zero_stage", default=0, type=int, choices=[0, 1, 2], help="DeepSpeed ZeRO stage")
+    g.add_argument("--deepspeed_config", default=None, help="use this DeepSpeed JSON instead of the generated one")
+
+    add_data_args(p, pretrain=False)
+    utils.add_distributed_args(p)
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------------------------
+def build_model(args: argparse.Namespace) -> torch.nn.Module:
+    return timm.create_model(
+        args.model, num_classes=args.nb_classes, num_frames=args.num_frames * max(1, args.num_segments),
+        img_size=args.input_size, tubelet_size=args.tubelet_size, drop_rate=args.drop,
+        attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path, fc_drop_rate=args.fc_drop_rate,
+        use_mean_pooling=args.use_mean_pooling, use_checkpoint=args.use_checkpoint, init_scale=args.init_scale,
+        use_learnable_pos_emb=args.use_learnable_pos_emb, **args.model_kwargs)
+
+
+def build_criterion(args: argparse.Namespace, mixup_active: bool) -> torch.nn.Module:
+    """Soft-target CE with mixup (smoothing is in the mixed targets), else smoothed CE, else CE."""
+    if mixup_active:
+        return SoftTargetCrossEntropy()
+    if args.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    return torch.nn.CrossEntropyLoss()
+
+
+def build_deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config for this run: batch sizes, accumulation, clipping, precision and ZeRO stage.
+
+    The optimizer is not described here: the engine wraps our own (timm AdamW with the layer-decay groups, the
+    ``--opt_betas`` / ``--opt_eps`` / weight decay of the command line), so the DeepSpeed and the plain path run
+    the same recipe and no DeepSpeed CUDA op has to be built.
+    """
+    cfg: dict[str, Any] = {
+        "train_batch_size": args.batch_size * args.accum_iter * world_size,
+        "train_micro_batch_size_per_gpu": args.batch_size,
+        "gradient_accumulation_steps": args.accum_iter,
+        "steps_per_print": 1000,
+        "gradient_clipping": float(args.clip_grad or 0.0),
+        "zero_optimization": {"stage": int(args.zero_stage)},
+        "zero_allow_untested_optimizer": True,
+        "wall_clock_breakdown": False,
+    }
+    if args.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                       "hysteresis": 2, "min_loss_scale": 1}
+    elif args.precision == "bf16":
+        cfg["bf16"] = {"enabled": True}
+    return cfg
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def init_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+                   ) -> Any:
+    """Wrap ``model`` / ``optimizer`` in a DeepSpeed engine (process group reused, or a 1-process one created)."""
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise SystemExit("--enable_deepspeed needs DeepSpeed: pip install -r requirements-deepspeed.txt "
+                         f"(on CPU also export DS_ACCELERATOR=cpu) [{type(e).__name__}: {e}]") from e
+    if not utils.is_dist_avail_and_initialized():
+        # DeepSpeed always wants a process group; make a 1-process one as torchrun would.
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        deepspeed.init_distributed(dist_backend="nccl" if args.device.startswith("cuda") else "gloo")
+    if args.deepspeed_config:
+        with open(args.deepspeed_config, encoding="utf-8") as f:
+            config = json.load(f)
+    else:
+        config = build_deepspeed_config(args, utils.get_world_size())
+    if args.output_dir and utils.is_main_process():
+        with open(os.path.join(args.output_dir, "deepspeed_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
+                                           dist_init_required=False)
+    if engine.gradient_accumulation_steps() != args.accum_iter:
+        raise ValueError(f"DeepSpeed uses {engine.gradient_accumulation_steps()} accumulation steps but "
+                         f"--update_freq is {args.accum_iter}")
+    print(f"DeepSpeed {deepspeed.__version__}: ZeRO stage {config.get('zero_optimization', {}).get('stage', 0)}, "
+          f"precision {args.precision}, config {json.dumps(config)}")
+    return engine
+
+
+def deepspeed_save(args: argparse.Namespace, engine: Any, epoch: int, global_step: int, model_ema: Any,
+                   tag: str | None = None) -> None:
+    """DeepSpeed checkpoint folder ``checkpoint-{epoch}`` (or ``checkpoint-{tag}``); collective."""
+    client_state = {"epoch": epoch, "global_step": global_step, "kind": "finetune", "model_name": args.model,
+                    "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list,
+                                                                                   type(None)))}}
+    if model_ema is not None:
+        client_state["model_ema"] = utils.get_model_state_dict(model_ema.module)
+    name = f"checkpoint-{tag if tag is not None else epoch}"
+    engine.save_checkpoint(args.output_dir, tag=name, client_state=client_state, save_latest=tag is None)
+
+
+def deepspeed_resume(args: argparse.Namespace, engine: Any, model_ema: Any) -> int:
+    """Resume from ``--resume`` (a DeepSpeed folder) or the ``latest`` tag in ``--output_dir``; returns the global
+    step (0 when nothing was resumed) and sets ``args.start_epoch``."""
+    load_dir, tag = None, None
+    if args.resume:
+        load_dir, tag = os.path.dirname(os.path.abspath(args.resume)), os.path.basename(os.path.normpath(
+            args.resume))
+    elif args.auto_resume and args.output_dir and os.path.isfile(os.path.join(args.output_dir, "latest")):
+        load_dir = args.output_dir
+    if load_dir is None:
+        return 0
+    path, client_state = engine.load_checkpoint(load_dir, tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag})")
+    if model_ema is not None and client_state.get("model_ema") is not None:
+        model_ema.module.load_state_dict(client_state["model_ema"])
+    args.start_epoch = int(client_state["epoch"]) + 1
+    print(f"Resumed from {path}: epoch {client_state['epoch']}, start_epoch {args.start_epoch}, "
+          f"global_step {client_state.get('global_step')}")
+    return int(client_state.get("global_step") or 0)
+
+
+def _eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int, shard: bool) -> DataLoader:
+    """In-order loader without drop_last; ``shard``: this rank's contiguous part only."""
+    sampler = ShardSampler(len(dataset)) if shard else ShardSampler(len(dataset), 0, 1)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
+                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
+                      worker_init_fn=utils.seed_worker, persistent_workers=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------------------------
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    utils.init_distributed_mode(args)
+    device = torch.device(args.device)
+    if args.precision is None:
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    args.precision = utils.resolve_precision(args.precision, device)
+    utils.setup_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.output_dir:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.log_dir is None and args.output_dir:
+        args.log_dir = os.path.join(args.output_dir, "tensorboard")
+    world, rank = utils.get_world_size(), utils.get_rank()
+    shard_eval = args.dist_eval and args.distributed
+    if args.distributed and not args.dist_eval:
+        print("Note: without --dist_eval every process validates / tests the whole set (use --dist_eval to "
+              "shard it)")
+
+    # --eval needs no training list (users evaluating released checkpoints often have only val/test lists).
+    dataset_train = dataset_val = dataset_test = None
+    if not args.eval:
+        dataset_train, args.nb_classes = build_dataset(is_train=True, test_mode=False, args=args)
+    if args.eval or not args.disable_eval_during_finetuning:
+        dataset_val, args.nb_classes = build_dataset(is_train=False, test_mode=False, args=args)
+    if not args.skip_final_test:
+        dataset_test, args.nb_classes = build_dataset(is_train=False, test_mode=True, args=args)
+    if args.nb_classes is None:
+        raise ValueError("--eval with --skip_final_test needs --nb_classes")
+    print(json.dumps(vars(args), default=str, indent=1))
+
+    loader_train = sampler_train = None
+    if dataset_train is not None:
+        sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
+                                           seed=args.seed)
+        loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
+                                  drop_last=True, worker_init_fn=utils.seed_worker,
+                                  persistent_workers=args.num_workers > 0, collate_fn=multiple_samples_collate)
+    eval_bs = max(1, int(1.5 * args.batch_size))
+    loader_val = _eval_loader(dataset_val, args, eval_bs, shard_eval) if dataset_val is not None else None
+    loader_test = _eval_loader(dataset_test, args, args.batch_size, shard_eval) if dataset_test is not None \
+        else None
+
+    accum = max(1, args.accum_iter)
+    steps_per_epoch = len(loader_train) // accum if loader_train is not None else 0
+    if steps_per_epoch == 0 and not args.eval:
+        raise ValueError(f"{len(dataset_train or [])} videos give no full step of batch_size {args.batch_size} x "
+                         f"update_freq {accum} x {world} processes; lower --batch_size or add data")
+    args.num_training_steps_per_epoch = steps_per_epoch
+
+    mixup_fn = build_mixup(args, args.nb_classes)
+    if mixup_fn is not None and (args.batch_size * max(1, args.num_sample)) % 2 and args.mixup_mode == "batch":
+        raise ValueError("mixup/cutmix in batch mode needs an even number of clips per batch")
+    model = build_model(args)
+    load_report = None
+    if args.finetune:
+        # --eval of a pre-training checkpoint would report chance accuracy: insist on a classifier head.
+        load_report = load_pretrained_encoder(model, args.finetune, model_key=args.model_key,
+                                              require_head=args.eval)
+    model.to(device)
+    model_without_ddp = model
+    n_params = utils.count_parameters(model)
+    print(f"Model {args.model}: {n_params / 1e6:.2f}M parameters, {args.nb_classes} classes, "
+          f"token grid {model.patch_embed.grid_size}")
+
+    model_ema = None
+    if args.model_ema:
+        from timm.utils import ModelEmaV3
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                               device=torch.device("cpu") if args.model_ema_force_cpu else None)
+        print(f"Model EMA: decay {args.model_ema_decay}")
+
+    total_batch = args.batch_size * accum * world
+    utils.scale_lr(args, total_batch)
+    print(f"{len(dataset_train or [])} training videos, {steps_per_epoch} optimizer steps per epoch, clips per step "
+          f"{total_batch * max(1, args.num_sample)} (num_sample {args.num_sample})")
+
+    optimizer = utils.create_optimizer(args, model_without_ddp)
+    loss_scaler = utils.LossScaler(args.precision, device.type)
+    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, max(steps_per_epoch, 1),
+                                         args.warmup_epochs, start_warmup_value=args.warmup_lr,
+                                         warmup_steps=args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, max(steps_per_epoch, 1))
+    criterion = build_criterion(args, mixup_fn is not None)
+    print(f"criterion = {criterion}; mixup {'on' if mixup_fn is not None else 'off'}")
+
+    engine = None
+    if args.enable_deepspeed:
+        engine = init_deepspeed(args, model, optimizer)
+        model = engine
+        deepspeed_resume(args, engine, model_ema)
+    elif not (args.eval and args.finetune and not args.resume):  # --eval --finetune X evaluates X as given
+        utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema=model_ema)
+        if args.compile:
+            model = torch.compile(model)
+        if args.distributed:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
+    log_writer = utils.TensorboardLogger(args.log_dir) if args.log_dir and not args.eval else None
+    protocol = (f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop} (frames x segments x crops), "
+                f"crop {args.input_size} from short side {args.short_side_size}")
+
+    def eval_models() -> list[tuple[str, torch.nn.Module]]:
+        out = [("", model_without_ddp)]
+        if model_ema is not None:
+            out.append(("_ema", model_ema.module))
+        return out
+
+    results: dict[str, Any] = {"load_report": str(load_report) if load_report else None}
+    if args.eval:
+        if load_report is None and args.start_epoch == 0 and engine is None:
+            raise SystemExit("--eval needs a fine-tuned checkpoint: --finetune PATH (or --resume)")
+        for suffix, m in eval_models():
+            if loader_val is not None:
+                results[f"val{suffix}"] = evaluate(loader_val, m, device, args.precision, reduce=shard_eval,
+                                                   header=f"Val{suffix}:")
+            if loader_test is not None and args.output_dir:
+                results[f"test{suffix}"] = final_test(loader_test, m, device, args.output_dir,
+                                                      args.test_num_segment * args.test_num_crop, args.precision,
+                                                      shard_eval, suffix, protocol)
+        _log_final(args, results)
+        utils.cleanup()
+        return results
+
+    print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
+    start_time = time.time()
+    best_acc1 = -1.0
+    for epoch in range(args.start_epoch, args.epochs):
+        sampler_train.set_epoch(epoch)
+        dataset_train.set_epoch(epoch)
+        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args,
+                                      start_step=epoch * steps_per_epoch, lr_schedule=lr_schedule,
+                                      wd_schedule=wd_schedule, model_ema=model_ema, mixup_fn=mixup_fn,
+                                      log_writer=log_writer, deepspeed_engine=engine is not None)
+        global_step = (epoch + 1) * steps_per_epoch
+        extra = {"kind": "finetune", "model_name": args.model, "nb_classes": args.nb_classes}
+        if args.output_dir and args.save_ckpt:
+            if engine is not None:
+                if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
+                    deepspeed_save(args, engine, epoch, global_step, model_ema)
+            else:
+                utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
+                                      extra=extra, model_ema=model_ema)
+        log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
+                                     "n_parameters": n_params, "broken_videos": get_broken_count(dataset_train)}
+        if loader_val is not None:
+            for suffix, m in eval_models():
+                val = evaluate(loader_val, m, device, args.precision, reduce=shard_eval, header=f"Val{suffix}:")
+                log_stats.update({f"val{suffix}_{k}": v for k, v in val.items()})
+                if log_writer is not None:
+                    log_writer.update(head="perf", step=epoch, **{f"val{suffix}_acc1": val["acc1"],
+                                                                  f"val{suffix}_acc5": val["acc5"],
+                                                                  f"val{suffix}_loss": val["loss"]})
+            if log_stats["val_acc1"] > best_acc1:
+                best_acc1 = log_stats["val_acc1"]
+                if args.output_dir and args.save_ckpt:
+                    if engine is not None:
+                        deepspeed_save(args, engine, epoch, global_step, model_ema, tag="best")
+                    else:
+                        utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
+                                              extra={**extra, "best_acc1": best_acc1}, model_ema=model_ema,
+                                              tag="best")
+            print(f"Max accuracy: {best_acc1:.2f}%")
+            log_stats["best_val_acc1"] = best_acc1
+        utils.write_log_line(args.output_dir, log_stats)
+        if log_writer is not None:
+            log_writer.flush()
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total}")
+    results["best_val_acc1"] = best_acc1
+
+    if loader_test is not None and args.output_dir:
+        for suffix, m in eval_models():
+            results[f"test{suffix}"] = final_test(loader_test, m, device, args.output_dir,
+                                                  args.test_num_segment * args.test_num_crop, args.precision,
+                                                  shard_eval, suffix, protocol)
+    _log_final(args, results)
+    if log_writer is not None:
+        log_writer.close()
+    utils.cleanup()
+    return results
+
+
+def _log_final(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    line: dict[str, Any] = {}
+    for key in ("test", "test_ema"):
+        r = results.get(key)
+        if r:
+            name = "Final" if key == "test" else "Final EMA"
+            line.update({f"{name} top-1": r["top1"], f"{name} top-5": r["top5"],
+                         f"{name} single-view top-1": r["single_view_top1"], f"{name} videos": r["num_videos"]})
+    for key in ("val", "val_ema"):
+        if results.get(key):
+            line.update({f"{key}_acc1": results[key]["acc1"], f"{key}_acc5": results[key]["acc5"]})
+    if line:
+        utils.write_log_line(args.output_dir, line)
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
