@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 import utils
-from engine_for_pretraining import NonFiniteLossError
+from utils import NonFiniteLossError
 
 __all__ = ["train_one_epoch", "evaluate", "ShardSampler", "run_test_views", "merge_views", "merge_view_files",
            "final_test", "view_file", "NonFiniteLossError"]
@@ -50,17 +50,11 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
     steps_per_epoch = len(data_loader) // accum  # type: ignore[arg-type]
     metric_logger = utils.MetricLogger(delimiter="  ")
     header = f"Epoch: [{epoch}]"
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    watch = utils.NonFiniteLossWatch(epoch, steps_per_epoch, start_step, device)
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     ds_dtype = _deepspeed_input_dtype(model) if deepspeed_engine else None
     ema_target = utils.unwrap_model(model.module if deepspeed_engine else model)
 
-    def check_finite() -> None:
-        bad = int(first_bad)
-        if bad >= 0:
-            raise NonFiniteLossError(f"loss is not finite at epoch {epoch}, step {bad} of {steps_per_epoch} "
-                                     f"(global step {start_step + bad}); stopping. Try --precision bf16/fp32, "
-                                     f"a lower --lr, or --clip_grad.")
 
     if not deepspeed_engine:
         optimizer.zero_grad(set_to_none=True)
@@ -98,8 +92,7 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
         if update and model_ema is not None:
             model_ema.update(ema_target, step=global_step)
 
-        finite = torch.isfinite(loss.detach())
-        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+        watch.update(loss, step)
         stats: dict[str, Any] = dict(loss=loss.detach(), grad_norm=grad_norm)
         if mixup_fn is None:
             stats["class_acc"] = (output.detach().argmax(-1) == hard_targets).float().mean()
@@ -107,12 +100,12 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
         metric_logger.update(**stats, lr=lr_stats["lr"], min_lr=lr_stats["min_lr"],
                              weight_decay=lr_stats["weight_decay"])
         if it % print_freq == 0:
-            check_finite()
+            watch.check()
         if log_writer is not None and update:
             log_writer.update(head="loss", step=global_step, loss=stats["loss"], class_acc=stats.get("class_acc"))
             log_writer.update(head="opt", step=global_step, lr=lr_stats["lr"], min_lr=lr_stats["min_lr"],
                               weight_decay=lr_stats["weight_decay"], grad_norm=grad_norm)
-    check_finite()
+    watch.check()
     metric_logger.synchronize_between_processes()
     averages = metric_logger.global_averages()
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in averages.items()))

@@ -59,10 +59,6 @@ def pretrain_losses(model: nn.Module, videos: torch.Tensor, patch_size: int, tub
     return StepLosses(rec + samp, rec, samp, probs, mask)
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/Inf; the message names the epoch and step."""
-
-
 def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, loss_scaler: utils.LossScaler, args: Any,
                     start_step: int, lr_schedule: np.ndarray, wd_schedule: np.ndarray,
@@ -82,15 +78,9 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
     print_freq = int(getattr(args, "print_freq", 10))
     steps_per_epoch = len(data_loader) // accum
     metric_logger = utils.MetricLogger(delimiter="  ")
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    watch = utils.NonFiniteLossWatch(epoch, steps_per_epoch, start_step, device)
     header = f"Epoch: [{epoch}]"
 
-    def check_finite() -> None:
-        bad = int(first_bad)
-        if bad >= 0:
-            raise NonFiniteLossError(f"loss is not finite at epoch {epoch}, step {bad} of {steps_per_epoch} "
-                                     f"(global step {start_step + bad}); stopping. Try --precision bf16/fp32, "
-                                     f"a lower --lr, or --clip_grad.")
 
     optimizer.zero_grad(set_to_none=True)
     for it, videos in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
@@ -107,8 +97,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
         with utils.autocast(device, args.precision):
             out = pretrain_losses(model, videos, patch, tubelet, args.normalize_target, args.loss_type,
                                   args.sampling_loss_weight, noise)
-        finite = torch.isfinite(out.loss)
-        first_bad = torch.where((first_bad < 0) & ~finite, torch.full_like(first_bad, step), first_bad)
+        watch.update(out.loss, step)
         grad_norm = loss_scaler(out.loss / accum, optimizer, clip_grad=args.clip_grad, update_grad=update)
         if update:
             optimizer.zero_grad(set_to_none=True)
@@ -124,7 +113,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
         lr_stats = utils.get_lr_stats(optimizer)
         metric_logger.update(**stats, lr=lr_stats["lr"], weight_decay=lr_stats["weight_decay"])
         if it % print_freq == 0:
-            check_finite()
+            watch.check()
         if log_writer is not None and update:
             log_writer.update(head="loss", step=global_step, loss=stats["loss"], loss_reconstruction=stats["loss_rec"],
                               loss_sampling=stats["loss_samp"])
@@ -137,7 +126,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
                 log_writer.update(head="opt", step=global_step, loss_scale=loss_scaler.get_scale())
                 log_writer.update(head="data", step=global_step, data_time=metric_logger.data_time.avg,
                                   broken_videos=broken_count() if broken_count else 0)
-    check_finite()
+    watch.check()
     metric_logger.synchronize_between_processes()
     averages = metric_logger.global_averages()
     # Seconds per iteration, and the part of it spent waiting for the data loader (this process).

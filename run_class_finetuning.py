@@ -18,7 +18,6 @@ import json
 import os
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import timm
@@ -260,20 +259,7 @@ def _eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int, shard:
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    utils.init_distributed_mode(args)
-    device = torch.device(args.device)
-    if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
-    args.precision = utils.resolve_precision(args.precision, device)
-    utils.setup_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    if args.log_dir is None and args.output_dir:
-        args.log_dir = os.path.join(args.output_dir, "tensorboard")
+    device = utils.setup_run(args)
     world, rank = utils.get_world_size(), utils.get_rank()
     shard_eval = args.dist_eval and args.distributed
     if args.distributed and not args.dist_eval:

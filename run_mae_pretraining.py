@@ -14,7 +14,6 @@ import datetime
 import json
 import os
 import time
-from pathlib import Path
 
 import timm
 import torch
@@ -116,20 +115,7 @@ def _first_clip(item: torch.Tensor | list) -> torch.Tensor:
 
 
 def main(args: argparse.Namespace) -> dict:
-    utils.init_distributed_mode(args)
-    device = torch.device(args.device)
-    if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
-    args.precision = utils.resolve_precision(args.precision, device)
-    utils.setup_seed(args.seed)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.output_dir:
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    if args.log_dir is None and args.output_dir:
-        args.log_dir = os.path.join(args.output_dir, "tensorboard")
+    device = utils.setup_run(args)
     print(f"job dir: {os.path.dirname(os.path.abspath(__file__))}")
     print(json.dumps({k: v for k, v in vars(args).items()}, default=str, indent=1))
 

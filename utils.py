@@ -1209,3 +1209,54 @@ def write_log_line(output_dir: PathLike | None, stats: Mapping[str, Any], filena
     with open(path, "a", encoding="utf-8") as f:
         f.write(line + "\n")
         f.flush()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared by the training programs
+# ----------------------------------------------------------------------------------------------------
+
+def setup_run(args: argparse.Namespace) -> torch.device:
+    """Everything a training program does before building data and model: processes, device, precision
+    (default bf16 on GPU, fp32 on CPU), seeds, fast CUDA math, output and TensorBoard folders."""
+    init_distributed_mode(args)
+    device = torch.device(args.device)
+    if getattr(args, "precision", None) is None:
+        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    args.precision = resolve_precision(args.precision, device)
+    setup_seed(args.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if getattr(args, "output_dir", None):
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        if getattr(args, "log_dir", None) is None:
+            args.log_dir = os.path.join(args.output_dir, "tensorboard")
+    return device
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the message names the epoch and step."""
+
+
+class NonFiniteLossWatch:
+    """Remembers, on the device, the first step of an epoch whose loss was not finite.
+
+    ``update`` is sync-free, so it can run every step; ``check`` reads the flag back (call it on logging steps and
+    at the end of the epoch) and raises ``NonFiniteLossError`` naming the epoch and step.
+    """
+
+    def __init__(self, epoch: int, steps_per_epoch: int, start_step: int, device: torch.device) -> None:
+        self.epoch, self.steps_per_epoch, self.start_step = epoch, steps_per_epoch, start_step
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, step: int) -> None:
+        newly_bad = (self.first_bad < 0) & ~torch.isfinite(loss.detach())
+        self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self) -> None:
+        bad = int(self.first_bad)
+        if bad >= 0:
+            raise NonFiniteLossError(
+                f"loss is not finite at epoch {self.epoch}, step {bad} of {self.steps_per_epoch} (global step "
+                f"{self.start_step + bad}); stopping. Try --precision bf16/fp32, a lower --lr, or --clip_grad.")
