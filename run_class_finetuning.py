@@ -75,21 +75,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_ema_decay", default=0.9999, type=float)
     g.add_argument("--model_ema_force_cpu", action="store_true")
 
-    g = p.add_argument_group("optimizer and schedule")
-    g.add_argument("--opt", default="adamw", type=str)
-    g.add_argument("--opt_eps", default=1e-8, type=float)
-    g.add_argument("--opt_betas", default=None, type=float, nargs="+", help="e.g. 0.9 0.999")
-    g.add_argument("--clip_grad", default=None, type=float)
-    g.add_argument("--momentum", default=0.9, type=float)
-    g.add_argument("--weight_decay", default=0.05, type=float)
-    g.add_argument("--weight_decay_end", default=None, type=float, help="cosine weight-decay target (default: "
-                   "constant)")
-    g.add_argument("--lr", default=1e-3, type=float, help="base lr; the run uses lr * total_batch / 256")
+    g = utils.add_optimizer_args(p, lr=1e-3, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=5)
     g.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay (1.0 = off)")
-    g.add_argument("--warmup_lr", default=1e-6, type=float, help="warm-up start (scaled like --lr)")
-    g.add_argument("--min_lr", default=1e-6, type=float, help="final lr (scaled like --lr)")
-    g.add_argument("--warmup_epochs", default=5, type=int)
-    g.add_argument("--warmup_steps", default=-1, type=int, help="overrides --warmup_epochs when > 0")
 
     g = p.add_argument_group("regularisation")
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")

@@ -68,20 +68,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler_detach_input", action="store_true",
                    help="stop the sampling loss from training the shared patch embedding")
 
-    g = p.add_argument_group("optimizer and schedule")
-    g.add_argument("--opt", default="adamw", type=str)
-    g.add_argument("--opt_eps", default=1e-8, type=float)
-    g.add_argument("--opt_betas", default=None, type=float, nargs="+", help="e.g. 0.9 0.95")
-    g.add_argument("--clip_grad", default=None, type=float)
-    g.add_argument("--momentum", default=0.9, type=float)
-    g.add_argument("--weight_decay", default=0.05, type=float)
-    g.add_argument("--weight_decay_end", default=None, type=float, help="cosine weight-decay target (default: "
-                   "constant)")
-    g.add_argument("--lr", default=1.5e-4, type=float, help="base lr; the run uses lr * total_batch / 256")
-    g.add_argument("--warmup_lr", default=0.0, type=float, help="warm-up start (scaled like --lr)")
-    g.add_argument("--min_lr", default=1e-5, type=float, help="final lr (scaled like --lr)")
-    g.add_argument("--warmup_epochs", default=40, type=int)
-    g.add_argument("--warmup_steps", default=-1, type=int, help="overrides --warmup_epochs when > 0")
+    utils.add_optimizer_args(p, lr=1.5e-4, min_lr=1e-5, warmup_lr=0.0, warmup_epochs=40)
 
     g = p.add_argument_group("output and resume")
     g.add_argument("--output_dir", default="", help="checkpoints and log.txt")

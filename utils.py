@@ -1260,3 +1260,23 @@ class NonFiniteLossWatch:
             raise NonFiniteLossError(
                 f"loss is not finite at epoch {self.epoch}, step {bad} of {self.steps_per_epoch} (global step "
                 f"{self.start_step + bad}); stopping. Try --precision bf16/fp32, a lower --lr, or --clip_grad.")
+
+
+def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, min_lr: float, warmup_lr: float,
+                       warmup_epochs: int) -> argparse._ArgumentGroup:
+    """Optimizer and schedule flags (VideoMAE's names) with each program's own defaults."""
+    g = parser.add_argument_group("optimizer and schedule")
+    g.add_argument("--opt", default="adamw", type=str)
+    g.add_argument("--opt_eps", default=1e-8, type=float)
+    g.add_argument("--opt_betas", default=None, type=float, nargs="+", help="e.g. 0.9 0.95")
+    g.add_argument("--clip_grad", default=None, type=float)
+    g.add_argument("--momentum", default=0.9, type=float)
+    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--weight_decay_end", default=None, type=float,
+                   help="cosine weight-decay target (default: constant)")
+    g.add_argument("--lr", default=lr, type=float, help="base lr; the run uses lr * total_batch / 256")
+    g.add_argument("--warmup_lr", default=warmup_lr, type=float, help="warm-up start (scaled like --lr)")
+    g.add_argument("--min_lr", default=min_lr, type=float, help="final lr (scaled like --lr)")
+    g.add_argument("--warmup_epochs", default=warmup_epochs, type=int)
+    g.add_argument("--warmup_steps", default=-1, type=int, help="overrides --warmup_epochs when > 0")
+    return g
