@@ -55,18 +55,10 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
     ds_dtype = _deepspeed_input_dtype(model) if deepspeed_engine else None
     ema_target = utils.unwrap_model(model.module if deepspeed_engine else model)
 
-
     if not deepspeed_engine:
         optimizer.zero_grad(set_to_none=True)
-    for it, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        step = it // accum
-        if step >= steps_per_epoch:
-            break
-        update = (it + 1) % accum == 0
-        global_step = start_step + step
-        if it % accum == 0:
-            utils.apply_schedule(optimizer, lr=float(lr_schedule[global_step]),
-                                 weight_decay=float(wd_schedule[global_step]))
+    for it, step, global_step, update, batch in utils.scheduled_iterations(
+            data_loader, metric_logger, optimizer, lr_schedule, wd_schedule, start_step, accum, print_freq, header):
         samples = batch[0].to(device, non_blocking=True)
         targets = batch[1].to(device, non_blocking=True)
         hard_targets = targets

@@ -81,17 +81,9 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
     watch = utils.NonFiniteLossWatch(epoch, steps_per_epoch, start_step, device)
     header = f"Epoch: [{epoch}]"
 
-
     optimizer.zero_grad(set_to_none=True)
-    for it, videos in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        step = it // accum
-        if step >= steps_per_epoch:
-            break
-        update = (it + 1) % accum == 0
-        global_step = start_step + step
-        if it % accum == 0:
-            utils.apply_schedule(optimizer, lr=float(lr_schedule[global_step]),
-                                 weight_decay=float(wd_schedule[global_step]))
+    for it, step, global_step, update, videos in utils.scheduled_iterations(
+            data_loader, metric_logger, optimizer, lr_schedule, wd_schedule, start_step, accum, print_freq, header):
         videos = videos.to(device, non_blocking=True)
         noise = mask_noise(args.seed, start_step * accum + it, videos.shape[0], unwrapped.num_patches, device)
         with utils.autocast(device, args.precision):

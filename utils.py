@@ -1280,3 +1280,22 @@ def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, min_lr: float
     g.add_argument("--warmup_epochs", default=warmup_epochs, type=int)
     g.add_argument("--warmup_steps", default=-1, type=int, help="overrides --warmup_epochs when > 0")
     return g
+
+
+def scheduled_iterations(data_loader: Iterable[Any], metric_logger: MetricLogger, optimizer: torch.optim.Optimizer,
+                         lr_schedule: np.ndarray, wd_schedule: np.ndarray, start_step: int, accum: int,
+                         print_freq: int, header: str) -> Iterator[tuple[int, int, int, bool, Any]]:
+    """One epoch of ``(iteration, step, global_step, update, batch)``, with gradient accumulation.
+
+    ``accum`` batches make one optimizer step; the step's lr and weight decay are set from the per-step schedules
+    at its first batch, and ``update`` is True on its last. A trailing partial step is dropped.
+    """
+    steps_per_epoch = len(data_loader) // accum  # type: ignore[arg-type]
+    for it, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
+        step = it // accum
+        if step >= steps_per_epoch:
+            break
+        global_step = start_step + step
+        if it % accum == 0:
+            apply_schedule(optimizer, lr=float(lr_schedule[global_step]), weight_decay=float(wd_schedule[global_step]))
+        yield it, step, global_step, (it + 1) % accum == 0, batch
