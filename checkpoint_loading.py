@@ -128,13 +128,7 @@ def convert_state_dict(state_dict: Mapping[str, Any]) -> tuple[dict[str, Any], d
     out: dict[str, Any] = {}
     dropped: dict[str, str] = {}
     for key, value in state_dict.items():
-        k = key
-        changed = True
-        while changed:
-            changed = False
-            for p in WRAPPER_PREFIXES:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
+        k = utils.strip_key_prefixes(key, WRAPPER_PREFIXES)
         reason = next((r for p, r in DROPPED_PREFIXES if k.startswith(p)), None)
         if reason is not None:
             dropped[key] = reason

@@ -641,19 +641,21 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+def strip_key_prefixes(key: str, prefixes: Sequence[str] = ("module.", "_orig_mod.")) -> str:
+    """Remove wrapper prefixes repeatedly, so ``module._orig_mod.x`` becomes ``x``."""
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
+
+
 def strip_state_dict_prefixes(state_dict: Mapping[str, Any],
                               prefixes: Sequence[str] = ("module.", "_orig_mod.")) -> dict[str, Any]:
-    """Remove wrapper prefixes from every key (repeatedly, so ``module._orig_mod.x`` becomes ``x``)."""
-    out = {}
-    for k, v in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in prefixes:
-                if k.startswith(p):
-                    k, changed = k[len(p):], True
-        out[k] = v
-    return out
+    """Remove wrapper prefixes from every key (see ``strip_key_prefixes``)."""
+    return {strip_key_prefixes(k, prefixes): v for k, v in state_dict.items()}
 
 
 def get_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -71,3 +71,26 @@ def synthetic_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("synthetic")
     make_synthetic_dataset(str(d), num_videos=16, num_classes=4, fmt="mp4", seed=0, size=64, frames=20)
     return str(d)
+
+
+def run_launcher(script: str, tmp_path, program: str, env: dict | None = None) -> list[str]:
+    """Run a launcher script with torchrun/srun/python replaced by a recorder; return the argv it passed (all of
+    it, launcher options included). ``program`` only checks that the launcher really starts that program."""
+    import json
+    import subprocess
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    record = tmp_path / "argv.json"
+    for tool in ("torchrun", "srun", "python"):
+        (bindir / tool).write_text(f"#!{sys.executable}\nimport json, sys\n"
+                                   f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+        (bindir / tool).chmod(0o755)
+    full_env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+                "SLURM_SUBMIT_DIR": ROOT, **(env or {})}
+    res = subprocess.run(["bash", os.path.join(ROOT, script)], env=full_env, capture_output=True, text=True,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr
+    argv = json.loads(record.read_text())
+    assert program in argv, argv
+    return argv

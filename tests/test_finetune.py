@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import run_class_finetuning  # noqa: E402
+from conftest import run_launcher  # noqa: E402
 import run_mae_pretraining  # noqa: E402
 from engine_for_finetuning import ShardSampler, merge_view_files, merge_views, view_file  # noqa: E402
 from video_mixup import VideoMixup  # noqa: E402
@@ -236,18 +236,7 @@ def test_accumulation_fp32_no_mixup_and_learnable_pos_from_scratch(synthetic_dir
 ])
 def test_launchers_pass_the_paper_recipe(script, env, expect, tmp_path):
     """Run each launcher with torchrun/srun/python replaced by a recorder, then parse what it passed."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    record = tmp_path / "argv.json"
-    for tool in ("torchrun", "srun", "python"):
-        (bindir / tool).write_text(f"#!{sys.executable}\nimport json, sys\n"
-                                   f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
-        (bindir / tool).chmod(0o755)
-    full_env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
-                "SLURM_SUBMIT_DIR": str(ROOT), "FINETUNE": "pretrain.pth", **env}
-    res = subprocess.run(["bash", str(ROOT / script)], env=full_env, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    argv = json.loads(record.read_text())
+    argv = run_launcher(script, tmp_path, "run_class_finetuning.py", {"FINETUNE": "pretrain.pth", **env})
     if "NNODES" in env:
         assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node_rank") + 1] == "1"
     argv = argv[argv.index("run_class_finetuning.py") + 1:]

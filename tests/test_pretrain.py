@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import run_mae_pretraining  # noqa: E402
+from conftest import run_launcher  # noqa: E402
 from tools.make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
 
 TINY_MODEL = json.dumps(dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=32,
@@ -161,17 +162,7 @@ def test_two_process_torchrun_matches_one_process_with_same_total_batch(train_li
 ])
 def test_launchers_pass_the_paper_recipe(script, expect, tmp_path):
     """Run each launcher with torchrun/srun/python replaced by a recorder, then parse what it passed."""
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    record = tmp_path / "argv.json"
-    for tool in ("torchrun", "srun", "python"):
-        (bindir / tool).write_text(f"#!{sys.executable}\nimport json, sys\n"
-                                   f"json.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
-        (bindir / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_SUBMIT_DIR": str(ROOT)}
-    res = subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-    argv = json.loads(record.read_text())
+    argv = run_launcher(script, tmp_path, "run_mae_pretraining.py")
     argv = argv[argv.index("run_mae_pretraining.py") + 1:]
     args = run_mae_pretraining.get_args_parser().parse_args(argv)
     assert args.model == "pretrain_videomae_base_patch16_224" and args.mask_type == "adaptive"
