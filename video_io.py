@@ -85,6 +85,7 @@ class _PyAVReader:
     def __init__(self, path: str):
         _check_file(path)
         import av
+        from av.video.reformatter import VideoReformatter
 
         self.path = path
         try:
@@ -93,6 +94,7 @@ class _PyAVReader:
                 raise VideoDecodeError(path, "no video stream")
             self._stream = self._container.streams.video[0]
             self._stream.codec_context.thread_count = 1
+            self._rgb = VideoReformatter()
             # Packet index in presentation order: pts of every frame and which ones are keyframes.
             pts, key = [], []
             for pkt in self._container.demux(self._stream):
@@ -131,9 +133,27 @@ class _PyAVReader:
     def get_batch(self, indices: Sequence[int]) -> np.ndarray:
         idx = _check_indices(self.path, indices, len(self))
         targets = sorted(set(idx))
-        got: dict[int, np.ndarray] = {}
+        slots: dict[int, list[int]] = {}
+        for k, i in enumerate(idx):
+            slots.setdefault(i, []).append(k)
+        out: list[np.ndarray] = []  # the [len(idx), H, W, 3] result, allocated at the first decoded frame
+        got: set[int] = set()
+
+        def store(t: int, frame) -> None:
+            # One persistent swscale context for every frame (a new one per frame costs more than the
+            # conversion itself), converted frame copied straight into its slot(s) of the result.
+            rgb = self._rgb.reformat(frame, format="rgb24")
+            h, w = rgb.height, rgb.width
+            plane = rgb.planes[0]
+            view = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w * 3].reshape(h, w, 3)
+            if not out:
+                out.append(np.empty((len(idx), h, w, 3), np.uint8))
+            for k in slots[t]:
+                out[0][k] = view
+            got.add(t)
+
         try:
-            self._decode_targets(targets, got)
+            self._decode_targets(targets, store)
         except VideoDecodeError:
             raise
         except Exception as e:
@@ -141,7 +161,7 @@ class _PyAVReader:
         missing = [t for t in targets if t not in got]
         if missing:
             raise VideoDecodeError(self.path, f"truncated: frames {missing[:5]} could not be decoded")
-        return np.stack([got[i] for i in idx])
+        return out[0]
 
     def _frames_from(self, wanted: set):
         """Decode forward from the current position, yielding ``(index, frame)``.
@@ -158,7 +178,7 @@ class _PyAVReader:
                 if j is not None:
                     yield j, frame
 
-    def _decode_targets(self, targets: list[int], got: dict[int, np.ndarray]) -> None:
+    def _decode_targets(self, targets: list[int], store) -> None:
         ti = 0
         fallback_kf = None
         wanted = set(targets)
@@ -180,7 +200,7 @@ class _PyAVReader:
                     continue
                 if i > t:
                     break  # frame t never came out of the decoder (corrupt data): reported as missing
-                got[t] = frame.to_ndarray(format="rgb24")
+                store(t, frame)
                 ti += 1
                 if ti == len(targets):
                     return
