@@ -14,6 +14,7 @@ import torch.nn as nn
 import utils
 from losses import gather_tokens, masked_indices, pixel_targets, reconstruction_error, sampling_loss, unnormalize
 from masking_generator import motion_coverage, motion_energy, sampler_health
+from video_transforms import normalize_clips
 
 
 class StepLosses(NamedTuple):
@@ -36,6 +37,12 @@ def mask_noise(seed: int, iteration: int, batch: int, num_tokens: int, device: t
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + iteration) % (2 ** 63))
     return torch.rand(batch * world, num_tokens, generator=gen, device=device)[rank::world]
+
+
+def clips_to_device(videos: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch from the loader on ``device``, ImageNet-normalised (uint8 clips are normalised there)."""
+    videos = videos.to(device, non_blocking=True)
+    return normalize_clips(videos) if videos.dtype == torch.uint8 else videos
 
 
 def pretrain_losses(model: nn.Module, videos: torch.Tensor, patch_size: int, tubelet_size: int,
@@ -84,7 +91,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
     optimizer.zero_grad(set_to_none=True)
     for it, step, global_step, update, videos in utils.scheduled_iterations(
             data_loader, metric_logger, optimizer, lr_schedule, wd_schedule, start_step, accum, print_freq, header):
-        videos = videos.to(device, non_blocking=True)
+        videos = clips_to_device(videos, device)
         noise = mask_noise(args.seed, start_step * accum + it, videos.shape[0], unwrapped.num_patches, device)
         with utils.autocast(device, args.precision):
             out = pretrain_losses(model, videos, patch, tubelet, args.normalize_target, args.loss_type,

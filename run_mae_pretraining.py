@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import modeling_pretrain  # noqa: F401  (registers the models)
 import utils
 from datasets import add_data_args, build_pretraining_dataset, get_broken_count, multiple_samples_collate
-from engine_for_pretraining import train_one_epoch
+from engine_for_pretraining import clips_to_device, train_one_epoch
 from mask_visualization import log_mask_images
 from masking_generator import MASK_TYPES
 
@@ -170,8 +170,8 @@ def main(args: argparse.Namespace) -> dict:
         utils.write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                                                "n_parameters": n_params})
         if vis_clips is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
-            log_mask_images(log_writer, model_without_ddp, vis_clips.to(device), step=(epoch + 1) * steps_per_epoch,
-                            normalize_target=args.normalize_target)
+            log_mask_images(log_writer, model_without_ddp, clips_to_device(vis_clips, device),
+                            step=(epoch + 1) * steps_per_epoch, normalize_target=args.normalize_target)
         if log_writer is not None:
             log_writer.flush()
     total = datetime.timedelta(seconds=int(time.time() - start_time))

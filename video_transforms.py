@@ -156,6 +156,16 @@ def normalize(
     return out.mul_(1.0 / s).add_(-m / s)
 
 
+def normalize_clips(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 clips ``[..., C, T, H, W]`` -> float32, on their own device, with exactly :func:`normalize`'s
+    arithmetic (so a clip normalised here after leaving a worker as uint8 equals one normalised in the worker)."""
+    shape = (-1, 1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
+    return x.float().mul_(1.0 / s).add_(-m / s)
+
+
 class ClipRandAugment:
     """timm's ``rand_augment_transform`` applied with the same ops and magnitudes to every frame of a clip.
 
@@ -222,14 +232,19 @@ class PretrainTransform:
     """Pre-training: multi-scale crop -> resize to ``input_size`` -> optional flip -> normalise.
 
     Flip is off for SSv2 (it changes the meaning of "left to right" labels; VideoMAE uses no flip at all).
+    With ``uint8=True`` the clip is returned as uint8 ``[3, T, H, W]`` and normalised later on the training
+    device with :func:`normalize_clips` (same values): the float pass leaves the data workers, and worker-to-main
+    traffic shrinks 4x.
     """
 
     def __init__(self, input_size: int = 224, scales: Sequence[float] = (1, 0.875, 0.75, 0.66),
-                 flip: bool = True, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+                 flip: bool = True, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                 uint8: bool = False):
         self.size = _to_size(input_size)
         self.scales = tuple(scales)
         self.flip = flip
         self.mean, self.std = mean, std
+        self.uint8 = uint8
 
     def __call__(self, frames: Frames) -> torch.Tensor:
         x = as_tchw(frames)
@@ -237,6 +252,8 @@ class PretrainTransform:
         x = resize(crop(x, top, left, ch, cw), self.size)
         if self.flip and random.random() < 0.5:
             x = x.flip(-1)
+        if self.uint8:
+            return x.permute(1, 0, 2, 3)  # a view; the collate's stack makes the one copy
         return normalize(x, self.mean, self.std)
 
 

@@ -104,6 +104,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampling_rate", type=int, default=4)
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--num_samples", default="1,4")
+    p.add_argument("--clip_dtype", default="uint8", choices=["uint8", "float32"],
+                   help="what the workers return (uint8: run_mae_pretraining's default, normalised on the device)")
     p.add_argument("--workers", default=f"1,{os.cpu_count()}")
     p.add_argument("--n", type=int, default=40, help="items per in-process measurement")
     p.add_argument("--loader_items", type=int, default=48, help="items per DataLoader measurement")
@@ -127,7 +129,8 @@ def main(argv=None) -> int:
         h, w = r.get_batch([0]).shape[1:3]
         info = f"{w}x{h}, {len(r)} frames, {r.fps():.0f} fps, keyframes every ~{len(r) / len(r._impl._keyframes):.0f}"
     print(f"# {a.data_path} (first video {info}); clip {a.num_frames}x{a.input_size}^2, "
-          f"rate {a.sampling_rate}; {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+          f"rate {a.sampling_rate}, {a.clip_dtype} clips; {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, "
           f"torch {torch.__version__}")
     print("| backend | num_sample | decode ms/clip (median, 1 core) | decode clips/s (1 core) "
           "| decode+aug ms/item (median, 1 core) | decode+aug clips/s (1 core) | "
@@ -136,7 +139,7 @@ def main(argv=None) -> int:
     for backend in a.backends.split(","):
         for k in (int(x) for x in a.num_samples.split(",")):
             ds = PretrainVideoDataset(a.data_path, a.data_root, a.num_frames, a.sampling_rate, a.input_size,
-                                      num_sample=k, video_backend=backend)
+                                      num_sample=k, video_backend=backend, uint8=a.clip_dtype == "uint8")
             r = bench_in_process(ds, a.n)
             loader = [bench_loader(ds, int(w), a.loader_items) for w in a.workers.split(",")]
             print(f"| {backend} | {k} | {r['decode_ms']:.1f} | {r['decode_clips_s']:.1f} | {r['item_ms']:.1f} | "

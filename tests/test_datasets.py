@@ -172,6 +172,22 @@ def test_pretrain_dataset_and_repeated_sampling(synthetic_dir):
     assert batch.shape == (6, 3, 8, 32, 32)
 
 
+def test_uint8_clips_normalised_on_device_equal_float_clips(synthetic_dir):
+    # The pre-training program's default: uint8 clips out of the workers, normalised after the transfer.
+    from engine_for_pretraining import clips_to_device
+
+    a = args_for(os.path.join(synthetic_dir, "train.csv"), num_sample=2, seed=5)
+    as_float = D.build_pretraining_dataset(a)
+    a.clip_dtype = "uint8"
+    as_uint8 = D.build_pretraining_dataset(a)
+    loader = torch.utils.data.DataLoader(as_uint8, batch_size=3, num_workers=2,
+                                         collate_fn=D.multiple_samples_collate)
+    batch = next(iter(loader))
+    assert batch.dtype == torch.uint8 and batch.shape == (6, 3, 8, 32, 32)
+    expected = D.multiple_samples_collate([as_float[i] for i in range(3)])
+    assert torch.equal(clips_to_device(batch, torch.device("cpu")), expected)  # bit for bit
+
+
 def test_cls_dataset_items(synthetic_dir):
     a = args_for(synthetic_dir, num_sample=2, video_backend="pyav")
     train, n = D.build_dataset(True, False, a)
