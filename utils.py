@@ -1056,9 +1056,10 @@ class SmoothedValue:
 class MetricLogger:
     """Named meters plus ``log_every``, which prints progress, ETA, data vs step time and peak CUDA memory."""
 
-    def __init__(self, delimiter: str = "  ", window_size: int = 20) -> None:
+    def __init__(self, delimiter: str = "  ", window_size: int = 20, data_wait_warning: float = 0.2) -> None:
         self.meters: defaultdict[str, SmoothedValue] = defaultdict(lambda: SmoothedValue(window_size))
         self.delimiter = delimiter
+        self.data_wait_warning = data_wait_warning  # warn at the end of a loop that waited longer than this share
 
     def update(self, **kwargs: Number | None) -> None:
         """Record values; tensors are not synced here. ``None`` is skipped (e.g. accumulation steps)."""
@@ -1099,10 +1100,13 @@ class MetricLogger:
         start = end = time.time()
         use_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         i = 0
+        first_wait = first_step = 0.0
         for i, obj in enumerate(iterable):
             data_time.update(time.time() - end)
             yield obj
             step_time.update(time.time() - end)
+            if i == 0:
+                first_wait, first_step = data_time.total, step_time.total
             last = total is not None and i == total - 1
             if i % print_freq == 0 or last:
                 parts = [header, f"[{i:>{width}}/{total}]" if total else f"[{i}]"]
@@ -1120,6 +1124,12 @@ class MetricLogger:
         n = (i + 1) if total is None else max(total, 1)
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
               f"({total_time / n:.4f} s / it)", flush=True)
+        # The first iteration waits for the workers to start; judge the rest.
+        waited, spent = data_time.total - first_wait, step_time.total - first_step
+        if i > 0 and waited > self.data_wait_warning * spent:
+            print(f"{header} WARNING: {100 * waited / spent:.0f}% of the time was spent waiting for data: the GPU/CPU "
+                  "is input-bound. Raise --num_workers, use --num_sample > 1, or re-encode the videos (DATASET.md, "
+                  "sections 2 and 7).", flush=True)
 
 
 class TensorboardLogger:

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -455,6 +456,19 @@ def test_metric_logger_iterable_without_len(capsys):
     ml = utils.MetricLogger()
     assert list(ml.log_every(iter(range(3)), print_freq=1, header="x")) == [0, 1, 2]
     assert "[2]" in capsys.readouterr().out
+
+
+def test_metric_logger_warns_when_input_bound(capsys):
+    def slow_data(n, wait):
+        for i in range(n):
+            time.sleep(wait)
+            yield i
+
+    for wait, work, warned in ((0.03, 0.0, True), (0.0, 0.03, False)):
+        for _ in utils.MetricLogger().log_every(slow_data(4, wait), print_freq=10, header="Epoch: [0]"):
+            time.sleep(work)
+        out = capsys.readouterr().out
+        assert ("waiting for data" in out) == warned, out
 
 
 def test_tensorboard_logger_writes_events(tmp_path):
