@@ -35,6 +35,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, List, Sequence, Tuple, Union
 
 import numpy as np
@@ -42,7 +43,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from video_io import BACKENDS, VideoDecodeError, open_video
+from video_io import BACKENDS, Region, VideoDecodeError, open_video
 from video_transforms import EvalTransform, PretrainTransform, TrainTransform
 
 logger = logging.getLogger(__name__)
@@ -336,21 +337,27 @@ class _VideoDatasetBase(Dataset):
         """Broken videos met so far (all workers)."""
         return self.broken_counter.broken
 
-    def _decode(self, vid: int, index_fn: Callable[[int], List[int]]) -> np.ndarray:
+    def _decode(self, vid: int, index_fn: Callable[[int], List[int]],
+                region_fn: Callable[[int, int], Region] | None = None) -> np.ndarray:
+        """Frames ``index_fn(len)`` of video ``vid``; with ``region_fn(height, width)``, only that region of them
+        when the backend knows the frame size before decoding (PyAV), else whole frames (decord)."""
         path = self.videos.path(vid)
         with open_video(path, self.backend) as r:
             n = len(r)
             if n < self.min_frames:
                 raise VideoDecodeError(path, f"too short: {n} frames < {self.min_frames}")
-            return r.get_batch(index_fn(n))
+            indices = index_fn(n)
+            size = r.frame_size() if region_fn is not None else None
+            return r.get_batch(indices, region_fn(*size) if size else None)
 
-    def _decode_with_retry(self, vid: int, index_fn: Callable[[int], List[int]]) -> Tuple[int, np.ndarray]:
+    def _decode_with_retry(self, vid: int, index_fn: Callable[[int], List[int]],
+                           region_fn: Callable[[int, int], Region] | None = None) -> Tuple[int, np.ndarray]:
         """Decode ``vid``; on failure log, count and try other random videos (bounded)."""
         c = self.broken_counter
         last_err = None
         for _ in range(self.max_retries + 1):
             try:
-                frames = self._decode(vid, index_fn)
+                frames = self._decode(vid, index_fn, region_fn)
                 c.record_ok()
                 return vid, frames
             except VideoDecodeError as e:
@@ -387,11 +394,30 @@ class PretrainVideoDataset(_VideoDatasetBase):
 
     def __getitem__(self, index: int):
         self._seed_item(index)
-        _, frames = self._decode_with_retry(
-            index, lambda n: pretrain_indices(n, self.num_frames, self.sampling_rate))
-        if self.num_sample == 1:
-            return self.transform(frames)
-        return [self.transform(frames) for _ in range(self.num_sample)]
+        index_fn = partial(pretrain_indices, num_frames=self.num_frames, sampling_rate=self.sampling_rate)
+        tr = self.transform
+        if not isinstance(tr, PretrainTransform):  # a caller's own transform gets whole frames
+            _, frames = self._decode_with_retry(index, index_fn)
+            clips = [tr(frames) for _ in range(self.num_sample)]
+            return clips[0] if self.num_sample == 1 else clips
+        # Draw the crops first, then decode only the box that holds them all (PyAV converts just that box
+        # from YUV); the draws and the clips are exactly those of applying the transform to whole frames.
+        plan: dict = {}
+
+        def region_fn(height: int, width: int) -> Region:
+            plan["params"] = [tr.draw(height, width) for _ in range(self.num_sample)]
+            top = min(p[0] for p in plan["params"])
+            left = min(p[1] for p in plan["params"])
+            plan["origin"] = (top, left)
+            return (top, left, max(p[0] + p[2] for p in plan["params"]) - top,
+                    max(p[1] + p[3] for p in plan["params"]) - left)
+
+        _, frames = self._decode_with_retry(index, index_fn, region_fn)
+        if "origin" not in plan:  # the backend decoded whole frames: draw now (same draws, same order)
+            plan["params"] = [tr.draw(frames.shape[1], frames.shape[2]) for _ in range(self.num_sample)]
+            plan["origin"] = (0, 0)
+        clips = [tr.apply(frames, p, plan["origin"]) for p in plan["params"]]
+        return clips[0] if self.num_sample == 1 else clips
 
 
 class VideoClsDataset(_VideoDatasetBase):

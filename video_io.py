@@ -4,11 +4,13 @@ Both backends decode only the frames a clip needs and return identical ``uint8 [
 identical frame indices (tested on H.264 .mp4 and VP9 .webm).
 
 Frame numbering is the same for both: frame ``i`` is the ``i``-th frame in presentation (pts) order, counted
-over the packets of the first video stream. decord builds this table itself; for PyAV we build it by demuxing
-the packets (no decoding, cheap), then seek to the keyframe before the first needed frame and decode forward
-only as far as the last needed frame, seeking again only when a later keyframe lets us skip work; frames we do
-not need are decoded with ``skip_frame=NONREF`` (unreferenced B-frames are dropped without changing any other
-frame). The packet index costs one demux pass over the file (no decoding), as decord's own index does.
+over the packets of the first video stream. decord builds this table itself. For PyAV it comes from an mp4's
+sample table when the stream is constant-frame-rate (no pass over the file; checked at decode time, rebuilt if
+wrong), otherwise from one demux pass (no decoding). PyAV then seeks to the keyframe before the first needed frame
+and decodes forward only as far as the last needed frame, seeking again only when a later keyframe lets us skip
+work; frames we do not need are decoded with ``skip_frame=NONREF`` (unreferenced B-frames are dropped without
+changing any other frame). ``get_batch(indices, region)`` returns only a region of each frame; PyAV then converts
+only that region from YUV, with exactly the same pixels.
 
 Every failure (missing file, unreadable container, no video stream, truncated data, index out of range) is
 raised as :class:`VideoDecodeError` so that callers can catch one exception type.
@@ -21,11 +23,12 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import Sequence
+from typing import Sequence, Tuple
 
 import numpy as np
 
 BACKENDS = ("decord", "pyav")
+Region = Tuple[int, int, int, int]  # (top, left, height, width) in frame pixels
 
 
 class VideoDecodeError(RuntimeError):
@@ -67,7 +70,10 @@ class _DecordReader:
         except Exception:
             return 0.0
 
-    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
+    def frame_size(self) -> tuple[int, int] | None:
+        return None  # decord only knows once it has decoded a frame
+
+    def get_batch(self, indices: Sequence[int], region: Region | None = None) -> np.ndarray:
         idx = _check_indices(self.path, indices, self._len)
         try:
             frames = self._vr.get_batch(idx).asnumpy()
@@ -75,6 +81,9 @@ class _DecordReader:
             raise VideoDecodeError(self.path, f"decord failed to decode frames ({type(e).__name__}: {e})") from None
         if frames.shape[0] != len(idx):
             raise VideoDecodeError(self.path, f"decord returned {frames.shape[0]} frames, expected {len(idx)}")
+        if region is not None:
+            top, left, h, w = _check_region(self.path, region, frames.shape[1], frames.shape[2])
+            frames = frames[:, top:top + h, left:left + w]
         return frames
 
     def close(self) -> None:
@@ -95,28 +104,76 @@ class _PyAVReader:
             self._stream = self._container.streams.video[0]
             self._stream.codec_context.thread_count = 1
             self._rgb = VideoReformatter()
-            # Packet index in presentation order: pts of every frame and which ones are keyframes.
-            pts, key = [], []
-            for pkt in self._container.demux(self._stream):
-                if pkt.pts is None or pkt.size == 0:
-                    continue
-                pts.append(pkt.pts)
-                key.append(bool(pkt.is_keyframe))
+            self._new_frame = av.VideoFrame
+            self._sub = None
+            self._from_container = self._index_from_container()
+            if not self._from_container:
+                self._index_by_demux()
         except VideoDecodeError:
             self.close()
             raise
         except Exception as e:  # av.error.* (InvalidDataError, ...), OSError
             self.close()
             raise VideoDecodeError(path, f"cannot open with PyAV ({type(e).__name__}: {e})") from None
+
+    def _set_index(self, pts: list[int], keyframes: list[int]) -> None:
+        self._pts = pts
+        self._pts_to_idx = {p: i for i, p in enumerate(pts)}
+        self._keyframes = sorted(set(keyframes) | {0})
+
+    def _index_by_demux(self) -> None:
+        """Frame index from one demux pass (no decoding): pts of every packet, in presentation order."""
+        pts, key = [], []
+        self._container.seek(0)
+        for pkt in self._container.demux(self._stream):
+            if pkt.pts is None or pkt.size == 0:
+                continue
+            pts.append(pkt.pts)
+            key.append(bool(pkt.is_keyframe))
         if not pts:
-            self.close()
-            raise VideoDecodeError(path, "no frames")
+            raise VideoDecodeError(self.path, "no frames")
         order = np.argsort(np.asarray(pts), kind="stable")
-        self._pts = [pts[i] for i in order]
-        self._pts_to_idx = {p: i for i, p in enumerate(self._pts)}
-        self._keyframes = [i for i, j in enumerate(order) if key[j]] or [0]
-        if self._keyframes[0] != 0:
-            self._keyframes.insert(0, 0)
+        self._set_index([pts[i] for i in order], [i for i, j in enumerate(order) if key[j]])
+
+    def _index_from_container(self) -> bool:
+        """Frame index from the demuxer's own table (an mp4's sample table, read at open), skipping the demux pass.
+
+        Only for constant-frame-rate streams whose table lists every frame: decode timestamps then step by one
+        frame duration ``d`` and the presentation timestamps are the same grid from the stream's start time. A
+        keyframe's presentation slot is estimated from its decode position (exact for closed GOPs; a later
+        real slot only costs a re-seek, see ``_decode_targets``). If a decoded frame's timestamp is not on the
+        grid, ``get_batch`` rebuilds the index by demuxing and decodes again.
+        """
+        st = self._stream
+        try:
+            entries = st.index_entries
+            n = len(entries)
+        except Exception:
+            return False
+        if n < 2 or n != st.frames or st.start_time is None:
+            return False
+        ts, keyframes = np.empty(n, np.int64), []
+        for k, e in enumerate(entries):  # one pass: PyAV builds an object per entry
+            if e.size <= 0 or e.is_discard:
+                return False
+            ts[k] = e.timestamp
+            if e.is_keyframe:
+                keyframes.append(k)
+        step = np.diff(ts)
+        if step[0] <= 0 or not (step == step[0]).all():
+            return False
+        d = int(step[0])
+        # The grid's origin: the first presented frame is among the first packets (B-frame reordering is short).
+        head = []
+        for pkt in self._container.demux(self._stream):
+            if pkt.pts is not None and pkt.size:
+                head.append(pkt.pts)
+            if len(head) == min(n, 16):
+                break
+        if not head or min(head) != st.start_time or any((p - st.start_time) % d for p in head):
+            return False
+        self._set_index([st.start_time + k * d for k in range(n)], keyframes)
+        return True
 
     def __len__(self) -> int:
         return len(self._pts)
@@ -130,8 +187,14 @@ class _PyAVReader:
         ts = self._pts[frame_idx] if frame_idx > 0 else (self._stream.start_time or self._pts[0])
         self._container.seek(ts, stream=self._stream, backward=True, any_frame=False)
 
-    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
+    def frame_size(self) -> tuple[int, int] | None:
+        cc = self._stream.codec_context
+        return (cc.height, cc.width) if cc.height and cc.width else None
+
+    def get_batch(self, indices: Sequence[int], region: Region | None = None) -> np.ndarray:
         idx = _check_indices(self.path, indices, len(self))
+        if region is not None:
+            region = _check_region(self.path, region, *(self.frame_size() or (1 << 30, 1 << 30)))
         targets = sorted(set(idx))
         slots: dict[int, list[int]] = {}
         for k, i in enumerate(idx):
@@ -140,20 +203,24 @@ class _PyAVReader:
         got: set[int] = set()
 
         def store(t: int, frame) -> None:
-            # One persistent swscale context for every frame (a new one per frame costs more than the
-            # conversion itself), converted frame copied straight into its slot(s) of the result.
-            rgb = self._rgb.reformat(frame, format="rgb24")
-            h, w = rgb.height, rgb.width
-            plane = rgb.planes[0]
-            view = np.frombuffer(plane, np.uint8).reshape(h, plane.line_size)[:, :w * 3].reshape(h, w, 3)
+            view = self._to_rgb(frame, region)
             if not out:
-                out.append(np.empty((len(idx), h, w, 3), np.uint8))
+                out.append(np.empty((len(idx), *view.shape), np.uint8))
+            elif view.shape != out[0].shape[1:]:
+                raise VideoDecodeError(self.path, f"frame size changed within the clip: {view.shape[:2]} after "
+                                                  f"{out[0].shape[1:3]}")
             for k in slots[t]:
                 out[0][k] = view
             got.add(t)
 
         try:
             self._decode_targets(targets, store)
+            if self._from_container and len(got) < len(targets):
+                # The stream is not on the uniform grid the container index assumed: index it the slow way.
+                self._from_container = False
+                self._index_by_demux()
+                idx = _check_indices(self.path, indices, len(self))
+                return self.get_batch(idx, region)
         except VideoDecodeError:
             raise
         except Exception as e:
@@ -163,6 +230,39 @@ class _PyAVReader:
             raise VideoDecodeError(self.path, f"truncated: frames {missing[:5]} could not be decoded")
         return out[0]
 
+    def _to_rgb(self, frame, region: Region | None) -> np.ndarray:
+        """``uint8 [h, w, 3]`` RGB of ``frame``, or of its ``region``, as a view of a reused buffer.
+
+        One persistent swscale context serves every frame (a new context per frame costs more than the conversion).
+        For 4:2:0 frames a region is cut from the YUV planes first, widened to even coordinates so that chroma
+        samples stay aligned, and only that is converted: swscale's 4:2:0 -> RGB conversion is per 2x2 block,
+        so the pixels are exactly those of the full frame's conversion (tested), at a fraction of the cost.
+        """
+        h, w = frame.height, frame.width
+        if region is not None:
+            top, left, rh, rw = region
+            if top + rh > h or left + rw > w:
+                raise VideoDecodeError(self.path, f"decoded frames are {h}x{w}, not {self.frame_size()} as the "
+                                                  "stream says")
+            if frame.format.name in ("yuv420p", "yuvj420p") and h % 2 == 0 and w % 2 == 0:
+                t0, l0 = top & ~1, left & ~1
+                shape = ((left + rw - l0 + 1) & ~1, (top + rh - t0 + 1) & ~1, frame.format.name)
+                if self._sub is None or self._sub[0] != shape:  # one scratch frame per region size
+                    self._sub = (shape, self._new_frame(*shape))
+                sub = self._sub[1]
+                for i, (src, dst) in enumerate(zip(frame.planes, sub.planes)):
+                    f = 1 if i == 0 else 2
+                    src_a = np.frombuffer(src, np.uint8)[:src.height * src.line_size].reshape(src.height, -1)
+                    dst_a = np.frombuffer(dst, np.uint8)[:dst.height * dst.line_size].reshape(dst.height, -1)
+                    dst_a[:, :dst.width] = src_a[t0 // f:t0 // f + dst.height, l0 // f:l0 // f + dst.width]
+                sub.colorspace, sub.color_range = frame.colorspace, frame.color_range
+                frame, (top, left) = sub, (top - t0, left - l0)
+        rgb = self._rgb.reformat(frame, format="rgb24")
+        plane = rgb.planes[0]
+        view = np.frombuffer(plane, np.uint8)[:rgb.height * plane.line_size].reshape(rgb.height, -1)
+        view = view[:, :rgb.width * 3].reshape(rgb.height, rgb.width, 3)
+        return view if region is None else view[top:top + rh, left:left + rw]
+
     def _frames_from(self, wanted: set):
         """Decode forward from the current position, yielding ``(index, frame)``.
 
@@ -170,9 +270,12 @@ class _PyAVReader:
         other frame references them (e.g. most H.264 B-frames), which cannot change any frame we return.
         """
         cc = self._stream.codec_context
+        skip = cc.skip_frame = "DEFAULT"
         for pkt in self._container.demux(self._stream):
             i = self._pts_to_idx.get(pkt.pts) if pkt.size else None
-            cc.skip_frame = "DEFAULT" if i is None or i in wanted else "NONREF"
+            want = "DEFAULT" if i is None or i in wanted else "NONREF"
+            if want != skip:  # PyAV's setter is not free; most packets keep the previous setting
+                skip = cc.skip_frame = want
             for frame in cc.decode(pkt if pkt.size else None):
                 j = self._pts_to_idx.get(frame.pts)
                 if j is not None:
@@ -225,6 +328,13 @@ class _PyAVReader:
             self._container = None
 
 
+def _check_region(path: str, region: Region, height: int, width: int) -> Region:
+    top, left, h, w = (int(v) for v in region)
+    if top < 0 or left < 0 or h <= 0 or w <= 0 or top + h > height or left + w > width:
+        raise ValueError(f"{path}: region (top, left, h, w)={region} does not fit a {height}x{width} frame")
+    return top, left, h, w
+
+
 def _check_indices(path: str, indices: Sequence[int], n: int) -> list[int]:
     idx = [int(i) for i in indices]
     if not idx:
@@ -254,9 +364,17 @@ class VideoReader:
     def fps(self) -> float:
         return self._impl.fps()
 
-    def get_batch(self, indices: Sequence[int]) -> np.ndarray:
-        """Return ``uint8 [len(indices), H, W, 3]`` RGB frames; indices may repeat and be in any order."""
-        return self._impl.get_batch(indices)
+    def frame_size(self) -> tuple[int, int] | None:
+        """``(height, width)`` of the frames if known before decoding (PyAV), else None (decord)."""
+        return self._impl.frame_size()
+
+    def get_batch(self, indices: Sequence[int], region: Region | None = None) -> np.ndarray:
+        """Return ``uint8 [len(indices), H, W, 3]`` RGB frames; indices may repeat and be in any order.
+
+        ``region=(top, left, h, w)`` returns only that part of every frame, exactly ``frames[:, top:top+h,
+        left:left+w]``; PyAV then converts only that part from YUV (cheaper), decord crops after converting.
+        """
+        return self._impl.get_batch(indices, region)
 
     def close(self) -> None:
         self._impl.close()

@@ -246,15 +246,28 @@ class PretrainTransform:
         self.mean, self.std = mean, std
         self.uint8 = uint8
 
-    def __call__(self, frames: Frames) -> torch.Tensor:
-        x = as_tchw(frames)
-        top, left, ch, cw = multi_scale_crop_params(x.shape[-2], x.shape[-1], self.size, self.scales)
-        x = resize(crop(x, top, left, ch, cw), self.size)
-        if self.flip and random.random() < 0.5:
+    def draw(self, height: int, width: int) -> Tuple[int, int, int, int, bool]:
+        """This clip's random choices, ``(top, left, crop_h, crop_w, flip)``, for ``height x width`` frames.
+
+        Split from :meth:`apply` so that a decoder can be asked for just the crop (``VideoReader.get_batch``'s
+        ``region``); the draws are the same, in the same order, as :meth:`__call__`'s.
+        """
+        top, left, ch, cw = multi_scale_crop_params(height, width, self.size, self.scales)
+        return top, left, ch, cw, bool(self.flip and random.random() < 0.5)
+
+    def apply(self, frames: Frames, params: Tuple[int, int, int, int, bool],
+              origin: Tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """Crop, resize, flip and (unless ``uint8``) normalise; ``frames`` start at ``origin`` of the full frame."""
+        top, left, ch, cw, flip = params
+        x = resize(crop(as_tchw(frames), top - origin[0], left - origin[1], ch, cw), self.size)
+        if flip:
             x = x.flip(-1)
         if self.uint8:
             return x.permute(1, 0, 2, 3)  # a view; the collate's stack makes the one copy
         return normalize(x, self.mean, self.std)
+
+    def __call__(self, frames: Frames) -> torch.Tensor:
+        return self.apply(frames, self.draw(frames.shape[1], frames.shape[2]))
 
 
 class TrainTransform:

@@ -172,6 +172,31 @@ def test_pretrain_dataset_and_repeated_sampling(synthetic_dir):
     assert batch.shape == (6, 3, 8, 32, 32)
 
 
+@pytest.mark.parametrize("num_sample", [1, 3])
+def test_pretrain_clips_same_whether_decoder_crops_or_not(synthetic_dir, video_dir, tmp_path, num_sample):
+    # PyAV decodes only the box holding the drawn crops, decord whole frames; a plain callable transform takes
+    # the original path (whole frames, then the transform). All three must give the same clips, bit for bit.
+    from video_transforms import PretrainTransform
+
+    lst = tmp_path / "list.csv"
+    lst.write_text(open(os.path.join(synthetic_dir, "train.csv")).read()
+                   + f"{os.path.join(video_dir, 'vp9_80x64.webm')} 0\n{os.path.join(video_dir, 'h264_96x128.mp4')} 0\n")
+    base = PretrainTransform(32)
+    items = {}
+    for name, kw in {"pyav": dict(video_backend="pyav"), "decord": dict(video_backend="decord"),
+                     "whole": dict(video_backend="pyav", transform=lambda f: base(f))}.items():
+        ds = D.PretrainVideoDataset(str(lst), num_frames=8, sampling_rate=2, input_size=32, num_sample=num_sample,
+                                    **kw)
+        ds.seed = 3
+        items[name] = [ds[i] for i in range(len(ds))]
+    for i in range(len(items["pyav"])):
+        for name in ("decord", "whole"):
+            a, b = items["pyav"][i], items[name][i]
+            for x, y in zip(a if num_sample > 1 else [a], b if num_sample > 1 else [b]):
+                assert x.shape == (3, 8, 32, 32)
+                assert torch.equal(x, y), (i, name)
+
+
 def test_uint8_clips_normalised_on_device_equal_float_clips(synthetic_dir):
     # The pre-training program's default: uint8 clips out of the workers, normalised after the transfer.
     from engine_for_pretraining import clips_to_device

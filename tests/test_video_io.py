@@ -27,6 +27,50 @@ def test_backends_agree(video_dir, name):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("name", GOOD)
+def test_region_is_exactly_a_crop_of_the_full_frames(video_dir, name):
+    """PyAV converts only the region from YUV; the pixels must be those of the full conversion, for even and odd
+    offsets and sizes and regions touching the borders (decord crops after converting)."""
+    path = os.path.join(video_dir, name)
+    _, h, w, n, _ = VIDEO_SPECS[name]
+    idx = [0, n // 2, n - 1, n // 2]
+    full = read_frames(path, idx, "pyav")
+    rng = np.random.default_rng(1)
+    regions = [(0, 0, h, w), (1, 3, h - 1, w - 3), (h - 5, w - 7, 5, 7), (0, 0, 1, 1)]
+    regions += [(int(t), int(left), int(rng.integers(1, h - t + 1)), int(rng.integers(1, w - left + 1)))
+                for t, left in zip(rng.integers(0, h, 8), rng.integers(0, w, 8))]
+    for backend in BACKENDS:
+        with open_video(path, backend) as r:
+            assert r.frame_size() in ((h, w), None)
+            for top, left, rh, rw in regions:
+                got = r.get_batch(idx, (top, left, rh, rw))
+                np.testing.assert_array_equal(got, full[:, top:top + rh, left:left + rw], err_msg=f"{backend} "
+                                              f"{(top, left, rh, rw)}")
+            with pytest.raises(ValueError, match="does not fit"):
+                r.get_batch(idx, (0, 0, h + 1, w))
+
+
+def test_pyav_index_from_the_mp4_sample_table(video_dir):
+    """mp4: the frame index comes from the container's sample table (no demux pass) and equals the demuxed one;
+    an index that does not match the stream is detected at decode time and rebuilt, never returning wrong frames."""
+    for name in [n for n in GOOD if n.endswith(".mp4")] + ["vp9_64x48.webm"]:
+        path = os.path.join(video_dir, name)
+        with open_video(path, "pyav") as r:
+            impl = r._impl
+            assert impl._from_container == name.endswith(".mp4"), name
+            pts, keyframes = list(impl._pts), list(impl._keyframes)
+            impl._index_by_demux()
+            assert (pts, keyframes) == (impl._pts, impl._keyframes), name
+
+    path = os.path.join(video_dir, "h264_64x48.mp4")
+    with open_video(path, "pyav") as r:
+        impl = r._impl
+        d = impl._pts[1] - impl._pts[0]
+        impl._set_index([impl._pts[0] + k * d // 2 for k in range(len(impl._pts))], [0])  # a wrong grid
+        np.testing.assert_array_equal(r.get_batch([5, 20, 39]), read_frames(path, [5, 20, 39], "decord"))
+        assert not impl._from_container
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["h264_64x48.mp4", "vp9_64x48.webm"])
 def test_right_frames(video_dir, name, backend):
