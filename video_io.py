@@ -124,7 +124,6 @@ class _PyAVReader:
     def _index_by_demux(self) -> None:
         """Frame index from one demux pass (no decoding): pts of every packet, in presentation order."""
         pts, key = [], []
-        self._container.seek(0)
         for pkt in self._container.demux(self._stream):
             if pkt.pts is None or pkt.size == 0:
                 continue
@@ -171,6 +170,7 @@ class _PyAVReader:
             if len(head) == min(n, 16):
                 break
         if not head or min(head) != st.start_time or any((p - st.start_time) % d for p in head):
+            self._container.seek(0)  # back to the start for the demux pass
             return False
         self._set_index([st.start_time + k * d for k in range(n)], keyframes)
         return True
@@ -218,6 +218,7 @@ class _PyAVReader:
             if self._from_container and len(got) < len(targets):
                 # The stream is not on the uniform grid the container index assumed: index it the slow way.
                 self._from_container = False
+                self._container.seek(0)
                 self._index_by_demux()
                 idx = _check_indices(self.path, indices, len(self))
                 return self.get_batch(idx, region)

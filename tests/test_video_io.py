@@ -59,6 +59,7 @@ def test_pyav_index_from_the_mp4_sample_table(video_dir):
             impl = r._impl
             assert impl._from_container == name.endswith(".mp4"), name
             pts, keyframes = list(impl._pts), list(impl._keyframes)
+            impl._container.seek(0)
             impl._index_by_demux()
             assert (pts, keyframes) == (impl._pts, impl._keyframes), name
 
