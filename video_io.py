@@ -98,7 +98,11 @@ class _PyAVReader:
 
         self.path = path
         try:
-            self._container = av.open(path)
+            # On open FFmpeg probes each stream by decoding its first frames, to fill in parameters that an mp4's
+            # sample description already holds; that probe decoder is not the one we decode with, so for mp4/mov
+            # it is told to discard everything (0.4 ms per open on fast-decode H.264, 2.5 ms with CABAC).
+            probe = [{"skip_frame": "all"}] if os.path.splitext(path)[1].lower() in (".mp4", ".m4v", ".mov") else None
+            self._container = av.open(path, stream_options=probe)
             if not self._container.streams.video:
                 raise VideoDecodeError(path, "no video stream")
             self._stream = self._container.streams.video[0]
