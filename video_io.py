@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import bisect
 import os
+import threading
 from typing import Sequence, Tuple
 
 import numpy as np
@@ -94,7 +95,6 @@ class _PyAVReader:
     def __init__(self, path: str):
         _check_file(path)
         import av
-        from av.video.reformatter import VideoReformatter
 
         self.path = path
         try:
@@ -107,9 +107,6 @@ class _PyAVReader:
                 raise VideoDecodeError(path, "no video stream")
             self._stream = self._container.streams.video[0]
             self._stream.codec_context.thread_count = 1
-            self._rgb = VideoReformatter()
-            self._new_frame = av.VideoFrame
-            self._sub = None
             self._from_container = self._index_from_container()
             if not self._from_container:
                 self._index_by_demux()
@@ -238,7 +235,8 @@ class _PyAVReader:
     def _to_rgb(self, frame, region: Region | None) -> np.ndarray:
         """``uint8 [h, w, 3]`` RGB of ``frame``, or of its ``region``, as a view of a reused buffer.
 
-        One persistent swscale context serves every frame (a new context per frame costs more than the conversion).
+        swscale contexts are kept per source size and thread (``_converter``): making one costs more than a
+        conversion.
         For 4:2:0 frames a region is cut from the YUV planes first, widened to even coordinates so that chroma
         samples stay aligned, and only that is converted: swscale's 4:2:0 -> RGB conversion is per 2x2 block,
         so the pixels are exactly those of the full frame's conversion (tested), at a fraction of the cost.
@@ -251,18 +249,17 @@ class _PyAVReader:
                                                   "stream says")
             if frame.format.name in ("yuv420p", "yuvj420p") and h % 2 == 0 and w % 2 == 0:
                 t0, l0 = top & ~1, left & ~1
-                shape = ((left + rw - l0 + 1) & ~1, (top + rh - t0 + 1) & ~1, frame.format.name)
-                if self._sub is None or self._sub[0] != shape:  # one scratch frame per region size
-                    self._sub = (shape, self._new_frame(*shape))
-                sub = self._sub[1]
-                for i, (src, dst) in enumerate(zip(frame.planes, sub.planes)):
+                conv = _converter((left + rw - l0 + 1) & ~1, (top + rh - t0 + 1) & ~1, frame.format.name, True)
+                for i, (src, dst) in enumerate(zip(frame.planes, conv.planes)):
                     f = 1 if i == 0 else 2
                     src_a = np.frombuffer(src, np.uint8)[:src.height * src.line_size].reshape(src.height, -1)
-                    dst_a = np.frombuffer(dst, np.uint8)[:dst.height * dst.line_size].reshape(dst.height, -1)
-                    dst_a[:, :dst.width] = src_a[t0 // f:t0 // f + dst.height, l0 // f:l0 // f + dst.width]
+                    dst[:] = src_a[t0 // f:t0 // f + dst.shape[0], l0 // f:l0 // f + dst.shape[1]]
+                sub = conv.scratch
                 sub.colorspace, sub.color_range = frame.colorspace, frame.color_range
                 frame, (top, left) = sub, (top - t0, left - l0)
-        rgb = self._rgb.reformat(frame, format="rgb24")
+        if frame.width == w and frame.height == h:  # whole frames (no region, or not 4:2:0)
+            conv = _converter(w, h, frame.format.name, False)
+        rgb = conv.rgb.reformat(frame, format="rgb24", threads=1)  # one core per worker; no thread pool
         plane = rgb.planes[0]
         view = np.frombuffer(plane, np.uint8)[:rgb.height * plane.line_size].reshape(rgb.height, -1)
         view = view[:, :rgb.width * 3].reshape(rgb.height, rgb.width, 3)
@@ -331,6 +328,38 @@ class _PyAVReader:
             except Exception:
                 pass
             self._container = None
+
+
+class _Converter:
+    """A swscale context for one source size; for regions also a scratch YUV frame and writable views of its
+    planes, which the region is copied into."""
+
+    def __init__(self, width: int, height: int, fmt: str, scratch: bool):
+        import av
+        from av.video.reformatter import VideoReformatter
+
+        self.rgb = VideoReformatter()
+        self.scratch = av.VideoFrame(width, height, fmt) if scratch else None
+        self.planes = [np.frombuffer(p, np.uint8)[:p.height * p.line_size].reshape(p.height, -1)[:, :p.width]
+                       for p in self.scratch.planes] if scratch else []
+
+
+_LOCAL = threading.local()
+
+
+def _converter(width: int, height: int, fmt: str, scratch: bool) -> _Converter:
+    """This thread's converter for a source size. swscale re-initialises (~0.25 ms) whenever the source size
+    changes, and region sizes change from clip to clip but take few values (the crop scales), so one converter
+    per size is kept; at most 64, then the cache starts over."""
+    cache = getattr(_LOCAL, "converters", None)
+    if cache is None or len(cache) >= 64 or _LOCAL.pid != os.getpid():  # never reuse one across a fork
+        cache, _LOCAL.pid = {}, os.getpid()
+        _LOCAL.converters = cache
+    key = (width, height, fmt, scratch)
+    conv = cache.get(key)
+    if conv is None:
+        conv = cache[key] = _Converter(width, height, fmt, scratch)
+    return conv
 
 
 def _check_region(path: str, region: Region, height: int, width: int) -> Region:

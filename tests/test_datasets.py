@@ -197,6 +197,18 @@ def test_pretrain_clips_same_whether_decoder_crops_or_not(synthetic_dir, video_d
                 assert torch.equal(x, y), (i, name)
 
 
+def test_pyav_workers_after_main_process_decoded(synthetic_dir):
+    # The main process decodes first (e.g. the TensorBoard clips), then forks workers: converters cached by the
+    # parent must not be reused in the children (an inherited swscale context can hang there).
+    a = args_for(os.path.join(synthetic_dir, "train.csv"), num_sample=2, video_backend="pyav", seed=0)
+    ds = D.build_pretraining_dataset(a)
+    expected = [ds[i] for i in range(len(ds))]
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=D.multiple_samples_collate,
+                                         timeout=120)
+    got = torch.cat(list(loader))
+    assert torch.equal(got, torch.stack([c for item in expected for c in item]))
+
+
 def test_uint8_clips_normalised_on_device_equal_float_clips(synthetic_dir):
     # The pre-training program's default: uint8 clips out of the workers, normalised after the transfer.
     from engine_for_pretraining import clips_to_device
