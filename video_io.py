@@ -221,8 +221,7 @@ class _PyAVReader:
                 self._from_container = False
                 self._container.seek(0)
                 self._index_by_demux()
-                idx = _check_indices(self.path, indices, len(self))
-                return self.get_batch(idx, region)
+                return self.get_batch(indices, region)
         except VideoDecodeError:
             raise
         except Exception as e:
@@ -242,6 +241,7 @@ class _PyAVReader:
         so the pixels are exactly those of the full frame's conversion (tested), at a fraction of the cost.
         """
         h, w = frame.height, frame.width
+        conv = None
         if region is not None:
             top, left, rh, rw = region
             if top + rh > h or left + rw > w:
@@ -252,17 +252,14 @@ class _PyAVReader:
                 conv = _converter((left + rw - l0 + 1) & ~1, (top + rh - t0 + 1) & ~1, frame.format.name, True)
                 for i, (src, dst) in enumerate(zip(frame.planes, conv.planes)):
                     f = 1 if i == 0 else 2
-                    src_a = np.frombuffer(src, np.uint8)[:src.height * src.line_size].reshape(src.height, -1)
-                    dst[:] = src_a[t0 // f:t0 // f + dst.shape[0], l0 // f:l0 // f + dst.shape[1]]
+                    dst[:] = _plane_array(src)[t0 // f:t0 // f + dst.shape[0], l0 // f:l0 // f + dst.shape[1]]
                 sub = conv.scratch
                 sub.colorspace, sub.color_range = frame.colorspace, frame.color_range
                 frame, (top, left) = sub, (top - t0, left - l0)
-        if frame.width == w and frame.height == h:  # whole frames (no region, or not 4:2:0)
+        if conv is None:  # whole frames (no region, or not 4:2:0)
             conv = _converter(w, h, frame.format.name, False)
         rgb = conv.rgb.reformat(frame, format="rgb24", threads=1)  # one core per worker; no thread pool
-        plane = rgb.planes[0]
-        view = np.frombuffer(plane, np.uint8)[:rgb.height * plane.line_size].reshape(rgb.height, -1)
-        view = view[:, :rgb.width * 3].reshape(rgb.height, rgb.width, 3)
+        view = _plane_array(rgb.planes[0])[:, :rgb.width * 3].reshape(rgb.height, rgb.width, 3)
         return view if region is None else view[top:top + rh, left:left + rw]
 
     def _frames_from(self, wanted: set):
@@ -340,8 +337,7 @@ class _Converter:
 
         self.rgb = VideoReformatter()
         self.scratch = av.VideoFrame(width, height, fmt) if scratch else None
-        self.planes = [np.frombuffer(p, np.uint8)[:p.height * p.line_size].reshape(p.height, -1)[:, :p.width]
-                       for p in self.scratch.planes] if scratch else []
+        self.planes = [_plane_array(p)[:, :p.width] for p in self.scratch.planes] if scratch else []
 
 
 _LOCAL = threading.local()
@@ -360,6 +356,11 @@ def _converter(width: int, height: int, fmt: str, scratch: bool) -> _Converter:
     if conv is None:
         conv = cache[key] = _Converter(width, height, fmt, scratch)
     return conv
+
+
+def _plane_array(plane) -> np.ndarray:
+    """A PyAV plane as a ``[rows, line_size]`` uint8 array (a view; rows are padded past the visible width)."""
+    return np.frombuffer(plane, np.uint8)[:plane.height * plane.line_size].reshape(plane.height, -1)
 
 
 def _check_region(path: str, region: Region, height: int, width: int) -> Region:

@@ -144,26 +144,24 @@ def spatial_crop(x: torch.Tensor, size: int, crop_idx: int = 1, num_crops: int =
     return crop(x, top, left, size, size)
 
 
-def normalize(
-    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-) -> torch.Tensor:
-    """``[T, C, H, W]`` uint8 (0..255) -> contiguous ``float32 [C, T, H, W]``, ``(x / 255 - mean) / std``."""
-    u = x.permute(1, 0, 2, 3).contiguous()
-    out = torch.empty(u.shape, dtype=torch.float32)
-    out.copy_(u)
-    m = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1, 1) * 255.0
-    s = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1, 1) * 255.0
-    return out.mul_(1.0 / s).add_(-m / s)
-
-
 def normalize_clips(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """uint8 clips ``[..., C, T, H, W]`` -> float32, on their own device, with exactly :func:`normalize`'s
-    arithmetic (so a clip normalised here after leaving a worker as uint8 equals one normalised in the worker)."""
+    """uint8 clips ``[..., C, T, H, W]`` (0..255) -> float32 ``(x / 255 - mean) / std``, on their own device.
+
+    The one normalisation: :func:`normalize` in the workers and the training device after a uint8 transfer both
+    run it, so the two give the same values.
+    """
     shape = (-1, 1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
     m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
     return x.float().mul_(1.0 / s).add_(-m / s)
+
+
+def normalize(
+    x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> torch.Tensor:
+    """``[T, C, H, W]`` uint8 (0..255) -> contiguous ``float32 [C, T, H, W]``, ``(x / 255 - mean) / std``."""
+    return normalize_clips(x.permute(1, 0, 2, 3).contiguous(), mean, std)
 
 
 class ClipRandAugment:
