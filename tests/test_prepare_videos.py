@@ -64,6 +64,7 @@ def test_prepare_list(video_dir, tmp_path):
     shutil.copy(os.path.join(video_dir, "vp9_64x48.webm"), src / "ssv2" / "1.webm")
     shutil.copy(os.path.join(video_dir, "h264_96x128.mp4"), src / "k400" / "portrait.mp4")
     shutil.copy(os.path.join(video_dir, "garbage.mp4"), src / "k400" / "garbage.mp4")
+    shutil.copy(os.path.join(video_dir, "truncated.webm"), src / "ssv2" / "cut.webm")
     write_with_audio(str(src / "k400" / "audio.mp4"))
     lst = tmp_path / "train.csv"
     lst.write_text("path,label\n"
@@ -73,14 +74,16 @@ def test_prepare_list(video_dir, tmp_path):
                    "k400/portrait.mp4,1\n"
                    "k400/missing.mp4,2\n"
                    "k400/audio.mp4,0\n"
-                   "ssv2/1.webm,4\n")
+                   "ssv2/1.webm,4\n"
+                   "ssv2/cut.webm,7\n")
     out = tmp_path / "out"
     res = run_tool(str(lst), str(out), "--data_root", str(src), "--short_side", "32", "--gop", str(GOP),
                    "-j", "2", "--bench_videos", "2", "--bench_clips", "2", "--num_frames", "4")
     assert res.returncode == 0, res.stderr
     assert "Traceback" not in res.stderr
     # failures named with list:line and left out of the new list
-    for line, path, why in ((3, "k400/garbage.mp4", "undecodable"), (6, "k400/missing.mp4", "missing")):
+    for line, path, why in ((3, "k400/garbage.mp4", "undecodable"), (6, "k400/missing.mp4", "missing"),
+                            (9, "ssv2/cut.webm", "truncated")):
         assert f"{lst}:{line}: {path}: {why}" in res.stdout
         assert f"{lst}:{line}: {path}: {why}" in (out / "failed.txt").read_text()
     assert (out / "train.csv").read_text() == ("path,label\n"
@@ -122,7 +125,7 @@ def test_usage_errors(tmp_path):
 def test_resume_after_sigkill(tmp_path):
     src = tmp_path / "src"
     src.mkdir()
-    n = 8
+    n = 12
     for i in range(n):
         write_video(str(src / f"v{i}.mp4"), coded_frames(90, 96, 128, seed=i), "mp4", fps=25)
     lst = tmp_path / "list.txt"

@@ -38,7 +38,7 @@ import random
 import re
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING, Dict, List, NoReturn, Tuple
@@ -354,7 +354,7 @@ def parse_args(argv: List[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="veryfast", help="x264 preset (slower: smaller files, same decode speed)")
     p.add_argument("--no-bench", dest="bench", action="store_false", help="skip the before/after benchmark")
     p.add_argument("--bench_videos", type=int, default=4, help="videos in the benchmark sample")
-    p.add_argument("--bench_clips", type=int, default=5, help="clips per video and side in the benchmark")
+    p.add_argument("--bench_clips", type=int, default=10, help="clips per video and side in the benchmark")
     p.add_argument("--video_backend", default="pyav", choices=list(BACKENDS), help="reader for the benchmark")
     p.add_argument("--num_frames", type=int, default=16, help="frames per benchmark clip")
     p.add_argument("--sampling_rate", type=int, default=4, help="frame stride of a benchmark clip")
@@ -409,19 +409,17 @@ def run(a: argparse.Namespace) -> int:
     with ProcessPoolExecutor(min(a.jobs, max(1, len(todo))), initializer=_die_with_parent) as ex:
         pending = {ex.submit(convert, j.src, os.path.join(a.out_dir, j.rel), a.short_side, a.gop, a.crf,
                              a.preset): j for j in todo}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                j = pending.pop(fut)
-                reason, _ = fut.result()
-                if reason is None:
-                    ok.append(j)
-                else:
-                    for r in j.lines:
-                        msg = f"{a.in_list}:{r.line_no}: {r.path}: {reason}"
-                        failures.append((r.line_no, msg))
-                        tqdm.write(msg, file=sys.stderr)
-                bar.update(1)
+        for fut in as_completed(pending):
+            j = pending[fut]
+            reason, _ = fut.result()
+            if reason is None:
+                ok.append(j)
+            else:
+                for r in j.lines:
+                    msg = f"{a.in_list}:{r.line_no}: {r.path}: {reason}"
+                    failures.append((r.line_no, msg))
+                    tqdm.write(msg, file=sys.stderr)
+            bar.update(1)
     bar.close()
     elapsed = time.time() - t0
 
@@ -448,7 +446,7 @@ def run(a: argparse.Namespace) -> int:
     if pairs:
         before = sum(os.path.getsize(s) for s, _ in pairs)
         after = sum(os.path.getsize(d) for _, d in pairs)
-        print(f"bytes: {_mb(before)} -> {_mb(after)} ({after / before:.2f}x) for the {len(pairs)} converted videos")
+        print(f"bytes: {_mb(before)} -> {_mb(after)} ({after / before:.2f}x) for the {len(pairs)} prepared videos")
     if a.bench and pairs and a.bench_videos:
         sample = pairs[:a.bench_videos]
         cps = bench(sample, a.video_backend, a.num_frames, a.sampling_rate, a.bench_clips)
@@ -468,6 +466,9 @@ def main(argv: List[str] | None = None) -> int:
     except UsageError as e:
         print(f"prepare_videos.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("prepare_videos.py: interrupted; run the same command again to finish", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
