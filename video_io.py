@@ -5,15 +5,17 @@ identical frame indices (tested on H.264 .mp4 and VP9 .webm).
 
 Frame numbering is the same for both: frame ``i`` is the ``i``-th frame in presentation (pts) order, counted
 over the packets of the first video stream. decord builds this table itself. For PyAV it comes from an mp4's
-sample table when the stream is constant-frame-rate (no pass over the file; checked at decode time, rebuilt if
-wrong), otherwise from one demux pass (no decoding). PyAV then seeks to the keyframe before the first needed frame
-and decodes forward only as far as the last needed frame, seeking again only when a later keyframe lets us skip
-work; frames we do not need are decoded with ``skip_frame=NONREF`` (unreferenced B-frames are dropped without
-changing any other frame). ``get_batch(indices, region)`` returns only a region of each frame; PyAV then converts
-only that region from YUV, with exactly the same pixels.
+sample table when the stream is constant-frame-rate (PyAV >= 17 exposes it; no pass over the file; checked at
+decode time, rebuilt if wrong), otherwise from one demux pass (no decoding). PyAV then seeks to the keyframe
+before the first needed frame and decodes forward only as far as the last needed frame, seeking again only when a
+later keyframe lets us skip work; frames we do not need are decoded with ``skip_frame=NONREF`` (unreferenced
+B-frames are dropped without changing any other frame). ``get_batch(indices, region)`` returns only a region of
+each frame; PyAV then converts only that region from YUV, with exactly the same pixels.
 
 Every failure (missing file, unreadable container, no video stream, truncated data, index out of range) is
 raised as :class:`VideoDecodeError` so that callers can catch one exception type.
+
+Works with PyAV 12 to 19 (tested on each): arguments that newer versions added or dropped are feature-detected.
 
 Decoders use one thread: DataLoader workers provide the parallelism, and decord with ``num_threads > 1`` is
 known to fail on VP9 webm. Readers are opened per item and closed right away (no handle is shared across
@@ -98,11 +100,7 @@ class _PyAVReader:
 
         self.path = path
         try:
-            # On open FFmpeg probes each stream by decoding its first frames, to fill in parameters that an mp4's
-            # sample description already holds; that probe decoder is not the one we decode with, so for mp4/mov
-            # it is told to discard everything (0.4 ms per open on fast-decode H.264, 2.5 ms with CABAC).
-            probe = [{"skip_frame": "all"}] if os.path.splitext(path)[1].lower() in (".mp4", ".m4v", ".mov") else None
-            self._container = av.open(path, stream_options=probe)
+            self._container = av.open(path, options=_probe_options(av, path))
             if not self._container.streams.video:
                 raise VideoDecodeError(path, "no video stream")
             self._stream = self._container.streams.video[0]
@@ -258,7 +256,7 @@ class _PyAVReader:
                 frame, (top, left) = sub, (top - t0, left - l0)
         if conv is None:  # whole frames (no region, or not 4:2:0)
             conv = _converter(w, h, frame.format.name, False)
-        rgb = conv.rgb.reformat(frame, format="rgb24", threads=1)  # one core per worker; no thread pool
+        rgb = _reformat(conv.rgb, frame)
         view = _plane_array(rgb.planes[0])[:, :rgb.width * 3].reshape(rgb.height, rgb.width, 3)
         return view if region is None else view[top:top + rh, left:left + rw]
 
@@ -325,6 +323,39 @@ class _PyAVReader:
             except Exception:
                 pass
             self._container = None
+
+
+def _probe_options(av, path: str) -> dict[str, str] | None:
+    """Options for ``av.open`` that stop FFmpeg's open-time probe from decoding mp4/mov frames.
+
+    On open FFmpeg probes each stream by decoding its first frames, to fill in parameters that an mp4's sample
+    description already holds; that probe decoder is not the one we decode with, so it is told to discard
+    everything (0.4 ms per open on fast-decode H.264, 2.5 ms with CABAC). ``options`` reach every stream's probe
+    decoder on PyAV 12-19 (the decoder we use starts with its own, empty options); PyAV 19 removed the per-stream
+    ``stream_options``. The probe then leaves the pixel format unset and FFmpeg warns about it once per open, so
+    the skip is only used while FFmpeg's log is off or quieter than warnings (PyAV >= 13 default; PyAV 12 logs).
+    """
+    if os.path.splitext(path)[1].lower() not in (".mp4", ".m4v", ".mov"):
+        return None
+    level = av.logging.get_level()
+    if level is not None and level >= av.logging.WARNING:
+        return None
+    return {"skip_frame": "all"}
+
+
+_REFORMAT_THREADS = [True]  # PyAV < 17 has no ``threads`` argument (its swscale is single-threaded by default)
+
+
+def _reformat(reformatter, frame):
+    """``frame`` as rgb24 on one core per worker (no swscale thread pool), on every PyAV version."""
+    if _REFORMAT_THREADS[0]:
+        try:
+            return reformatter.reformat(frame, format="rgb24", threads=1)
+        except TypeError as e:
+            if "threads" not in str(e):
+                raise
+            _REFORMAT_THREADS[0] = False
+    return reformatter.reformat(frame, format="rgb24")
 
 
 class _Converter:
