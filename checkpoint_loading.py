@@ -2,11 +2,13 @@
 
 Accepted layouts: our pre-training / fine-tuning checkpoints (weights under ``model``), released AdaMAE / VideoMAE
 files (``model`` or ``module``, the latter also DeepSpeed's ``mp_rank_00_model_states.pt``; a DeepSpeed checkpoint
-folder works too) and bare state dicts. Wrapper prefixes (``module.``, ``_orig_mod.`` from torch.compile,
-``backbone.``, ``encoder.``) are stripped; the pre-training-only parts (decoder, AdaMAE sampler, ``mask_token``,
-``encoder_to_decoder``) are dropped by name, not silently via a non-strict load. A classifier head whose class count
-differs is dropped. Learnable position embeddings are interpolated in time (linear) and space (bicubic) when the
-clip length or resolution changed; sinusoid tables are never stored and are built by the model for its own grid.
+folder works too), bare state dicts, and Hugging Face ``transformers`` VideoMAE folders (``config.json`` with
+``model_type: videomae``; keys mapped back to ours by ``hf_interop``). Wrapper prefixes (``module.``, ``_orig_mod.``
+from torch.compile, ``backbone.``, ``encoder.``) are stripped; the pre-training-only parts (decoder, AdaMAE sampler,
+``mask_token``, ``encoder_to_decoder``) are dropped by name, not silently via a non-strict load. A classifier head
+whose class count differs is dropped. Learnable position embeddings are interpolated in time (linear) and space
+(bicubic) when the clip length or resolution changed; sinusoid tables are never stored and are built by the model
+for its own grid.
 
 Loading fails loudly (``CheckpointMismatchError``) when encoder weights are missing or have the wrong shape (e.g. a
 different tubelet / patch size or model width), because a silently random backbone is the classic way to get chance
@@ -23,10 +25,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hf_interop
 import utils
 
-__all__ = ["CheckpointMismatchError", "LoadReport", "read_checkpoint", "select_state_dict", "convert_state_dict",
-           "interpolate_pos_embed", "load_pretrained_encoder", "DROPPED_PREFIXES"]
+__all__ = ["CheckpointMismatchError", "LoadReport", "read_checkpoint", "read_model_checkpoint", "select_state_dict",
+           "convert_state_dict", "interpolate_pos_embed", "load_pretrained_encoder", "DROPPED_PREFIXES"]
 
 # Keys of the pre-training model that the classifier has no use for (after the ``encoder.`` prefix is removed).
 DROPPED_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -86,10 +89,24 @@ def _short(keys: Sequence[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+def _read_hf_folder(path: str) -> dict[str, Any]:
+    try:
+        ckpt = hf_interop.read_hf_folder(path)
+    except (OSError, ValueError, KeyError) as e:  # safetensors / JSON decode errors included
+        raise utils.CheckpointError(f"Hugging Face folder {path} is unreadable: {e}") from e
+    ckpt["hf_note"] = (f"Hugging Face VideoMAE folder ({ckpt['hf_architecture']}), keys mapped to ours"
+                       + (", AdaMAE sampler from " + hf_interop.SAMPLER_FILE
+                          if any("get_token_probs." in k for k in ckpt["model"]) else ""))
+    return ckpt
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a checkpoint file or URL; a DeepSpeed checkpoint folder (or its parent with ``latest``) is resolved
-    to its ``mp_rank_00_model_states.pt``."""
+    """Read a checkpoint file or URL, or a Hugging Face VideoMAE folder (as our layout); a DeepSpeed checkpoint
+    folder (or its parent with ``latest``) is resolved to its ``mp_rank_00_model_states.pt``. A missing file
+    raises FileNotFoundError, a truncated / unreadable one ``utils.CheckpointError`` naming it."""
     path = str(path)
+    if os.path.isdir(path) and hf_interop.is_hf_folder(path):
+        return _read_hf_folder(path)
     if os.path.isdir(path):
         tag_file = os.path.join(path, "latest")
         if os.path.isfile(tag_file):
@@ -100,15 +117,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise FileNotFoundError(f"{path} is a folder without mp_rank_00_model_states.pt (not a DeepSpeed "
                                     f"checkpoint); pass a .pth file")
         path = candidate
-    if path.startswith(("https://", "http://")):
-        ckpt = torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False, weights_only=False)
-    else:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    is_url = path.startswith(("https://", "http://"))
+    if not is_url and not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if is_url:
+            ckpt = torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False, weights_only=False)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # noqa: BLE001 - let utils word it exactly as --resume does ("... is truncated or unreadable")
+        utils.load_checkpoint_file(path)
+        raise
     if not isinstance(ckpt, Mapping):
         raise CheckpointMismatchError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return dict(ckpt)
+
+
+def read_model_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """One of our checkpoints (``utils.load_checkpoint_file``: weights under ``model``) or a Hugging Face VideoMAE
+    folder read as one (pre-training layout when it has a decoder); what ``run_mae_vis.py`` loads."""
+    path = str(path)
+    if os.path.isdir(path) and hf_interop.is_hf_folder(path):
+        return _read_hf_folder(path)
+    return utils.load_checkpoint_file(path)
 
 
 def select_state_dict(ckpt: Mapping[str, Any], model_key: str = "model|module") -> tuple[dict[str, Any], str]:
@@ -211,6 +242,8 @@ def load_pretrained_encoder(model: nn.Module, path_or_state: str | os.PathLike |
     else:
         ckpt = dict(path_or_state)
     report.kind = ckpt.get("kind") if isinstance(ckpt.get("kind"), str) else None
+    if "hf_note" in ckpt:
+        report.notes.append(ckpt["hf_note"])
     raw, report.model_key = select_state_dict(ckpt, model_key)
     sd, report.dropped = convert_state_dict(raw)
 

@@ -27,7 +27,8 @@ import modeling_pretrain  # noqa: F401  (registers the models)
 from datasets import pretrain_indices, read_list_file
 from mask_visualization import animated_gif, clip_stats, contact_sheet, format_stats, panel_images
 from masking_generator import MASK_TYPES, canonical_mask_type
-from utils import CheckpointError, load_checkpoint_file, strip_state_dict_prefixes
+from checkpoint_loading import read_model_checkpoint
+from utils import CheckpointError, strip_state_dict_prefixes
 from video_io import BACKENDS, VideoDecodeError, open_video
 from video_transforms import EvalTransform
 
@@ -46,7 +47,9 @@ class VisError(RuntimeError):
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("AdaMAE visualisation", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="pre-training checkpoint (ours or AdaMAE's released one)")
+    p.add_argument("--checkpoint", required=True,
+                   help="pre-training checkpoint (ours or AdaMAE's released one), or a Hugging Face "
+                        "VideoMAEForPreTraining folder")
     p.add_argument("--video", required=True, nargs="+",
                    help=f"video file(s), or list file(s) ({'/'.join(LIST_EXTENSIONS)}) of 'path [label]' lines")
     p.add_argument("--output_dir", required=True)
@@ -219,7 +222,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """Render every video; returns what ``stats.json`` holds: ``config``, ``clips`` (stats per clip) and
     ``failed`` (``{"video", "error"}`` for videos that could not be decoded). Raises VisError / CheckpointError
     for problems that stop the whole run."""
-    ckpt = load_checkpoint_file(args.checkpoint)
+    ckpt = read_model_checkpoint(args.checkpoint)  # ours, or a Hugging Face VideoMAEForPreTraining folder
     cfg = resolve_config(args, ckpt)
     device = torch.device(args.device)
     model = build_model(cfg, ckpt["model"]).to(device)
