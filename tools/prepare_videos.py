@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 SETTINGS_FILE = ".prepare_videos.json"
 FAILED_FILE = "failed.txt"
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 TMP_RE = re.compile(r"\.(\d+)\.tmp$")  # temporary outputs: <output>.<pid>.tmp
 
 
@@ -144,7 +145,8 @@ def encode(src: str, tmp: str, short_side: int, gop: int, crf: int, preset: str)
             raise ValueError("undecodable: no video stream")
         ist = inp.streams.video[0]
         ist.codec_context.thread_count = 1  # the processes are the parallelism
-        rate = Fraction(ist.average_rate or ist.guessed_rate or 25).limit_denominator(1001000)
+        # NTSC rates (30000/1001) stay exact; a variable-rate source's odd average gets a nearby simple rate
+        rate = Fraction(ist.average_rate or ist.guessed_rate or 25).limit_denominator(1001)
         expected = _expected_frames(inp, ist)
         reformatter = VideoReformatter()
         n = 0
@@ -166,7 +168,7 @@ def encode(src: str, tmp: str, short_side: int, gop: int, crf: int, preset: str)
             except av.error.FFmpegError as e:
                 if n == 0:
                     raise ValueError(f"undecodable: {type(e).__name__}: {e}") from None
-                raise ValueError(f"truncated: decoding stopped after {n} frames ({type(e).__name__}: {e})") from None
+                raise ValueError(f"truncated: decoding failed after {n} frames ({type(e).__name__}: {e})") from None
             if ost is None:
                 raise ValueError("undecodable: no frames")
             out.mux(ost.encode())
@@ -336,6 +338,10 @@ def _mb(n: int) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         raise UsageError(message)
@@ -346,12 +352,13 @@ def parse_args(argv: List[str] | None) -> argparse.Namespace:
     p.add_argument("in_list", metavar="IN_LIST", help="list file (path [label] per line, as for training)")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where the prepared videos and the new list go")
     p.add_argument("--data_root", default="", help="folder that relative paths in IN_LIST are relative to")
-    p.add_argument("-j", "--jobs", type=int, default=min(8, len(os.sched_getaffinity(0))),
+    p.add_argument("-j", "--jobs", type=int, default=min(8, _cpus()),
                    help="parallel processes (each encodes one video on one thread; default: min(8, CPUs))")
     p.add_argument("--short_side", type=int, default=320, help="scale the short side down to this (even; 0: keep)")
     p.add_argument("--gop", type=int, default=32, help="largest keyframe interval, in frames")
     p.add_argument("--crf", type=int, default=23, help="x264 quality (lower: better and larger)")
-    p.add_argument("--preset", default="veryfast", help="x264 preset (slower: smaller files, same decode speed)")
+    p.add_argument("--preset", default="veryfast", choices=X264_PRESETS,
+                   help="x264 preset (slower: smaller files, same decode speed)")
     p.add_argument("--no-bench", dest="bench", action="store_false", help="skip the before/after benchmark")
     p.add_argument("--bench_videos", type=int, default=4, help="videos in the benchmark sample")
     p.add_argument("--bench_clips", type=int, default=10, help="clips per video and side in the benchmark")
