@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import ROOT
 
 from datasets import read_list_file
@@ -83,3 +85,78 @@ def test_check_dataset(tmp_path, video_dir, synthetic_dir):
                           "--nb_classes", "4", "--no_progress"], capture_output=True, text=True, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert f"{len(good)} ok, 0 bad" in out.stdout
+
+
+def _run_check(argv, capsys) -> tuple[int, str, str]:
+    rc = check_main([*argv, "--no_progress"])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_check_dataset_empty_or_missing_list_is_a_usage_error(tmp_path, capsys):
+    for text in ("", "# only a comment\n\n", "path,label\n"):
+        lst = tmp_path / "empty.csv"
+        lst.write_text(text)
+        rc, out, err = _run_check([str(lst)], capsys)
+        assert rc == 2 and f"{lst}: no videos listed" in err and "Traceback" not in err, (text, out, err)
+    rc, _, err = _run_check([str(tmp_path / "nope.csv")], capsys)
+    assert rc == 2 and "nope.csv" in err
+
+
+def test_check_dataset_labels_checked_as_training_does(tmp_path, video_dir, capsys):
+    """With --nb_classes / --data_set the checker accepts exactly the lists fine-tuning accepts (VideoList)."""
+    from datasets import VideoList
+
+    v = os.path.join(video_dir, "h264_64x48.mp4")
+    w = os.path.join(video_dir, "vp9_64x48.webm")
+    no_label = tmp_path / "no_label.csv"
+    no_label.write_text(f"{v} 0\n{w}\n")
+    out_of_range = tmp_path / "range.csv"
+    out_of_range.write_text(f"{v} 0\n{w} 3\n")
+    good = tmp_path / "good.csv"
+    good.write_text(f"{v} 0\n{w} 2\n")
+
+    cases = ((no_label, 2, "missing label"), (out_of_range, 2, "label out of range: 3 not in [0, 3)"))
+    for lst, line, problem in cases:
+        with pytest.raises(ValueError, match=f":{line}: "):
+            VideoList(str(lst), require_label=True, nb_classes=3)  # training rejects it ...
+        rc, out, _ = _run_check([str(lst), "--nb_classes", "3", "--video_backend", "pyav"], capsys)
+        assert rc == 1 and f"{lst}:{line}: " in out and problem in out, out  # ... and so does the checker
+        assert _run_check([str(lst), "--video_backend", "pyav"], capsys)[0] == 0  # pre-training: labels optional
+    rc, out, _ = _run_check([str(no_label), "--data_set", "UCF101", "--video_backend", "pyav"], capsys)
+    assert rc == 1 and "missing label" in out
+    VideoList(str(good), require_label=True, nb_classes=3)
+    rc, out, _ = _run_check([str(good), "--nb_classes", "3", "--video_backend", "pyav"], capsys)
+    assert rc == 0 and "2 ok, 0 bad" in out and "1 of 3 classes have no video in this list (1)" in out
+
+    # flags that contradict each other, as training refuses them
+    for flags, msg in ((["--nb_classes", "3", "--data_set", "UCF101"], "does not match --data_set UCF101"),
+                       (["--data_set", "custom"], "needs --nb_classes")):
+        rc, _, err = _run_check([str(good), *flags], capsys)
+        assert rc == 2 and msg in err and "Traceback" not in err, err
+
+
+def test_check_dataset_full_finds_a_cut_webm(tmp_path, video_dir, capsys):
+    """A VP9 .webm cut short still opens as a valid, shorter video whose header declares the full length: the quick
+    check passes it, --full decodes every frame and names it with the count."""
+    from conftest import coded_frames
+
+    from tools.make_synthetic_dataset import write_video
+
+    full = tmp_path / "full.webm"
+    write_video(str(full), coded_frames(30, 48, 64, seed=5), "webm", fps=25, gop=8)
+    data = full.read_bytes()
+    cut = tmp_path / "cut.webm"
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    n = num_frames(str(cut), "pyav")
+    assert 0 < n < 30  # some but not all frames are there
+    lst = tmp_path / "list.csv"
+    good = [full, os.path.join(video_dir, "h264_64x48.mp4"), os.path.join(video_dir, "vp9_80x64.webm")]
+    lst.write_text("".join(f"{p} 0\n" for p in good[:2]) + f"{cut} 1\n" + f"{good[2]} 1\n")
+    backends = ["pyav"] + (["decord"] if importlib.util.find_spec("decord") else [])
+    for backend in backends:
+        rc, out, _ = _run_check([str(lst), "--video_backend", backend], capsys)
+        assert rc == 0, out  # first, middle and last indexed frame decode fine
+        rc, out, _ = _run_check([str(lst), "--video_backend", backend, "--full"], capsys)
+        assert rc == 1 and "3 ok, 1 bad" in out, out  # the intact videos are not flagged
+        assert f"{lst}:3: {cut}: truncated: decoded {n} of 30 frames" in out, out

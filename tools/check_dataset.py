@@ -1,11 +1,17 @@
-"""Validate a video list offline before training.
+"""Validate a video list offline before training, with the same rules as training.
 
-Checks every line: malformed line, duplicate path, label out of ``[0, nb_classes)``, missing file,
-undecodable / truncated video (opens it and decodes the first, middle and last frame, or every frame with
-``--full``), and too short (fewer than ``--min_frames`` frames). Prints a summary, writes a report of the bad
-lines (``LINE<TAB>PATH<TAB>PROBLEM``) and exits with status 1 if any line is bad.
+Checks every line: malformed line, duplicate path, missing file, undecodable / truncated video (opens it and
+decodes the first, middle and last frame; ``--full`` decodes every frame and also flags a video with fewer
+decodable frames than its container declares, e.g. a .webm cut short whose header keeps the full duration), and
+too short (fewer than ``--min_frames`` frames). With ``--nb_classes`` and/or ``--data_set`` the labels are checked
+as fine-tuning checks them (the same parser and class count as ``datasets.VideoList``): every line needs a label
+in ``[0, nb_classes)``. Without either, labels are optional (pre-training lists) and only negative ones are bad.
 
-    python tools/check_dataset.py data/k400/train.csv --data_root /data/k400 --nb_classes 400
+Prints a summary and the first bad lines (``LIST:LINE: PATH: PROBLEM``), writes a report of all bad lines
+(``LINE<TAB>PATH<TAB>PROBLEM``). Exit status: 0 all lines ok, 1 some lines bad, 2 usage error (unknown flag,
+missing or empty list, ``--nb_classes`` that contradicts ``--data_set``).
+
+    python tools/check_dataset.py data/k400/train.csv --data_root /data/k400 --data_set Kinetics-400
 """
 from __future__ import annotations
 
@@ -17,8 +23,59 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import read_list_file  # noqa: E402
+from datasets import DATA_SETS, VideoList, _nb_classes, read_list_file  # noqa: E402
 from video_io import BACKENDS, VideoDecodeError, open_video  # noqa: E402
+
+FULL_CHUNK = 32  # --full decodes this many frames per call: bounded memory for long videos
+SHOWN_BAD = 20  # bad lines printed on the terminal (all of them go to the report)
+
+
+def declared_frames(path: str) -> tuple[int, bool] | None:
+    """``(frames, exact)`` the container declares for its first video stream, or None if it declares none.
+
+    mp4/mov store it (the sample count); Matroska/WebM only store a duration, which a truncated file keeps, so the
+    count is duration x frame rate: the stream's own duration (or its ``DURATION`` tag), the file's only when the
+    video is the file's only stream (an audio track may be longer).
+    """
+    import av
+
+    try:
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            if s.frames:
+                return int(s.frames), True
+            rate = s.average_rate or s.guessed_rate
+            if not rate:
+                return None
+            seconds = None
+            if s.duration is not None and s.time_base is not None:
+                seconds = float(s.duration * s.time_base)
+            elif "DURATION" in s.metadata:  # Matroska per-track tag, "HH:MM:SS.nnnnnnnnn"
+                h, m, sec = s.metadata["DURATION"].split(":")
+                seconds = int(h) * 3600 + int(m) * 60 + float(sec)
+            elif c.duration and len(c.streams) == 1:
+                seconds = c.duration / av.time_base
+            return (round(seconds * float(rate)), False) if seconds else None
+    except Exception:  # no header to trust: decoding reports the file itself
+        return None
+
+
+def _decodable(reader, n: int) -> int:
+    """How many of the ``n`` indexed frames decode, in chunks (a failing chunk is retried frame by frame)."""
+    ok = 0
+    for start in range(0, n, FULL_CHUNK):
+        idx = list(range(start, min(start + FULL_CHUNK, n)))
+        try:
+            reader.get_batch(idx)
+            ok += len(idx)
+        except VideoDecodeError:
+            for i in idx:
+                try:
+                    reader.get_batch([i])
+                    ok += 1
+                except VideoDecodeError:
+                    pass
+    return ok
 
 
 def check_video(path: str, backend: str = "decord", min_frames: int = 1, full: bool = False) -> tuple:
@@ -26,8 +83,15 @@ def check_video(path: str, backend: str = "decord", min_frames: int = 1, full: b
     try:
         with open_video(path, backend) as r:
             n = len(r)
-            idx = list(range(n)) if full else sorted({0, n // 2, n - 1})
-            r.get_batch(idx)
+            if full:
+                got = _decodable(r, n)
+                declared, exact = declared_frames(path) or (0, True)
+                want = max(n, declared)
+                slack = 0 if exact or declared <= n else 1  # a duration x rate count may round up by a frame
+                if got < want - slack:
+                    return got, f"truncated: decoded {got} of {want} frames"
+            else:
+                r.get_batch(sorted({0, n // 2, n - 1}))
     except VideoDecodeError as e:
         kind = "missing" if e.reason == "file not found" else "undecodable"
         return 0, f"{kind}: {e.reason}"
@@ -43,12 +107,27 @@ def _check_args(a):
 
 
 def check_list(list_path: str, data_root: str = "", backend: str = "decord", nb_classes: int | None = None,
-               min_frames: int = 1, full: bool = False, workers: int = 1, require_label: bool = False,
+               min_frames: int = 1, full: bool = False, workers: int = 1, require_label: bool | None = None,
                progress: bool = True) -> dict:
-    """Check a list; returns ``{'total': n_lines, 'bad': [(line, path, problem)], 'counts': Counter}``."""
+    """Check a list; returns ``{'total': n_lines, 'bad': [(line, path, problem)], 'counts': Counter, ...}``.
+
+    Labels are required when ``nb_classes`` is given (as in fine-tuning) unless ``require_label`` says otherwise.
+    Raises FileNotFoundError / ValueError (the list's path in the message) for a missing or empty list.
+    """
+    if require_label is None:
+        require_label = nb_classes is not None
     errors: list = []
     records = read_list_file(list_path, data_root, require_label, errors=errors)
-    bad = [(line, "", "malformed: " + msg.split(": ", 1)[-1]) for line, msg in errors]
+    if not records and not errors:
+        raise ValueError(f"{list_path}: no videos listed")
+    bad = []
+    for line, msg in errors:
+        msg = msg.split(": ", 1)[-1]  # drop "LIST:LINE" (the report has its own columns)
+        if msg.startswith("missing label"):
+            msg = "missing label: labels are required with --nb_classes / --data_set"
+        else:
+            msg = "malformed: " + msg
+        bad.append((line, "", msg))
     first_line: dict = {}
     to_decode = []
     for r in records:
@@ -60,6 +139,11 @@ def check_list(list_path: str, data_root: str = "", backend: str = "decord", nb_
             hi = nb_classes if nb_classes is not None else "inf"
             bad.append((r.line_no, r.path, f"label out of range: {r.label} not in [0, {hi})"))
         to_decode.append(r)
+    if nb_classes is not None and not any(p.startswith(("malformed", "missing label", "label")) for _, _, p in bad):
+        try:  # what fine-tuning itself does with the list: a rule that drifted from the checks above shows here
+            VideoList(list_path, data_root, require_label, nb_classes)
+        except ValueError as e:
+            bad.append((0, "", f"rejected by training: {e}"))
     jobs = [(r.full_path, backend, min_frames, full) for r in to_decode]
     try:
         from tqdm import tqdm
@@ -80,31 +164,60 @@ def check_list(list_path: str, data_root: str = "", backend: str = "decord", nb_
             frames.append(n)
     bad.sort()
     counts = collections.Counter(p.split(":")[0] for _, _, p in bad)
-    return {"total": len(records) + len(errors), "bad": bad, "counts": counts, "frames": frames}
+    labels = collections.Counter(r.label for r in records if r.label is not None)
+    return {"total": len(records) + len(errors), "bad": bad, "counts": counts, "frames": frames, "labels": labels}
+
+
+def _class_count(nb_classes: int | None, data_set: str | None) -> int | None:
+    """The class count fine-tuning would use for these flags (None: labels not checked); ValueError if they
+    contradict each other. ``--nb_classes`` alone means a custom set."""
+    if nb_classes is None and data_set is None:
+        return None
+    return _nb_classes(argparse.Namespace(data_set=data_set or "custom", nb_classes=nb_classes))
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("list", help="list file (path label per line)")
-    p.add_argument("--data_root", default="")
-    p.add_argument("--video_backend", default="decord", choices=list(BACKENDS))
-    p.add_argument("--nb_classes", type=int, default=None, help="labels must be in [0, nb_classes)")
+    p.add_argument("--data_root", default="", help="prefix for relative paths in the list")
+    p.add_argument("--video_backend", default="decord", choices=list(BACKENDS),
+                   help="decoder to check with (use the one you train with)")
+    p.add_argument("--nb_classes", type=int, default=None,
+                   help="labels required and in [0, nb_classes) (alone: a custom set)")
+    p.add_argument("--data_set", default=None, choices=list(DATA_SETS),
+                   help="labels required and in [0, classes of the set) (custom needs --nb_classes)")
     p.add_argument("--min_frames", type=int, default=1, help="flag videos with fewer frames")
-    p.add_argument("--full", action="store_true", help="decode every frame (slow, finds truncation anywhere)")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--full", action="store_true",
+                   help="decode every frame and compare with the container's frame count (slow, finds truncation "
+                        "anywhere)")
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
     p.add_argument("--report", default=None, help="report path (default: LIST.bad.txt)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    res = check_list(a.list, a.data_root, a.video_backend, a.nb_classes, a.min_frames, a.full, a.workers,
-                     progress=not a.no_progress)
+    try:
+        nb = _class_count(a.nb_classes, a.data_set)
+        res = check_list(a.list, a.data_root, a.video_backend, nb, a.min_frames, a.full, a.workers,
+                         progress=not a.no_progress)
+    except (OSError, ValueError) as e:
+        print(f"check_dataset.py: error: {e}", file=sys.stderr)
+        return 2
     bad = res["bad"]
-    print(f"{a.list}: {res['total']} lines, {res['total'] - len({b[0] for b in bad})} ok, "
-          f"{len({b[0] for b in bad})} bad")
+    n_bad = len({b[0] for b in bad})
+    print(f"{a.list}: {res['total']} lines, {res['total'] - n_bad} ok, {n_bad} bad")
     for kind, n in sorted(res["counts"].items()):
         print(f"  {kind}: {n}")
     if res["frames"]:
         f = sorted(res["frames"])
         print(f"  frames per video: min {f[0]}, median {f[len(f) // 2]}, max {f[-1]}")
+    if nb is not None:
+        empty = [c for c in range(nb) if not res["labels"][c]]
+        if empty:
+            shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
+            print(f"  note: {len(empty)} of {nb} classes have no video in this list ({shown})")
+    for line, path, problem in bad[:SHOWN_BAD]:
+        print(f"{a.list}:{line}: {path + ': ' if path else ''}{problem}")
+    if len(bad) > SHOWN_BAD:
+        print(f"... {len(bad) - SHOWN_BAD} more")
     report = a.report or a.list + ".bad.txt"
     if bad:
         with open(report, "w") as fh:
