@@ -213,6 +213,19 @@ def test_round_trip_is_key_for_key_exact(run, request):
     assert all(torch.equal(back[k], ours[k]) for k in ours), [k for k in ours if not torch.equal(back[k], ours[k])]
 
 
+def test_folder_saved_by_transformers_reads_back(classifier_run, transformers, tmp_path):
+    """transformers' own layout (5.x: ``query.bias`` / ``value.bias``), in memory and as ``save_pretrained``
+    writes it, maps back to exactly our weights."""
+    model, _, result = classifier_run
+    hf = load_hf(transformers, result.out_dir, "VideoMAEForVideoClassification")
+    ours = model.state_dict()
+    in_memory = hf_interop.from_hf_state_dict(hf.state_dict())
+    hf.save_pretrained(tmp_path / "resaved")
+    resaved = read_checkpoint(str(tmp_path / "resaved"))["model"]
+    for back in (in_memory, resaved):
+        assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+
+
 def test_hf_folder_in_finetune_gives_the_same_logits(classifier_run):
     model, _, result = classifier_run
     args = run_class_finetuning.get_args_parser().parse_args(FT_FLAGS)

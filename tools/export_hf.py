@@ -54,7 +54,7 @@ class ExportResult:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("Export to Hugging Face VideoMAE", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("checkpoint", help="our pre-training or fine-tuning checkpoint (.pth)")
+    p.add_argument("checkpoint", help="our pre-training or fine-tuning checkpoint (.pth, or a DeepSpeed folder)")
     p.add_argument("out_dir", help="folder to write (created; existing files of the same names are replaced)")
     p.add_argument("--use_ema", action="store_true", help="export the EMA weights (model_ema) instead of model")
     p.add_argument("--encoder_only", action="store_true", help="export the encoder alone as VideoMAEModel")
@@ -209,21 +209,23 @@ def model_card(result: ExportResult, kind: str, args: argparse.Namespace, ckpt: 
                weights: str, n_params: int, command: str, sampler_saved: bool) -> str:
     """The folder's README.md: what the model is, how it was trained (saved args), notes, the command."""
     cfg, arch = result.config, result.architecture
-    what = {"VideoMAEForVideoClassification": f"a video classifier ({len(cfg.get('id2label', {}))} classes)",
-            "VideoMAEForPreTraining": "a masked video autoencoder (encoder + pixel decoder)",
-            "VideoMAEModel": "a video encoder (no head)"}[arch]
+    what = {"VideoMAEForVideoClassification": f"A video classifier ({len(cfg.get('id2label', {}))} classes)",
+            "VideoMAEForPreTraining": "A masked video autoencoder (encoder + pixel decoder)",
+            "VideoMAEModel": "A video encoder (no head)"}[arch]
     rows = [("model", _fmt(args, "model")), ("checkpoint kind", kind), ("epoch", str(ckpt.get("epoch", "—"))),
             ("epochs", _fmt(args, "epochs")), ("frames x sampling rate", f"{_fmt(args, 'num_frames')} x "
                                                                          f"{_fmt(args, 'sampling_rate')}"),
-            ("input size", _fmt(args, "input_size")), ("tubelet", _fmt(args, "tubelet_size")),
-            ("data", f"{_fmt(args, 'data_set')}: {_fmt(args, 'data_path')}")]
+            ("input size", _fmt(args, "input_size")), ("tubelet", _fmt(args, "tubelet_size"))]
     if kind == "pretrain":
-        rows += [("mask", f"{ckpt.get('mask_type', _fmt(args, 'mask_type'))}, ratio {_fmt(args, 'mask_ratio')}"),
+        mask_type = ckpt.get("mask_type") or _fmt(args, "mask_type")
+        rows += [("data", _fmt(args, "data_path")), ("mask", f"{mask_type}, ratio {_fmt(args, 'mask_ratio')}"),
                  ("normalised pixel targets", _fmt(args, "normalize_target"))]
     else:
-        rows += [("initialised from", _fmt(args, "finetune")), ("classes", _fmt(args, "nb_classes"))]
-    rows += [("batch size x update freq", f"{_fmt(args, 'batch_size')} x {_fmt(args, 'update_freq')}"),
-             ("lr", _fmt(args, "lr")), ("weights", weights)]
+        rows += [("data", f"{_fmt(args, 'data_set')}: {_fmt(args, 'data_path')}"),
+                 ("initialised from", _fmt(args, "finetune")), ("classes", _fmt(args, "nb_classes"))]
+    accum = f" x {args.update_freq} accumulation steps" if getattr(args, "update_freq", 1) not in (None, 1) else ""
+    rows += [("batch size per process", _fmt(args, "batch_size") + accum), ("lr", _fmt(args, "lr")),
+             ("weights", weights)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     load = {"VideoMAEForVideoClassification": "logits = model(pixel_values=clip).logits",
             "VideoMAEForPreTraining": "out = model(pixel_values=clip, bool_masked_pos=mask)  # mask: bool [B, N]",
@@ -236,9 +238,9 @@ tags: [video, videomae, adamae]
 
 # {Path(result.out_dir).name}
 
-{what} in the Hugging Face `transformers` VideoMAE layout (`{arch}`), exported from an AdaMAE/VideoMAE
-checkpoint of this project. ViT: width {cfg['hidden_size']}, depth {cfg['num_hidden_layers']},
-{cfg['num_attention_heads']} heads, patch {cfg['patch_size']}, tubelet {cfg['tubelet_size']},
+{what} in the Hugging Face `transformers` VideoMAE layout (`{arch}`), exported from an AdaMAE / VideoMAE
+checkpoint of this project. ViT: width {cfg['hidden_size']}, depth {cfg['num_hidden_layers']}, \
+{cfg['num_attention_heads']} heads, patch {cfg['patch_size']}, tubelet {cfg['tubelet_size']}, \
 {cfg['num_frames']} frames of {cfg['image_size']} px; {n_params / 1e6:.2f}M parameters exported.
 
 ```python
@@ -313,16 +315,23 @@ def _verify(out_dir: str, arch: str, model: nn.Module, kind: str) -> dict[str, f
     return {"max_abs_diff": diff, "max_abs": scale, "relative": diff / scale}
 
 
+def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    """safetensors writes owner-only files; give them the same permissions as the folder's JSON files."""
+    from safetensors.torch import save_file
+    save_file(dict(tensors), str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: bool = False,
            class_names: str | None = None, verify: bool = True, command: str | None = None) -> ExportResult:
     """Write the HF folder for ``checkpoint``; raises ExportError / CheckpointError / CheckpointMismatchError /
     FileNotFoundError / HFInteropError for input it cannot export faithfully."""
-    from safetensors.torch import save_file
-
-    if os.path.isdir(checkpoint):
-        raise ExportError("is a folder; pass a checkpoint file (.pth)")
-    ckpt = read_checkpoint(checkpoint)
-    key = "model_ema" if use_ema else "model"
+    if hf_interop.is_hf_folder(checkpoint):
+        raise ExportError("is already a Hugging Face VideoMAE folder")
+    ckpt = read_checkpoint(checkpoint)  # a .pth file or URL, or a DeepSpeed checkpoint folder (weights: module)
+    key = "model_ema" if use_ema else ("model" if "model" in ckpt else "module")
     if not isinstance(ckpt.get(key), Mapping):
         raise ExportError(f"has no '{key}' weights" + (" (it was trained without --model_ema)" if use_ema else ""))
     state_dict = utils.strip_state_dict_prefixes(ckpt[key])
@@ -364,10 +373,13 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = ["config.json", "model.safetensors", "preprocessor_config.json", hf_interop.ARGS_FILE, "README.md"]
-    save_file(hf_sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _save_safetensors(hf_sd, out / "model.safetensors")
+    stale_sampler = out / hf_interop.SAMPLER_FILE  # from an earlier export here: import would pick it up
+    if stale_sampler.exists() and not sampler:
+        stale_sampler.unlink()
     if sampler:
-        save_file({"encoder." + k: v.detach().clone().contiguous() for k, v in sampler.items()},
-                  str(out / hf_interop.SAMPLER_FILE), metadata={"format": "pt"})
+        _save_safetensors({"encoder." + k: v.detach().clone().contiguous() for k, v in sampler.items()},
+                          out / hf_interop.SAMPLER_FILE)
         files.insert(2, hf_interop.SAMPLER_FILE)
         notes.append(f"AdaMAE's adaptive token sampler (`encoder.pos_embed_probs`, `encoder.get_token_probs.*`, "
                      f"{sum(v.numel() for v in sampler.values()) / 1e6:.2f}M parameters) has no Hugging Face "
@@ -392,7 +404,7 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: b
     if eps != 1e-5 and (kind == "pretrain" or cfg["use_mean_pooling"]) and not encoder_only:
         where = "the decoder's final norm" if kind == "pretrain" else "`fc_norm`"
         notes.append(f"transformers builds {where} with LayerNorm eps 1e-5 regardless of the config; this model "
-                     f"was trained with {eps:g}. The outputs differ slightly (see the parity numbers below).")
+                     f"was trained with {eps:g}, so its outputs differ slightly from ours.")
     if kind == "pretrain" and not encoder_only:
         notes.append("`use_mean_pooling` is false because the pre-training encoder ends in a LayerNorm "
                      "(`videomae.layernorm`). To fine-tune in transformers with VideoMAE's mean pooling, load "
