@@ -13,10 +13,11 @@ Items:
 * ``VideoClsDataset``:
     - ``mode='train'``: ``(clip, label, index, {})``; with ``num_sample=K>1``:
       ``([K clips], [K labels], [K indices], {})``, flattened by ``multiple_samples_collate``.
-    - ``mode='validation'``: ``(clip, label, video_id)``, the centre clip and centre crop (deterministic).
-    - ``mode='test'``: ``(clip, label, video_id, segment_idx, crop_idx)``; the dataset has
+    - ``mode='validation'``: ``(clip, label, video_id, info)``, the centre clip and centre crop (deterministic).
+    - ``mode='test'``: ``(clip, label, video_id, segment_idx, crop_idx, info)``; the dataset has
       ``len(list) * test_num_segment * test_num_crop`` items, ordered video-major, for merging per video.
-  ``video_id`` is the path as written in the list (made unique with ``#L<line>`` if a path repeats).
+  ``video_id`` is the path as written in the list (made unique with ``#L<line>`` if a path repeats). ``info`` is
+  ``{"valid": bool, "path": path as written, "line": list line, "reason": "" or why it could not be decoded}``.
 
 Temporal sampling (``sampling='dense'``, Kinetics/UCF/HMDB; ``'segment'``, SSv2 / ``--sparse_sample``) follows
 VideoMAE; short videos clamp to the last frame as VideoMAE does.
@@ -25,8 +26,10 @@ Broken videos (missing / undecodable / truncated / too short): during training t
 counted in a shared-memory counter visible from the main process (``dataset.num_broken``,
 ``get_broken_count(dataset)``), and replaced by another random item; after ``max_retries`` consecutive
 failures, or when more than ``max_broken_ratio`` of the loads (at least 20 failures) failed, a RuntimeError
-stops the run. In validation/test a broken video yields an all-mean (zero after normalisation) clip with its own
-id and label, so the number of views per video stays right; it is counted too.
+stops the run. Validation/test never substitute anything: a broken video (also one whose decodable frames fall
+short of the length its container declares, e.g. a cut-off .webm) gives an item with ``info["valid"] = False`` and
+the reason; its clip is a zero placeholder only so that the batch collates, and ``engine_for_finetuning`` leaves
+it out of every metric and names it (``unevaluated``).
 """
 from __future__ import annotations
 
@@ -150,6 +153,7 @@ class VideoList:
                     raise ValueError(f"{list_path}:{r.line_no}: label {r.label} outside [0, {nb_classes}) "
                                      f"for {r.path} (check --nb_classes / --data_set)")
         self.list_path = list_path
+        self.paths = np.array([r.path for r in recs])
         self.full_paths = np.array([r.full_path for r in recs])
         self.video_ids = np.array([r.video_id for r in recs])
         self.labels = np.array([-1 if r.label is None else r.label for r in recs], dtype=np.int64)
@@ -166,6 +170,13 @@ class VideoList:
 
     def label(self, i: int) -> int:
         return int(self.labels[i])
+
+    def listed_path(self, i: int) -> str:
+        """The path as written in the list (what a user searches the list for)."""
+        return str(self.paths[i])
+
+    def line(self, i: int) -> int:
+        return int(self.line_nos[i])
 
     def max_label(self) -> int:
         return int(self.labels.max())
@@ -487,30 +498,76 @@ class VideoClsDataset(_VideoDatasetBase):
                 fn = lambda n: dense_test_indices(  # noqa: E731
                     n, self.num_frames, self.sampling_rate, seg, self.test_num_segment)
             num_crops = self.test_num_crop
-        frames = self._eval_frames(vid, seg, fn)
-        if frames is None:
+        frames, reason = self._eval_frames(vid, seg, fn)
+        if frames is None:  # placeholder so the batch collates; marked invalid, never scored
             clip = torch.zeros(3, self.clip_frames, self.input_size, self.input_size)
         else:
             clip = self.transform(frames, crop_idx, num_crops)
         label, video_id = self.videos.label(vid), self.videos.video_id(vid)
+        info = {"valid": frames is not None, "path": self.videos.listed_path(vid), "line": self.videos.line(vid),
+                "reason": reason}
         if self.mode == "validation":
-            return clip, label, video_id
-        return clip, label, video_id, seg, crop_idx
+            return clip, label, video_id, info
+        return clip, label, video_id, seg, crop_idx, info
 
-    def _eval_frames(self, vid: int, seg: int, fn: Callable[[int], List[int]]) -> np.ndarray | None:
-        # Consecutive test items (crops of one segment) reuse the decoded frames.
+    def _eval_frames(self, vid: int, seg: int, fn: Callable[[int], List[int]]) -> Tuple[np.ndarray | None, str]:
+        """``(frames, "")`` or ``(None, reason)``: evaluation never replaces a video by another one.
+
+        Consecutive test items (crops of one segment) reuse the decoded frames."""
         if self._cache is not None and self._cache[0] == (vid, seg):
             return self._cache[1]
+        path = self.videos.path(vid)
+
+        def checked_fn(n: int) -> List[int]:
+            short = _short_of_container(path, n)
+            if short:
+                raise VideoDecodeError(path, short)
+            return fn(n)
+
         try:
-            frames = self._decode(vid, fn)
+            frames, reason = self._decode(vid, checked_fn), ""
             self.broken_counter.record_ok()
         except Exception as e:
-            path = self.videos.path(vid)
-            self.broken_counter.record_broken(path, str(e) if isinstance(e, VideoDecodeError) else
-                                              f"{path}: {type(e).__name__}: {e}")
-            frames = None
-        self._cache = ((vid, seg), frames)
-        return frames
+            reason = e.reason if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}"
+            frames, reason = None, reason[:300]
+            self.broken_counter.record_broken(path, f"{path}: {reason}")
+        self._cache = ((vid, seg), (frames, reason))
+        return frames, reason
+
+
+# Containers whose frame index is the sample table that both backends read: a cut file fails to open or to
+# decode, so comparing with the declared length adds nothing (and would cost an extra open per video).
+_INDEXED_CONTAINERS = (".mp4", ".m4v", ".mov")
+
+
+def _short_of_container(path: str, n: int) -> str:
+    """Why a video with ``n`` indexable frames is truncated, or "" if it is not (or the container does not say).
+
+    A demuxer indexes only the packets it finds, so a file cut short whose header keeps the full duration (e.g. a
+    .webm) opens as a shorter, valid video; evaluating it would score a different clip than the listed video.
+    Allows 10% + 1 frame of slack for rounding and an audio track longer than the video.
+    """
+    if os.path.splitext(path)[1].lower() in _INDEXED_CONTAINERS:
+        return ""
+    import av
+
+    try:
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            rate = float(s.average_rate or s.guessed_rate or 0)
+            if s.frames:
+                declared = int(s.frames)
+            elif s.duration is not None and s.time_base is not None and rate:
+                declared = round(float(s.duration * s.time_base) * rate)
+            elif c.duration and rate:
+                declared = round(c.duration / av.time_base * rate)
+            else:
+                return ""
+    except Exception:  # unreadable header: the decode itself reports it
+        return ""
+    if n < 0.9 * declared - 1:
+        return f"truncated: {n} decodable frames, the container declares {declared}"
+    return ""
 
 
 def multiple_samples_collate(batch: Sequence[Any]):
@@ -569,11 +626,52 @@ def build_pretraining_dataset(args: argparse.Namespace) -> PretrainVideoDataset:
     return ds
 
 
+# split -> (file in the --data_path folder, the flag naming the list explicitly)
+SPLIT_LISTS = {"train": ("train.csv", "--train_list"), "validation": ("val.csv", "--val_list"),
+               "test": ("test.csv", "--test_list")}
+
+
+def resolve_split_list(mode: str, args: argparse.Namespace) -> str:
+    """The list file a fine-tuning split reads: ``--{train,val,test}_list`` if given, else ``DATA_PATH/{split}.csv``.
+
+    ``--data_path`` must be a folder: a single file would have to serve every split, and validating or testing on
+    the training list reports numbers that mean nothing. Raises ``ValueError`` naming the flag.
+    """
+    fname, flag = SPLIT_LISTS[mode]
+    explicit = getattr(args, flag[2:], None)
+    if explicit:
+        if not os.path.isfile(explicit):
+            raise ValueError(f"{flag} {explicit}: no such file")
+        return explicit
+    data_path = getattr(args, "data_path", "") or ""
+    if not data_path:
+        raise ValueError(f"no {mode} list: pass --data_path DIR (a folder with {fname}) or {flag} FILE")
+    if os.path.isfile(data_path):
+        raise ValueError(f"--data_path {data_path} is a file; fine-tuning needs a folder with train.csv/val.csv/"
+                         f"test.csv, or --train_list/--val_list/--test_list")
+    if not os.path.isdir(data_path):
+        raise ValueError(f"--data_path {data_path}: no such folder")
+    path = os.path.join(data_path, fname)
+    if not os.path.isfile(path):
+        raise ValueError(f"--data_path {data_path} has no {fname}: add it or pass {flag} FILE")
+    return path
+
+
+def _note_unused_classes(videos: VideoList, nb_classes: int, args: argparse.Namespace) -> None:
+    """A class count above the labels present is legal (a subset of a bigger label set) but often a typo."""
+    present = videos.labels[videos.labels >= 0]
+    if len(present) and int(present.max()) + 1 < nb_classes:
+        given = getattr(args, "nb_classes", None)
+        src = (f"--nb_classes {nb_classes}" if given
+               else f"--data_set {getattr(args, 'data_set', '?')} ({nb_classes} classes)")
+        print(f"Note: {src} but labels in {os.path.basename(videos.list_path)} only go up to {int(present.max())} "
+              f"({len(np.unique(present))} classes present)")
+
+
 def build_dataset(is_train: bool, test_mode: bool, args: argparse.Namespace) -> Tuple[VideoClsDataset, int]:
-    """Fine-tuning / eval dataset from ``args.data_path/{train,val,test}.csv``; returns (dataset, nb_classes)."""
+    """Fine-tuning / eval dataset for one split (see ``resolve_split_list``); returns (dataset, nb_classes)."""
     mode = "train" if is_train else ("test" if test_mode else "validation")
-    fname = {"train": "train.csv", "validation": "val.csv", "test": "test.csv"}[mode]
-    path = args.data_path if os.path.isfile(args.data_path) else os.path.join(args.data_path, fname)
+    path = resolve_split_list(mode, args)
     nb_classes = _nb_classes(args)
     data_set = getattr(args, "data_set", "Kinetics-400")
     sampling = "segment" if data_set == "SSV2" or getattr(args, "sparse_sample", False) else "dense"
@@ -590,6 +688,8 @@ def build_dataset(is_train: bool, test_mode: bool, args: argparse.Namespace) -> 
         flip=data_set != "SSV2" and not getattr(args, "no_flip", False),
         num_sample=getattr(args, "num_sample", 1) or 1, video_backend=getattr(args, "video_backend", "decord"),
         max_retries=getattr(args, "max_retries", 10), max_broken_ratio=getattr(args, "max_broken_ratio", 0.5))
+    if is_train:
+        _note_unused_classes(ds.videos, nb_classes, args)
     return ds, nb_classes
 
 
@@ -603,8 +703,12 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
         if name not in existing:
             g.add_argument(name, **kw)
 
-    add("--data_path", default="", type=str,
-        help="pre-training: one list file; fine-tuning: folder with train.csv/val.csv/test.csv")
+    if pretrain:
+        add("--data_path", default="", type=str, help="one list file (a folder means its train.csv)")
+    else:
+        add("--data_path", default="", type=str, help="folder with train.csv/val.csv/test.csv (not a single file)")
+        for split, (fname, flag) in SPLIT_LISTS.items():
+            add(flag, default=None, type=str, help=f"{split} list file, instead of DATA_PATH/{fname}")
     add("--data_root", default="", type=str, help="prefix for relative paths in the lists")
     add("--data_set", default="Kinetics-400", choices=list(DATA_SETS), type=str)
     add("--nb_classes", default=None, type=int, help="number of classes (default: from --data_set; "

@@ -5,10 +5,12 @@ One node:      torchrun --nproc_per_node 8 run_class_finetuning.py [...]
 SLURM:         srun python run_class_finetuning.py [...]   (rank / world / master read from SLURM_*)
 Evaluate:      python run_class_finetuning.py --eval --finetune finetuned.pth --data_path DIR [...]
 
-``--data_path`` is a folder with ``train.csv`` / ``val.csv`` / ``test.csv``. ``--lr`` is the base learning rate for a
-total batch of 256 (``batch_size x update_freq x processes``; ``--num_sample`` repeats are not counted, as in
-VideoMAE). After training (or with ``--eval``) the ``test_num_segment x test_num_crop`` multi-view test writes
-``test_results.json`` with top-1/top-5 and per-video predictions.
+``--data_path`` is a folder with ``train.csv`` / ``val.csv`` / ``test.csv`` (``--train_list`` / ``--val_list`` /
+``--test_list`` name a split's list instead; a single file as ``--data_path`` is refused). ``--lr`` is the base
+learning rate for a total batch of 256 (``batch_size x update_freq x processes``; ``--num_sample`` repeats are not
+counted, as in VideoMAE). After training (or with ``--eval``) the ``test_num_segment x test_num_crop`` multi-view
+test writes ``test_results.json`` with top-1/top-5 and per-video predictions. Videos that cannot be decoded are
+never scored: validation and test name them (``unevaluated``) and their numbers cover only the videos evaluated.
 """
 from __future__ import annotations
 
@@ -389,7 +391,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     log_writer.update(head="perf", step=epoch, **{f"val{suffix}_acc1": val["acc1"],
                                                                   f"val{suffix}_acc5": val["acc5"],
                                                                   f"val{suffix}_loss": val["loss"]})
-            if log_stats["val_acc1"] > best_acc1:
+            if not log_stats["val_num_clips"]:  # NaN accuracy: nothing to choose a best checkpoint from
+                print(f"Epoch {epoch}: no validation clip could be decoded; checkpoint-best not updated")
+            elif log_stats["val_acc1"] > best_acc1:
                 best_acc1 = log_stats["val_acc1"]
                 if args.output_dir and args.save_ckpt:
                     if engine is not None:
@@ -398,14 +402,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
                                               extra={**extra, "best_acc1": best_acc1}, model_ema=model_ema,
                                               tag="best")
-            print(f"Max accuracy: {best_acc1:.2f}%")
-            log_stats["best_val_acc1"] = best_acc1
+            if best_acc1 >= 0:
+                print(f"Max accuracy: {best_acc1:.2f}%")
+            log_stats["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
         utils.write_log_line(args.output_dir, log_stats)
         if log_writer is not None:
             log_writer.flush()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total}")
-    results["best_val_acc1"] = best_acc1
+    results["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
 
     if loader_test is not None and args.output_dir:
         for suffix, m in eval_models():
@@ -426,10 +431,11 @@ def _log_final(args: argparse.Namespace, results: dict[str, Any]) -> None:
         if r:
             name = "Final" if key == "test" else "Final EMA"
             line.update({f"{name} top-1": r["top1"], f"{name} top-5": r["top5"],
-                         f"{name} single-view top-1": r["single_view_top1"], f"{name} videos": r["num_videos"]})
+                         f"{name} single-view top-1": r["single_view_top1"], f"{name} videos": r["num_videos"],
+                         f"{name} unevaluated": r["unevaluated"]})
     for key in ("val", "val_ema"):
         if results.get(key):
-            line.update({f"{key}_acc1": results[key]["acc1"], f"{key}_acc5": results[key]["acc5"]})
+            line.update({f"{key}_{k}": results[key][k] for k in ("acc1", "acc5", "num_clips", "unevaluated")})
     if line:
         utils.write_log_line(args.output_dir, line)
 

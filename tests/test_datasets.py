@@ -235,9 +235,11 @@ def test_cls_dataset_items(synthetic_dir):
     assert x.shape == (4, 3, 8, 32, 32) and y.tolist() == [0, 0, 1, 1] and i.tolist() == [0, 0, 1, 1]
 
     val, _ = D.build_dataset(False, False, a)
-    c1, label, vid = val[0]
-    c2, _, _ = val[0]
+    c1, label, vid, info = val[0]
+    c2 = val[0][0]
     assert c1.shape == (3, 8, 32, 32) and torch.equal(c1, c2)  # deterministic centre clip
+    first = D.read_list_file(os.path.join(synthetic_dir, "val.csv"))[0]
+    assert info == {"valid": True, "path": first.path, "line": first.line_no, "reason": ""}
     assert vid.endswith(".mp4") and label == D.read_list_file(os.path.join(synthetic_dir, "val.csv"))[0].label
 
     test, _ = D.build_dataset(False, True, a)
@@ -245,8 +247,8 @@ def test_cls_dataset_items(synthetic_dir):
     assert len(test) == n_videos * 2 * 3
     items = [test[i] for i in range(len(test))]
     views = {}
-    for clip, _label, vid, seg, crop in items:
-        assert clip.shape == (3, 8, 32, 32)
+    for clip, _label, vid, seg, crop, info in items:
+        assert clip.shape == (3, 8, 32, 32) and info["valid"]
         views.setdefault(vid, set()).add((seg, crop))
     assert len(views) == n_videos
     assert all(v == {(s, c) for s in range(2) for c in range(3)} for v in views.values())
@@ -285,8 +287,9 @@ def test_broken_video_skipped_and_counted(tmp_path, video_dir, backend, caplog):
 
     cls = D.VideoClsDataset(p, mode="test", nb_classes=1, num_frames=8, sampling_rate=2, input_size=32,
                             short_side_size=32, test_num_segment=1, test_num_crop=1, video_backend=backend)
-    clip, label, vid, seg, crop = cls[0]  # broken in test: placeholder clip with its own id
-    assert vid.endswith("truncated.mp4") and clip.abs().sum() == 0 and cls.num_broken == 1
+    clip, label, vid, seg, crop, info = cls[0]  # broken in test: marked invalid (never replaced), with line + reason
+    assert vid.endswith("truncated.mp4") and not info["valid"] and cls.num_broken == 1
+    assert info["line"] == 1 and info["path"] == vid and "cannot open" in info["reason"]
 
 
 def test_mostly_broken_dataset_stops(tmp_path, video_dir):
