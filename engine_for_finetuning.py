@@ -39,8 +39,12 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
                     loss_scaler: utils.LossScaler | None, args: Any, start_step: int,
                     lr_schedule: np.ndarray, wd_schedule: np.ndarray, model_ema: Any = None,
                     mixup_fn: Callable | None = None, log_writer: utils.TensorboardLogger | None = None,
-                    deepspeed_engine: bool = False) -> dict[str, float]:
-    """One epoch of supervised fine-tuning; returns the epoch's averaged meters.
+                    deepspeed_engine: bool = False, steps_per_epoch: int | None = None, first_step: int = 0,
+                    metric_logger: utils.MetricLogger | None = None, stop: Any = None
+                    ) -> tuple[dict[str, float] | None, int]:
+    """One epoch of supervised fine-tuning; returns ``(averaged meters, optimizer steps done)``.
+
+    Resuming mid-epoch and stopping early work as in ``engine_for_pretraining.train_one_epoch``.
 
     ``optimizer`` is the torch optimizer whose groups carry ``lr_scale`` (also under DeepSpeed, where it is the
     client optimizer the engine wraps), so the per-step lr / weight-decay schedules are applied the same way on both
@@ -51,18 +55,21 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
     model.train()
     accum = max(1, int(getattr(args, "accum_iter", 1)))
     print_freq = int(getattr(args, "print_freq", 10))
-    steps_per_epoch = len(data_loader) // accum  # type: ignore[arg-type]
-    metric_logger = utils.MetricLogger(delimiter="  ")
-    header = f"Epoch: [{epoch}]"
+    if steps_per_epoch is None:
+        steps_per_epoch = len(data_loader) // accum  # type: ignore[arg-type]
+    metric_logger = metric_logger if metric_logger is not None else utils.MetricLogger(delimiter="  ")
     watch = utils.NonFiniteLossWatch(epoch, steps_per_epoch, start_step, device)
+    epoch_iter = utils.ScheduledEpoch(data_loader, metric_logger, optimizer, lr_schedule, wd_schedule,
+                                      start_step=start_step, steps_per_epoch=steps_per_epoch, accum=accum,
+                                      print_freq=print_freq, header=f"Epoch: [{epoch}]", seed=args.seed,
+                                      first_step=first_step, stop=stop)
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     ds_dtype = _deepspeed_input_dtype(model) if deepspeed_engine else None
     ema_target = utils.unwrap_model(model.module if deepspeed_engine else model)
 
     if not deepspeed_engine:
         optimizer.zero_grad(set_to_none=True)
-    for it, step, global_step, update, batch in utils.scheduled_iterations(
-            data_loader, metric_logger, optimizer, lr_schedule, wd_schedule, start_step, accum, print_freq, header):
+    for it, step, global_step, update, batch in epoch_iter:
         samples = batch[0].to(device, non_blocking=True)
         targets = batch[1].to(device, non_blocking=True)
         hard_targets = targets
@@ -102,10 +109,12 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
             log_writer.update(head="opt", step=global_step, lr=lr_stats["lr"], min_lr=lr_stats["min_lr"],
                               weight_decay=lr_stats["weight_decay"], grad_norm=grad_norm)
     watch.check()
+    if epoch_iter.stopped:
+        return None, epoch_iter.completed_steps
     metric_logger.synchronize_between_processes()
     averages = metric_logger.global_averages()
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in averages.items()))
-    return averages
+    return averages, epoch_iter.completed_steps
 
 
 def _deepspeed_input_dtype(engine: Any) -> torch.dtype | None:

@@ -70,27 +70,34 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
                     device: torch.device, epoch: int, loss_scaler: utils.LossScaler, args: Any,
                     start_step: int, lr_schedule: np.ndarray, wd_schedule: np.ndarray,
                     log_writer: utils.TensorboardLogger | None = None,
-                    broken_count: Any = None) -> dict[str, float]:
-    """One epoch of pre-training; returns the epoch's averaged meters.
+                    broken_count: Any = None, steps_per_epoch: int | None = None, first_step: int = 0,
+                    metric_logger: utils.MetricLogger | None = None, stop: Any = None
+                    ) -> tuple[dict[str, float] | None, int]:
+    """One epoch of pre-training; returns ``(averaged meters, optimizer steps done)``.
 
     ``start_step`` is the global optimizer-step index at the start of the epoch; the lr / weight-decay schedules
     are indexed per optimizer step. With ``args.accum_iter`` > 1 gradients of that many batches are accumulated
     per step. The non-finite-loss check is deferred to logging steps and the epoch end (a sticky device flag),
-    so the step itself never waits on the host.
+    so the step itself never waits on the host. A resumed epoch starts at ``first_step`` with the interrupted
+    run's ``metric_logger``; when ``stop`` ends the epoch early the meters are returned as None (the caller saves
+    ``metric_logger`` unreduced) with the number of steps done.
     """
     model.train()
     unwrapped = utils.unwrap_model(model)
     patch, tubelet = unwrapped.patch_size, unwrapped.tubelet_size
     accum = max(1, int(getattr(args, "accum_iter", 1)))
     print_freq = int(getattr(args, "print_freq", 10))
-    steps_per_epoch = len(data_loader) // accum
-    metric_logger = utils.MetricLogger(delimiter="  ")
+    if steps_per_epoch is None:
+        steps_per_epoch = len(data_loader) // accum  # type: ignore[arg-type]
+    metric_logger = metric_logger if metric_logger is not None else utils.MetricLogger(delimiter="  ")
     watch = utils.NonFiniteLossWatch(epoch, steps_per_epoch, start_step, device)
-    header = f"Epoch: [{epoch}]"
+    epoch_iter = utils.ScheduledEpoch(data_loader, metric_logger, optimizer, lr_schedule, wd_schedule,
+                                      start_step=start_step, steps_per_epoch=steps_per_epoch, accum=accum,
+                                      print_freq=print_freq, header=f"Epoch: [{epoch}]", seed=args.seed,
+                                      first_step=first_step, stop=stop)
 
     optimizer.zero_grad(set_to_none=True)
-    for it, step, global_step, update, videos in utils.scheduled_iterations(
-            data_loader, metric_logger, optimizer, lr_schedule, wd_schedule, start_step, accum, print_freq, header):
+    for it, step, global_step, update, videos in epoch_iter:
         videos = clips_to_device(videos, device)
         noise = mask_noise(args.seed, start_step * accum + it, videos.shape[0], unwrapped.num_patches, device)
         with utils.autocast(device, args.precision):
@@ -126,6 +133,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
                 log_writer.update(head="data", step=global_step, data_time=metric_logger.data_time.avg,
                                   broken_videos=broken_count() if broken_count else 0)
     watch.check()
+    if epoch_iter.stopped:
+        return None, epoch_iter.completed_steps
     metric_logger.synchronize_between_processes()
     averages = metric_logger.global_averages()
     # Seconds per iteration, and the part of it spent waiting for the data loader (this process).
@@ -133,4 +142,4 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
     if broken_count:
         averages["broken_videos"] = broken_count()
     print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in averages.items()))
-    return averages
+    return averages, epoch_iter.completed_steps

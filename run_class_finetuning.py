@@ -25,10 +25,13 @@ from typing import Any
 import timm
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import modeling_finetune  # noqa: F401  (registers the models)
 import utils
+from cli import add_debug_arg, run_program
+from preemption import GracefulStop, exit_preempted
+from resume import ResumableSampler, start_epoch_data, trim_log
 from checkpoint_loading import load_pretrained_encoder
 from datasets import add_data_args, build_dataset, get_broken_count, multiple_samples_collate
 from engine_for_finetuning import ShardSampler, evaluate, final_test, train_one_epoch
@@ -113,6 +116,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_data_args(p, pretrain=False)
     utils.add_distributed_args(p)
+    add_debug_arg(p)
     return p
 
 
@@ -203,20 +207,33 @@ def init_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: 
 
 
 def deepspeed_save(args: argparse.Namespace, engine: Any, epoch: int, global_step: int, model_ema: Any,
-                   tag: str | None = None) -> None:
-    """DeepSpeed checkpoint folder ``checkpoint-{epoch}`` (or ``checkpoint-{tag}``); collective."""
-    client_state = {"epoch": epoch, "global_step": global_step, "kind": "finetune", "model_name": args.model,
-                    "args": {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list,
-                                                                                   type(None)))}}
+                   tag: str | None = None, step_in_epoch: int | None = None,
+                   rank_state: dict[str, Any] | None = None) -> str:
+    """DeepSpeed checkpoint folder ``checkpoint-{epoch}`` (or ``checkpoint-{tag}``; a stop inside an epoch:
+    ``checkpoint-{epoch}-step{k}``); collective. Returns the folder."""
+    client_state: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "kind": "finetune",
+                                    "model_name": args.model, "args": utils.plain_args(args)}
     if model_ema is not None:
         client_state["model_ema"] = utils.get_model_state_dict(model_ema.module)
+    if step_in_epoch is not None:
+        states: list[Any] = [None] * utils.get_world_size()
+        if utils.is_dist_avail_and_initialized():
+            torch.distributed.all_gather_object(states, rank_state)
+        else:
+            states = [rank_state]
+        client_state.update(step_in_epoch=int(step_in_epoch), rank_state=states)
+        tag = f"{epoch}-step{step_in_epoch}"
     name = f"checkpoint-{tag if tag is not None else epoch}"
-    engine.save_checkpoint(args.output_dir, tag=name, client_state=client_state, save_latest=tag is None)
+    engine.save_checkpoint(args.output_dir, tag=name, client_state=client_state, save_latest=tag is None
+                           or step_in_epoch is not None)
+    return os.path.join(args.output_dir, name)
 
 
-def deepspeed_resume(args: argparse.Namespace, engine: Any, model_ema: Any) -> int:
-    """Resume from ``--resume`` (a DeepSpeed folder) or the ``latest`` tag in ``--output_dir``; returns the global
-    step (0 when nothing was resumed) and sets ``args.start_epoch``."""
+def deepspeed_resume(args: argparse.Namespace, engine: Any, model_ema: Any) -> utils.ResumeInfo:
+    """Resume from ``--resume`` (a DeepSpeed folder) or the ``latest`` tag in ``--output_dir`` (refusing a run
+    with other run-defining flags, as the plain path does); sets ``args.start_epoch``."""
+    from resume import check_run_config
+
     load_dir, tag = None, None
     if args.resume:
         load_dir, tag = os.path.dirname(os.path.abspath(args.resume)), os.path.basename(os.path.normpath(
@@ -224,16 +241,25 @@ def deepspeed_resume(args: argparse.Namespace, engine: Any, model_ema: Any) -> i
     elif args.auto_resume and args.output_dir and os.path.isfile(os.path.join(args.output_dir, "latest")):
         load_dir = args.output_dir
     if load_dir is None:
-        return 0
+        return utils.ResumeInfo(start_epoch=args.start_epoch)
     path, client_state = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag})")
+        raise utils.CheckpointError(f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag})")
+    if not args.resume:
+        check_run_config(client_state.get("args"), args, str(path))
     if model_ema is not None and client_state.get("model_ema") is not None:
         model_ema.module.load_state_dict(client_state["model_ema"])
-    args.start_epoch = int(client_state["epoch"]) + 1
-    print(f"Resumed from {path}: epoch {client_state['epoch']}, start_epoch {args.start_epoch}, "
-          f"global_step {client_state.get('global_step')}")
-    return int(client_state.get("global_step") or 0)
+    step = int(client_state.get("step_in_epoch") or 0)
+    info = utils.ResumeInfo(path=str(path), epoch=int(client_state["epoch"]), step_in_epoch=step,
+                            global_step=int(client_state.get("global_step") or 0),
+                            extra={k: v for k, v in client_state.items() if k in ("best_acc1",)})
+    info.start_epoch = args.start_epoch = info.epoch + (0 if step else 1)
+    states = client_state.get("rank_state")
+    if step and isinstance(states, list) and len(states) == utils.get_world_size():
+        info.rank_state = states[utils.get_rank()]
+    print(f"Resumed from {path}: epoch {info.epoch}, start_epoch {args.start_epoch}, global_step "
+          f"{info.global_step}" + (f", step {step} of epoch {info.start_epoch}" if step else ""))
+    return info
 
 
 def _eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int, shard: bool) -> DataLoader:
@@ -265,12 +291,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         dataset_test, args.nb_classes = build_dataset(is_train=False, test_mode=True, args=args)
     if args.nb_classes is None:
         raise ValueError("--eval with --skip_final_test needs --nb_classes")
-    print(json.dumps(vars(args), default=str, indent=1))
 
     loader_train = sampler_train = None
     if dataset_train is not None:
-        sampler_train = DistributedSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True,
-                                           seed=args.seed)
+        sampler_train = ResumableSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
         loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
                                   num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
                                   drop_last=True, worker_init_fn=utils.seed_worker,
@@ -324,19 +348,25 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     criterion = build_criterion(args, mixup_fn is not None)
     print(f"criterion = {criterion}; mixup {'on' if mixup_fn is not None else 'off'}")
 
+    utils.record_args(args, ("model", "finetune", "data_path", "nb_classes", "batch_size", "epochs", "lr",
+                             "num_frames", "input_size", "output_dir"))
     engine = None
+    resumed = utils.ResumeInfo(start_epoch=args.start_epoch)
     if args.enable_deepspeed:
         engine = init_deepspeed(args, model, optimizer)
         model = engine
-        deepspeed_resume(args, engine, model_ema)
+        resumed = deepspeed_resume(args, engine, model_ema)
     elif not (args.eval and args.finetune and not args.resume):  # --eval --finetune X evaluates X as given
-        utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema=model_ema)
+        resumed = utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema=model_ema)
         if args.compile:
             model = torch.compile(model)
         if args.distributed:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
-    log_writer = utils.TensorboardLogger(args.log_dir) if args.log_dir and not args.eval else None
+    if not args.eval:
+        trim_log(args.output_dir, args.start_epoch)
+    log_writer = utils.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) \
+        if args.log_dir and not args.eval else None
     protocol = (f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop} (frames x segments x crops), "
                 f"crop {args.input_size} from short side {args.short_side_size}")
 
@@ -364,23 +394,37 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
     start_time = time.time()
-    best_acc1 = -1.0
+    best_acc1 = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
+    stop = GracefulStop()
     for epoch in range(args.start_epoch, args.epochs):
-        sampler_train.set_epoch(epoch)
-        dataset_train.set_epoch(epoch)
-        train_stats = train_one_epoch(model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args,
-                                      start_step=epoch * steps_per_epoch, lr_schedule=lr_schedule,
-                                      wd_schedule=wd_schedule, model_ema=model_ema, mixup_fn=mixup_fn,
-                                      log_writer=log_writer, deepspeed_engine=engine is not None)
+        first_step, meters = start_epoch_data(epoch, resumed, args, sampler_train, dataset_train)
+        train_stats, done = train_one_epoch(
+            model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args,
+            start_step=epoch * steps_per_epoch, lr_schedule=lr_schedule, wd_schedule=wd_schedule, model_ema=model_ema,
+            mixup_fn=mixup_fn, log_writer=log_writer, deepspeed_engine=engine is not None,
+            steps_per_epoch=steps_per_epoch, first_step=first_step, metric_logger=meters, stop=stop)
+        extra = {"kind": "finetune", "model_name": args.model, "nb_classes": args.nb_classes, "best_acc1": best_acc1}
+        if train_stats is None:  # stopped by a signal inside the epoch: always saved, even with --no_save_ckpt
+            step_state = {"step_in_epoch": done, "rank_state": {"meters": meters.state_dict()}}
+            global_step = epoch * steps_per_epoch + done
+            if engine is not None:
+                written = [deepspeed_save(args, engine, epoch, global_step, model_ema, **step_state)]
+            else:
+                written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
+                                                extra=extra, model_ema=model_ema, **step_state)
+            if log_writer is not None:
+                log_writer.close()
+            exit_preempted(stop, f"in epoch {epoch} after step {done} of {steps_per_epoch}",
+                           written[0] if written else None)
         global_step = (epoch + 1) * steps_per_epoch
-        extra = {"kind": "finetune", "model_name": args.model, "nb_classes": args.nb_classes}
+        written = []
         if args.output_dir and args.save_ckpt:
             if engine is not None:
                 if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
-                    deepspeed_save(args, engine, epoch, global_step, model_ema)
+                    written = [deepspeed_save(args, engine, epoch, global_step, model_ema)]
             else:
-                utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
-                                      extra=extra, model_ema=model_ema)
+                written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
+                                                extra=extra, model_ema=model_ema)
         log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                                      "n_parameters": n_params, "broken_videos": get_broken_count(dataset_train)}
         if loader_val is not None:
@@ -408,6 +452,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         utils.write_log_line(args.output_dir, log_stats)
         if log_writer is not None:
             log_writer.flush()
+        if epoch + 1 < args.epochs and stop.sync():
+            if log_writer is not None:
+                log_writer.close()
+            exit_preempted(stop, f"at the end of epoch {epoch}", written[-1] if written else None)
+    stop.restore()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total}")
     results["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
@@ -441,4 +490,4 @@ def _log_final(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_program(main, get_args_parser())

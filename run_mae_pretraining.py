@@ -17,10 +17,13 @@ import time
 
 import timm
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the models)
 import utils
+from cli import add_debug_arg, run_program
+from preemption import GracefulStop, exit_preempted
+from resume import ResumableSampler, start_epoch_data, trim_log
 from datasets import add_data_args, build_pretraining_dataset, get_broken_count, multiple_samples_collate
 from engine_for_pretraining import clips_to_device, train_one_epoch
 from mask_visualization import log_mask_images
@@ -84,6 +87,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     add_data_args(p, pretrain=True)
     utils.add_distributed_args(p)
+    add_debug_arg(p)
     return p
 
 
@@ -104,12 +108,11 @@ def _first_clip(item: torch.Tensor | list) -> torch.Tensor:
 def main(args: argparse.Namespace) -> dict:
     device = utils.setup_run(args)
     print(f"job dir: {os.path.dirname(os.path.abspath(__file__))}")
-    print(json.dumps({k: v for k, v in vars(args).items()}, default=str, indent=1))
 
     dataset = build_pretraining_dataset(args)
     world, rank = utils.get_world_size(), utils.get_rank()
     # DistributedSampler also for one process: the order of clips is then the same for any number of processes.
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
                         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
                         worker_init_fn=utils.seed_worker, persistent_workers=args.num_workers > 0,
@@ -138,14 +141,18 @@ def main(args: argparse.Namespace) -> dict:
                                          start_warmup_value=args.warmup_lr, warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
-    utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler)
+    utils.record_args(args, ("model", "mask_type", "mask_ratio", "data_path", "batch_size", "epochs", "lr",
+                             "num_frames", "input_size", "output_dir"))
+    resumed = utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler)
+    trim_log(args.output_dir, args.start_epoch)
+    stop = GracefulStop()
 
     if args.compile:
         model = torch.compile(model)
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
-    log_writer = utils.TensorboardLogger(args.log_dir) if args.log_dir else None
+    log_writer = utils.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) if args.log_dir else None
     vis_clips = None
     if log_writer is not None and log_writer.writer is not None and args.vis_freq > 0:
         # Fixed clips (the dataset's augmentation is seeded per index and epoch) so the grid shows the mask evolving.
@@ -155,18 +162,25 @@ def main(args: argparse.Namespace) -> dict:
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
     start_time = time.time()
     stats: dict = {}
+    ckpt_extra = {"kind": "pretrain", "model_name": args.model, "mask_type": model_without_ddp.mask_type,
+                  "mask_ratio": args.mask_ratio}
     for epoch in range(args.start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, device, epoch, loss_scaler, args,
-                                start_step=epoch * steps_per_epoch, lr_schedule=lr_schedule,
-                                wd_schedule=wd_schedule, log_writer=log_writer,
-                                broken_count=lambda: get_broken_count(dataset))
-        if args.output_dir:
-            utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler,
-                                  global_step=(epoch + 1) * steps_per_epoch,
-                                  extra={"kind": "pretrain", "model_name": args.model,
-                                         "mask_type": model_without_ddp.mask_type, "mask_ratio": args.mask_ratio})
+        first_step, meters = start_epoch_data(epoch, resumed, args, sampler, dataset)
+        stats, done = train_one_epoch(model, loader, optimizer, device, epoch, loss_scaler, args,
+                                      start_step=epoch * steps_per_epoch, lr_schedule=lr_schedule,
+                                      wd_schedule=wd_schedule, log_writer=log_writer,
+                                      broken_count=lambda: get_broken_count(dataset), steps_per_epoch=steps_per_epoch,
+                                      first_step=first_step, metric_logger=meters, stop=stop)
+        if stats is None:  # stopped by a signal inside the epoch
+            written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler,
+                                            global_step=epoch * steps_per_epoch + done, extra=ckpt_extra,
+                                            step_in_epoch=done, rank_state={"meters": meters.state_dict()})
+            if log_writer is not None:
+                log_writer.close()
+            exit_preempted(stop, f"in epoch {epoch} after step {done} of {steps_per_epoch}",
+                           written[0] if written else None)
+        written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler,
+                                        global_step=(epoch + 1) * steps_per_epoch, extra=ckpt_extra)
         utils.write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                                                "n_parameters": n_params})
         if vis_clips is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
@@ -174,9 +188,14 @@ def main(args: argparse.Namespace) -> dict:
                             step=(epoch + 1) * steps_per_epoch, normalize_target=args.normalize_target)
         if log_writer is not None:
             log_writer.flush()
+        if epoch + 1 < args.epochs and stop.sync():
+            if log_writer is not None:
+                log_writer.close()
+            exit_preempted(stop, f"at the end of epoch {epoch}", written[-1] if written else None)
+    stop.restore()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total}")
-    if args.output_dir and utils.is_main_process():
+    if utils.is_main_process():
         print(f"Checkpoints: {os.path.abspath(args.output_dir)}/checkpoint-*.pth\n"
               f"Log:         {os.path.abspath(os.path.join(args.output_dir, 'log.txt'))}\n"
               f"TensorBoard: tensorboard --logdir {os.path.abspath(args.log_dir)}")
@@ -187,4 +206,4 @@ def main(args: argparse.Namespace) -> dict:
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    run_program(main, get_args_parser())

@@ -330,10 +330,27 @@ def setup_seed(seed: int) -> int:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: torch does not reseed numpy/random per worker, so derive them here."""
+    """DataLoader ``worker_init_fn``: torch does not reseed numpy/random per worker, so derive them here; stop
+    signals are left to the main process (``preemption``)."""
+    from preemption import ignore_stop_signals
+
+    ignore_stop_signals()
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+def seed_step(seed: int, iteration: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and random from (seed, rank, global iteration) before a training step.
+
+    The step's own randomness (dropout, drop path, mixup) then depends on nothing that happened before it: not on
+    how many DataLoader iterators drew a base seed, not on a visualisation in between, and not on whether the run
+    was interrupted and resumed there. That is what makes resuming mid-epoch bit-exact.
+    """
+    state = np.random.SeedSequence([int(seed) % 2**32, get_rank(), int(iteration)]).generate_state(2, np.uint64)
+    torch.manual_seed(int(state[0]) % 2**63)
+    np.random.seed(int(state[1]) % 2**32)
+    random.seed(int(state[1]))
 
 
 def cleanup() -> None:
@@ -623,6 +640,8 @@ class ResumeInfo:
     epoch: int = -1
     start_epoch: int = 0
     global_step: int = 0
+    step_in_epoch: int = 0  # > 0: the run stopped inside ``start_epoch`` after this many optimizer steps
+    rank_state: dict[str, Any] | None = None  # this rank's saved in-epoch state (meters) for a mid-epoch resume
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -722,6 +741,11 @@ def _atomic_write(path: Path, write_fn: Callable[[io.BufferedWriter], None]) -> 
     _fsync_dir(path.parent)
 
 
+def atomic_write_text(path: PathLike, text: str) -> None:
+    """Write a text file via temp file + fsync + rename (results, rewritten logs): never half-written."""
+    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+
+
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
     """torch.save via temp file + fsync + rename: a crash mid-save leaves the old file, never a torn one."""
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
@@ -734,7 +758,8 @@ def _atomic_copy(src: Path, dst: Path) -> None:
     _atomic_write(dst, _copy)
 
 
-def _plain_args(args: Any) -> dict[str, Any]:
+def plain_args(args: Any) -> dict[str, Any]:
+    """The arguments as plain JSON-able values (saved in checkpoints and args.json)."""
     d = vars(args) if not isinstance(args, Mapping) else dict(args)
 
     def conv(v: Any) -> Any:
@@ -780,13 +805,16 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
 def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.Module,
                     optimizer: torch.optim.Optimizer | None, loss_scaler: LossScaler | None,
                     global_step: int, extra: Mapping[str, Any] | None = None, model_ema: Any = None,
-                    tag: str | None = None) -> list[str]:
+                    tag: str | None = None, step_in_epoch: int | None = None,
+                    rank_state: Mapping[str, Any] | None = None) -> list[str]:
     """Write ``checkpoint-{epoch}.pth`` (every ``args.save_ckpt_freq`` epochs and at the last) and, always,
     ``checkpoint-latest.pth`` into ``args.output_dir``; with ``tag`` only ``checkpoint-{tag}.pth``
-    (e.g. 'best').
+    (e.g. 'best'). With ``step_in_epoch`` (a stop inside ``epoch`` after that many optimizer steps) only
+    ``checkpoint-latest.pth``, marked so that resuming continues that epoch at that step.
 
     Collective: call it on every rank. All ranks check the weights for NaN/Inf (so all raise together) and
-    gather their RNG states; only rank 0 writes, atomically. Returns the paths written (empty on other ranks).
+    gather their RNG states and ``rank_state`` (e.g. the epoch's meters so far); only rank 0 writes, atomically.
+    Returns the paths written (empty on other ranks).
     ``extra`` entries go to the top level (e.g. ``{'kind': 'pretrain', 'best_acc1': 81.2}``).
     """
     output_dir = getattr(args, "output_dir", None)
@@ -801,15 +829,15 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.
             f"refusing to save epoch {epoch}: {len(bad)} weight tensor(s) contain NaN/Inf (first: "
             f"{', '.join(bad[:5])}); the run has diverged, resume from the previous checkpoint instead")
 
-    rng = _rng_state()
+    mine = {"rng": _rng_state(), "state": dict(rank_state) if rank_state else None}
     if is_dist_avail_and_initialized():
         gathered: list[Any] = [None] * get_world_size()
-        dist.all_gather_object(gathered, rng)
-        rng_states = gathered
+        dist.all_gather_object(gathered, mine)
     else:
-        rng_states = [rng]
+        gathered = [mine]
     if not is_main_process():
         return []
+    rng_states = [g["rng"] for g in gathered]
 
     ckpt: dict[str, Any] = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
@@ -821,9 +849,12 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.
         "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
         "epoch": int(epoch),
         "global_step": int(global_step),
-        "args": _plain_args(args),
+        "args": plain_args(args),
         "rng_state": rng_states,
     }
+    if step_in_epoch is not None:
+        ckpt["step_in_epoch"] = int(step_in_epoch)
+        ckpt["rank_state"] = [g["state"] for g in gathered]
     if ema_sd is not None:
         ckpt["model_ema"] = ema_sd
     if extra:
@@ -831,8 +862,8 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.
 
     out = Path(output_dir)
     written: list[str] = []
-    if tag is not None:
-        path = out / f"checkpoint-{tag}.pth"
+    if tag is not None or step_in_epoch is not None:
+        path = out / f"checkpoint-{tag if tag is not None else 'latest'}.pth"
         atomic_torch_save(ckpt, path)
         return [str(path)]
     freq = int(getattr(args, "save_ckpt_freq", 1) or 1)
@@ -894,8 +925,12 @@ def _restore(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, model
         if loss_scaler is not None and ckpt.get("scaler") is not None:
             loss_scaler.load_state_dict(ckpt["scaler"])
         info.epoch = int(ckpt["epoch"])
-        info.start_epoch = info.epoch + 1
+        info.step_in_epoch = int(ckpt.get("step_in_epoch") or 0)
+        info.start_epoch = info.epoch + (0 if info.step_in_epoch else 1)
         args.start_epoch = info.start_epoch
+        states = ckpt.get("rank_state")
+        if info.step_in_epoch and isinstance(states, list) and len(states) == get_world_size():
+            info.rank_state = states[get_rank()]
         if ckpt.get("global_step") is not None:
             info.global_step = int(ckpt["global_step"])
         else:
@@ -915,8 +950,9 @@ def _restore(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, model
             _set_rng_state(rng)
     info.extra = {k: v for k, v in ckpt.items() if k not in {"model", "model_ema", "optimizer", "scaler",
                                                             "rng_state", "args"}}
+    where = f", step {info.step_in_epoch} of epoch {info.start_epoch}" if info.step_in_epoch else ""
     print(f"Resumed from {path}: epoch {info.epoch}, start_epoch {info.start_epoch}, "
-          f"global_step {info.global_step}")
+          f"global_step {info.global_step}{where}")
     return info
 
 
@@ -941,15 +977,19 @@ def auto_load_model(args: argparse.Namespace, model_without_ddp: nn.Module,
     if not output_dir or not Path(output_dir).is_dir():
         return ResumeInfo(start_epoch=int(args.start_epoch))
 
+    from resume import check_run_config
+
     latest, numbered = _find_auto_resume_candidates(Path(output_dir))
-    candidates: list[tuple[int, int, Path, dict[str, Any] | None]] = []  # (epoch, prefer, path, preloaded)
+    # (progress, prefer, path, preloaded): a mid-epoch latest (epoch e, step k) comes after checkpoint-{e-1}.
+    candidates: list[tuple[float, int, Path, dict[str, Any] | None]] = []
     if latest is not None:
         try:
             ck = load_checkpoint_file(latest)
-            candidates.append((int(ck.get("epoch", -1)), 1, latest, ck))
+            progress = int(ck.get("epoch", -1)) + (0.5 if ck.get("step_in_epoch") else 1.0)
+            candidates.append((progress, 1, latest, ck))
         except CheckpointError as e:
             _builtin_print(f"[auto_resume] WARNING: {e}; falling back to the previous numbered checkpoint")
-    candidates += [(n, 0, p, None) for n, p in numbered]
+    candidates += [(n + 1.0, 0, p, None) for n, p in numbered]
     candidates.sort(key=lambda t: (t[0], t[1]), reverse=True)
     for _, _, path, ck in candidates:
         if ck is None:
@@ -958,6 +998,7 @@ def auto_load_model(args: argparse.Namespace, model_without_ddp: nn.Module,
             except CheckpointError as e:
                 _builtin_print(f"[auto_resume] WARNING: {e}; falling back to the previous checkpoint")
                 continue
+        check_run_config(ck.get("args"), args, str(path))
         return _restore(ck, str(path), args, model_without_ddp, optimizer, loss_scaler, model_ema)
     if candidates or latest is not None:
         _builtin_print(f"[auto_resume] WARNING: no readable checkpoint in {output_dir}; starting fresh")
@@ -1052,6 +1093,16 @@ class SmoothedValue:
         return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, max=self.max,
                                value=self.value)
 
+    def state_dict(self) -> dict[str, Any]:
+        self._materialize()
+        return {"window": list(self.deque), "total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._pending = []
+        self.deque.clear()
+        self.deque.extend(float(v) for v in state["window"])
+        self.total, self.count = float(state["total"]), int(state["count"])
+
 
 class MetricLogger:
     """Named meters plus ``log_every``, which prints progress, ETA, data vs step time and peak CUDA memory."""
@@ -1086,6 +1137,14 @@ class MetricLogger:
 
     def global_averages(self) -> dict[str, float]:
         return {k: m.global_avg for k, m in self.meters.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The meters so far, so that an epoch resumed mid-way reports the same averages as an uninterrupted one."""
+        return {k: m.state_dict() for k, m in self.meters.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for k, v in state.items():
+            self.meters[k].load_state_dict(v)
 
     def log_every(self, iterable: Iterable[Any], print_freq: int, header: str | None = None) -> Iterator[Any]:
         header = header or ""
@@ -1139,7 +1198,9 @@ class TensorboardLogger:
     calling ``update`` every step does not force a device sync every step.
     """
 
-    def __init__(self, log_dir: PathLike | None, buffer_size: int = 256) -> None:
+    def __init__(self, log_dir: PathLike | None, buffer_size: int = 256, purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first step; TensorBoard then discards what the interrupted run had
+        logged from that step on, so no step appears twice."""
         self.writer = None
         self.step = 0
         self.buffer_size = int(buffer_size)
@@ -1147,7 +1208,7 @@ class TensorboardLogger:
         if log_dir and is_main_process():
             from torch.utils.tensorboard import SummaryWriter
             Path(log_dir).mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge_step or None)
 
     def set_step(self, step: int | None = None) -> None:
         self.step = int(step) if step is not None else self.step + 1
@@ -1223,13 +1284,29 @@ def write_log_line(output_dir: PathLike | None, stats: Mapping[str, Any], filena
         f.flush()
 
 
+def record_args(args: argparse.Namespace, summary: Sequence[str]) -> None:
+    """All arguments to ``OUTPUT_DIR/args.json`` (rank 0, atomic); the terminal gets the ``summary`` flags only."""
+    if is_main_process() and getattr(args, "output_dir", None):
+        path = Path(args.output_dir) / "args.json"
+        atomic_write_text(path, json.dumps(plain_args(args), indent=1, sort_keys=True) + "\n")
+        shown = "  ".join(f"{k}={getattr(args, k)}" for k in summary if hasattr(args, k))
+        print(f"Run: {shown}\nAll arguments: {path}")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Shared by the training programs
 # ----------------------------------------------------------------------------------------------------
 
 def setup_run(args: argparse.Namespace) -> torch.device:
     """Everything a training program does before building data and model: processes, device, precision
-    (default bf16 on GPU, fp32 on CPU), seeds, fast CUDA math, output and TensorBoard folders."""
+    (default bf16 on GPU, fp32 on CPU), seeds, fast CUDA math, output and TensorBoard folders.
+
+    A run without ``--output_dir`` is refused: it would train and keep nothing (no checkpoint, log or results).
+    """
+    if not getattr(args, "output_dir", None):
+        from cli import UserError
+        raise UserError("--output_dir is required: it receives the checkpoints (resumable), log.txt, args.json, "
+                        "TensorBoard logs and results; e.g. --output_dir output/my_run")
     init_distributed_mode(args)
     device = torch.device(args.device)
     if getattr(args, "precision", None) is None:
@@ -1294,20 +1371,45 @@ def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, min_lr: float
     return g
 
 
-def scheduled_iterations(data_loader: Iterable[Any], metric_logger: MetricLogger, optimizer: torch.optim.Optimizer,
-                         lr_schedule: np.ndarray, wd_schedule: np.ndarray, start_step: int, accum: int,
-                         print_freq: int, header: str) -> Iterator[tuple[int, int, int, bool, Any]]:
-    """One epoch of ``(iteration, step, global_step, update, batch)``, with gradient accumulation.
+class ScheduledEpoch:
+    """One epoch of ``(iteration, step, global_step, update, batch)``, with gradient accumulation, that can start
+    at an optimizer step other than 0 (a mid-epoch resume) and stop early when the run is asked to stop.
 
     ``accum`` batches make one optimizer step; the step's lr and weight decay are set from the per-step schedules
-    at its first batch, and ``update`` is True on its last. A trailing partial step is dropped.
+    at its first batch, and ``update`` is True on its last. A trailing partial step is dropped. Each batch's
+    randomness is seeded from (seed, rank, global iteration) (``seed_step``). ``data_loader`` yields the epoch's
+    batches from ``first_step`` on. After each optimizer step but the last, ``stop.poll()`` (collective) decides
+    whether all ranks stop there; then ``stopped`` is True and ``completed_steps`` says how many steps were done.
     """
-    steps_per_epoch = len(data_loader) // accum  # type: ignore[arg-type]
-    for it, batch in enumerate(metric_logger.log_every(data_loader, print_freq, header)):
-        step = it // accum
-        if step >= steps_per_epoch:
-            break
-        global_step = start_step + step
-        if it % accum == 0:
-            apply_schedule(optimizer, lr=float(lr_schedule[global_step]), weight_decay=float(wd_schedule[global_step]))
-        yield it, step, global_step, (it + 1) % accum == 0, batch
+
+    def __init__(self, data_loader: Iterable[Any], metric_logger: MetricLogger, optimizer: torch.optim.Optimizer,
+                 lr_schedule: np.ndarray, wd_schedule: np.ndarray, *, start_step: int, steps_per_epoch: int,
+                 accum: int, print_freq: int, header: str, seed: int, first_step: int = 0, stop: Any = None) -> None:
+        self.data_loader, self.metric_logger, self.optimizer = data_loader, metric_logger, optimizer
+        self.lr_schedule, self.wd_schedule = lr_schedule, wd_schedule
+        self.start_step, self.steps_per_epoch, self.accum = start_step, steps_per_epoch, accum
+        self.print_freq, self.header, self.seed, self.stop = print_freq, header, seed, stop
+        self.first_step = self.completed_steps = int(first_step)
+        self.stopped = False
+
+    def __iter__(self) -> Iterator[tuple[int, int, int, bool, Any]]:
+        accum = self.accum
+        it = self.first_step * accum - 1
+        for batch in self.metric_logger.log_every(self.data_loader, self.print_freq, self.header):
+            it += 1
+            step = it // accum
+            if step >= self.steps_per_epoch:
+                break
+            global_step = self.start_step + step
+            seed_step(self.seed, self.start_step * accum + it)
+            if it % accum == 0:
+                apply_schedule(self.optimizer, lr=float(self.lr_schedule[global_step]),
+                               weight_decay=float(self.wd_schedule[global_step]))
+            update = (it + 1) % accum == 0
+            yield it, step, global_step, update, batch
+            if update:
+                self.completed_steps = step + 1
+                if (self.stop is not None and self.completed_steps < self.steps_per_epoch
+                        and self.stop.poll()):
+                    self.stopped = True
+                    return

@@ -199,10 +199,13 @@ def test_pretrain_then_finetune_then_multiview_test_then_eval(synthetic_dir, pre
         run_class_finetuning.main(run_class_finetuning.get_args_parser().parse_args(
             ft_args(synthetic_dir, tmp_path / "bad", "--eval", "--finetune", pretrained)))
 
-    # the same command with more epochs resumes from the latest checkpoint
+    # more epochs change the schedule: auto-resume refuses, naming the flag; an explicit --resume continues
+    more = ("--finetune", pretrained, "--epochs", "3", "--skip_final_test", "--disable_eval_during_finetuning",
+            "--model_ema", "--model_ema_decay", "0.5")
+    with pytest.raises(ValueError, match=r"--epochs: 2 -> 3"):
+        run_class_finetuning.main(run_class_finetuning.get_args_parser().parse_args(ft_args(synthetic_dir, out, *more)))
     rargs = run_class_finetuning.get_args_parser().parse_args(
-        ft_args(synthetic_dir, out, "--finetune", pretrained, "--epochs", "3", "--skip_final_test",
-                "--disable_eval_during_finetuning", "--model_ema", "--model_ema_decay", "0.5"))
+        ft_args(synthetic_dir, out, *more, "--resume", str(out / "checkpoint-latest.pth")))
     run_class_finetuning.main(rargs)
     log = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
     assert [x["epoch"] for x in log if "epoch" in x] == [0, 1, 2]

@@ -92,7 +92,9 @@ def test_deepspeed_trains_saves_resumes_and_its_checkpoint_evaluates(uneven_data
     assert state["epoch"] == 0 and "model_ema" in state and "head.weight" in state["module"]
     first = {k: v.clone() for k, v in state["module"].items()}
 
-    res = _run([sys.executable, *ft_argv(uneven_data, tmp_path, *common, "--epochs", "2")], env)
+    # more epochs: an explicit --resume (auto-resume refuses a changed schedule)
+    res = _run([sys.executable, *ft_argv(uneven_data, tmp_path, *common, "--epochs", "2", "--resume",
+                                         str(tmp_path / "checkpoint-0"))], env)
     assert "Resumed from" in res.stdout and "start_epoch 1" in res.stdout
     assert "Epoch: [0]" not in res.stdout and "Epoch: [1]" in res.stdout
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-1"

@@ -106,7 +106,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes_and_finishes(train_list, tm
     latest = tmp_path / "checkpoint-latest.pth"
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 3])
-    res = _run([sys.executable, "run_mae_pretraining.py", *tiny_args(train_list, tmp_path, "--epochs", "4")])
+    res = _run(cmd)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout + res.stderr
     assert "checkpoint-latest.pth is truncated or unreadable" in out

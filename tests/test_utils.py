@@ -313,7 +313,7 @@ def test_truncated_latest_falls_back_to_previous_numbered(tmp_path, capsys):
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2])
     capsys.readouterr()
-    args2 = _ckpt_args(tmp_path)
+    args2 = _ckpt_args(tmp_path, save_ckpt_freq=2, epochs=10)
     info = utils.auto_load_model(args2, TinyViT(), torch.optim.AdamW(TinyViT().parameters()), None)
     out = capsys.readouterr().out
     assert "checkpoint-latest.pth" in out and "truncated" in out

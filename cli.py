@@ -1,0 +1,55 @@
+"""Entry point of the programs: a user's mistake ends in one line naming the flag or file:line and exit status 2.
+
+Tracebacks are for bugs, not for a wrong flag or a bad list line: they are kept behind ``--debug`` or
+``ADAMAE_DEBUG=1``. Errors raised inside DataLoader workers arrive re-wrapped by torch with the worker's traceback
+in the message; the original one-line message is recovered from it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, NoReturn
+
+USAGE_EXIT_CODE = 2
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (a flag, a list line, a checkpoint, a folder); printed as one line."""
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    from utils import CheckpointError
+    # ValueError: bad values from the command line or the lists (datasets raise ValueError("file:line: ...")).
+    return (UserError, CheckpointError, ValueError, FileNotFoundError)
+
+
+def one_line(exc: BaseException) -> str:
+    """The user-facing message of ``exc``; for torch's ``Caught X in DataLoader worker ...`` wrapper, the
+    original exception's message."""
+    msg = str(exc)
+    if msg.startswith("Caught ") and "\nOriginal Traceback" in msg:
+        last = [x for x in msg.strip().splitlines() if x.strip()][-1]
+        name, _, text = last.partition(": ")
+        return text if text and " " not in name else last
+    return msg
+
+
+def add_debug_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of errors (also: environment variable ADAMAE_DEBUG=1)")
+
+
+def run_program(main: Callable[[argparse.Namespace], Any], parser: argparse.ArgumentParser,
+                argv: list[str] | None = None) -> NoReturn:
+    """Parse ``argv`` and run ``main``; user errors print ``error: ...`` and exit 2."""
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("ADAMAE_DEBUG", "") not in ("", "0")
+    try:
+        main(args)
+    except _user_error_types() as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(USAGE_EXIT_CODE)
+    sys.exit(0)

@@ -1,0 +1,163 @@
+"""What it takes to continue a run exactly where it stopped.
+
+- ``check_run_config``: auto-resume refuses a checkpoint whose run was defined by other flags (a changed mask ratio
+  would otherwise silently continue under the new value; a changed model would fail deep inside ``load_state_dict``).
+- ``ResumableSampler``: the data order of an epoch is a function of (seed, epoch); a run resumed mid-epoch skips the
+  clips the interrupted run already trained on.
+- ``trim_log``: records past the resume point (written by the interrupted run) are dropped so log.txt has each
+  epoch once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from torch.utils.data import DistributedSampler
+
+from cli import UserError
+
+# Flags that do not change what is computed: they may differ between the interrupted run and its resumption.
+# Everything else defines the run. batch_size / accum_iter / world_size are compared as their product.
+HARMLESS_FLAGS = frozenset({
+    "print_freq", "num_workers", "pin_mem", "output_dir", "log_dir", "resume", "auto_resume", "start_epoch",
+    "save_ckpt_freq", "save_ckpt", "vis_freq", "vis_num_clips", "dist_url", "dist_timeout", "dist_on_itp",
+    "local_rank", "rank", "gpu", "distributed", "dist_backend", "world_size", "batch_size", "accum_iter",
+    "video_backend", "clip_dtype", "compile", "use_checkpoint", "max_retries", "max_broken_ratio", "device",
+    "debug", "eval", "dist_eval", "disable_eval_during_finetuning", "skip_final_test", "model_ema_force_cpu",
+    "val_list", "test_list", "test_num_segment", "test_num_crop", "short_side_size", "deepspeed_config",
+    # derived at start-up from the flags above or compared through their base values
+    "lr", "min_lr", "warmup_lr", "num_training_steps_per_epoch", "total_batch",
+})
+PATH_FLAGS = frozenset({"data_path", "train_list", "finetune", "data_root"})
+
+
+def _total_batch(args: Mapping[str, Any]) -> int | None:
+    try:
+        return int(args["batch_size"]) * int(args.get("accum_iter") or 1) * int(args.get("world_size") or 1)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    try:
+        return os.path.samefile(str(a), str(b))
+    except OSError:
+        return os.path.realpath(str(a)) == os.path.realpath(str(b))
+
+
+def _norm(v: Any) -> Any:
+    # Saved args went through JSON-like plain types; compare lists and tuples alike.
+    return json.dumps(v, sort_keys=True, default=str) if isinstance(v, (list, tuple, dict)) else v
+
+
+def run_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(flag, old, new)`` for every run-defining flag that differs; flags unknown to either side are skipped."""
+    changes = []
+    for key in sorted(set(saved) & set(current)):
+        if key in HARMLESS_FLAGS or key.startswith("_"):
+            continue
+        old, new = saved[key], current[key]
+        if key in PATH_FLAGS:
+            if not _same_path(old, new):
+                changes.append((key, old, new))
+        elif _norm(old) != _norm(new):
+            changes.append((key, old, new))
+    old_total, new_total = _total_batch(saved), _total_batch(current)
+    if old_total is not None and new_total is not None and old_total != new_total:
+        changes.append(("batch_size x accum_iter x processes", old_total, new_total))
+    return changes
+
+
+def check_run_config(saved_args: Mapping[str, Any] | None, args: argparse.Namespace, checkpoint: str) -> None:
+    """Raise a UserError listing each changed run-defining flag and the two ways out."""
+    if not saved_args:
+        return
+    changes = run_config_changes(saved_args, vars(args))
+    if not changes:
+        return
+    lines = "\n".join(f"  --{k}: {old!r} -> {new!r}" for k, old, new in changes)
+    raise UserError(
+        f"{checkpoint} belongs to a run with different settings; auto-resume would continue it under the new "
+        f"flags:\n{lines}\nEither start a new run (--no-auto_resume and a new --output_dir) or rerun with the old "
+        f"flags to continue this one.")
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can skip the first ``n`` of this rank's samples for one epoch (the part a resumed
+    run already trained on). Order and sharding are exactly DistributedSampler's."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = int(skip)
+
+    def full_length(self) -> int:
+        return super().__len__()
+
+    def __iter__(self) -> Iterator[int]:
+        it = super().__iter__()
+        for _ in range(self.skip):
+            next(it)
+        return it
+
+    def __len__(self) -> int:
+        return super().__len__() - self.skip
+
+
+def trim_log(output_dir: str | os.PathLike | None, start_epoch: int, filename: str = "log.txt") -> int:
+    """Keep only the log.txt records of epochs before ``start_epoch`` (rank 0 only; atomic rewrite).
+
+    Records without an epoch (the final test line) come after training, so they are dropped as well: the resumed
+    run writes them again. Returns how many records were dropped.
+    """
+    from utils import atomic_write_text, is_main_process
+
+    if not output_dir or not is_main_process():
+        return 0
+    path = Path(output_dir) / filename
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1  # a line torn by a kill
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("epoch"), int) and rec["epoch"] < start_epoch:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
+        print(f"log.txt: dropped {dropped} record(s) from epoch {start_epoch} on, written before the interruption")
+    return dropped
+
+
+def start_epoch_data(epoch: int, info: Any, args: argparse.Namespace, sampler: ResumableSampler,
+                     dataset: Any) -> tuple[int, Any]:
+    """Position the data for ``epoch`` and return ``(first optimizer step, the epoch's meters)``: step 0 and fresh
+    meters, or, for the epoch a mid-epoch checkpoint stopped in, that step and the interrupted run's meters."""
+    from utils import MetricLogger
+
+    first = info.step_in_epoch if info.step_in_epoch and epoch == info.start_epoch else 0
+    sampler.set_epoch(epoch, skip=first * max(1, args.accum_iter) * args.batch_size)
+    dataset.set_epoch(epoch)
+    meters = MetricLogger(delimiter="  ")
+    if first:
+        if info.rank_state and info.rank_state.get("meters"):
+            meters.load_state_dict(info.rank_state["meters"])
+        else:
+            print("Note: the checkpoint was written by a different number of processes; the averages of epoch "
+                  f"{epoch} in log.txt cover only its steps from {first} on")
+    return first, meters
