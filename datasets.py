@@ -46,7 +46,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from video_io import BACKENDS, Region, VideoDecodeError, open_video
+from video_io import BACKENDS, Region, VideoDecodeError, open_video, resolve_backend
 from video_transforms import EvalTransform, PretrainTransform, TrainTransform
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ class _VideoDatasetBase(Dataset):
         if backend not in BACKENDS:
             raise ValueError(f"unknown --video_backend {backend!r}, expected one of {BACKENDS}")
         self.videos = videos
-        self.backend = backend
+        self.backend = resolve_backend(backend)
         self.max_retries = max_retries
         self.max_broken_ratio = max_broken_ratio
         self.min_frames = min_frames
@@ -393,7 +393,7 @@ class PretrainVideoDataset(_VideoDatasetBase):
 
     def __init__(self, list_path: Union[str, VideoList], data_root: str = "", num_frames: int = 16,
                  sampling_rate: int = 4, input_size: int = 224, flip: bool = True, num_sample: int = 1,
-                 video_backend: str = "decord", max_retries: int = 10, max_broken_ratio: float = 0.5,
+                 video_backend: str = "auto", max_retries: int = 10, max_broken_ratio: float = 0.5,
                  transform: Callable | None = None, uint8: bool = False):
         videos = list_path if isinstance(list_path, VideoList) else VideoList(list_path, data_root, False)
         super().__init__(videos, video_backend, max_retries, max_broken_ratio)
@@ -440,7 +440,7 @@ class VideoClsDataset(_VideoDatasetBase):
                  short_side_size: int = 224, test_num_segment: int = 5, test_num_crop: int = 3,
                  aa: str | None = "rand-m7-n4-mstd0.5-inc1", train_interpolation: str = "bicubic",
                  reprob: float = 0.25, remode: str = "pixel", recount: int = 1, flip: bool = True,
-                 num_sample: int = 1, video_backend: str = "decord", max_retries: int = 10,
+                 num_sample: int = 1, video_backend: str = "auto", max_retries: int = 10,
                  max_broken_ratio: float = 0.5):
         if mode not in ("train", "validation", "test"):
             raise ValueError(f"mode must be train/validation/test, got {mode!r}")
@@ -619,7 +619,7 @@ def build_pretraining_dataset(args: argparse.Namespace) -> PretrainVideoDataset:
         input_size=getattr(args, "input_size", 224),
         flip=getattr(args, "data_set", "Kinetics-400") != "SSV2" and not getattr(args, "no_flip", False),
         num_sample=getattr(args, "num_sample", 1) or 1,
-        video_backend=getattr(args, "video_backend", "decord"),
+        video_backend=getattr(args, "video_backend", "auto"),
         max_retries=getattr(args, "max_retries", 10), max_broken_ratio=getattr(args, "max_broken_ratio", 0.5),
         uint8=getattr(args, "clip_dtype", "float32") == "uint8")
     ds.seed = getattr(args, "seed", None)
@@ -686,7 +686,7 @@ def build_dataset(is_train: bool, test_mode: bool, args: argparse.Namespace) -> 
         reprob=getattr(args, "reprob", 0.25), remode=getattr(args, "remode", "pixel"),
         recount=getattr(args, "recount", 1),
         flip=data_set != "SSV2" and not getattr(args, "no_flip", False),
-        num_sample=getattr(args, "num_sample", 1) or 1, video_backend=getattr(args, "video_backend", "decord"),
+        num_sample=getattr(args, "num_sample", 1) or 1, video_backend=getattr(args, "video_backend", "auto"),
         max_retries=getattr(args, "max_retries", 10), max_broken_ratio=getattr(args, "max_broken_ratio", 0.5))
     if is_train:
         _note_unused_classes(ds.videos, nb_classes, args)
@@ -729,7 +729,8 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
     add("--remode", default="pixel", type=str)
     add("--recount", default=1, type=int)
     add("--no_flip", action="store_true", default=False, help="disable horizontal flip (always off for SSV2)")
-    add("--video_backend", default="decord", choices=list(BACKENDS), type=str)
+    add("--video_backend", default="auto", choices=list(BACKENDS), type=str,
+        help="auto: PyAV when installed (exact frames, decodes only the crop region), else decord")
     if pretrain:
         add("--clip_dtype", default="uint8", choices=["uint8", "float32"],
             help="uint8: clips leave the data workers as uint8 and are normalised on the training device (same "

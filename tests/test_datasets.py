@@ -319,7 +319,7 @@ def test_add_data_args_defaults_and_existing_flags():
     D.add_data_args(p, pretrain=True)
     a = p.parse_args([])
     assert a.input_size == 112 and a.num_frames == 16 and a.sampling_rate == 4 and a.num_sample == 1
-    assert a.video_backend == "decord" and a.pin_mem and a.test_num_segment == 5 and a.test_num_crop == 3
+    assert a.video_backend == "auto" and a.pin_mem and a.test_num_segment == 5 and a.test_num_crop == 3
     assert a.aa == "rand-m7-n4-mstd0.5-inc1" and a.reprob == 0.25 and a.data_set == "Kinetics-400"
     assert not p.parse_args(["--no_pin_mem"]).pin_mem
     f = D.add_data_args(argparse.ArgumentParser())

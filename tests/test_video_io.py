@@ -128,3 +128,15 @@ def test_truncated_webm_and_bad_index(video_dir, backend):
         read_frames(path, [n + 5], backend)
     with pytest.raises(VideoDecodeError):
         read_frames(os.path.join(video_dir, "h264_short.mp4"), [6], backend)
+
+
+@needs_decord
+def test_auto_backend_is_pyav_and_equals_decord(video_dir):
+    from video_io import resolve_backend
+
+    assert resolve_backend("auto") == "pyav"  # PyAV is installed here
+    for name in ("h264_64x48.mp4", "vp9_64x48.webm"):
+        path = os.path.join(video_dir, name)
+        with open_video(path) as r:
+            assert r.backend == "pyav"
+            np.testing.assert_array_equal(r.get_batch([3, 17, 5, 5]), read_frames(path, [3, 17, 5, 5], "decord"))
