@@ -342,6 +342,7 @@ class _VideoDatasetBase(Dataset):
             s = hash((self.seed, int(self._epoch[0]), index)) % (2 ** 32)
             random.seed(s)
             np.random.seed(s)
+            torch.manual_seed(s)  # timm's RandomErasing draws its noise from torch
 
     @property
     def num_broken(self) -> int:
@@ -474,6 +475,7 @@ class VideoClsDataset(_VideoDatasetBase):
 
     def __getitem__(self, index: int):
         if self.mode == "train":
+            self._seed_item(index)
             vid, frames = self._decode_with_retry(index, self._train_index_fn)
             label = self.videos.label(vid)
             if self.num_sample == 1:
@@ -688,6 +690,7 @@ def build_dataset(is_train: bool, test_mode: bool, args: argparse.Namespace) -> 
         flip=data_set != "SSV2" and not getattr(args, "no_flip", False),
         num_sample=getattr(args, "num_sample", 1) or 1, video_backend=getattr(args, "video_backend", "auto"),
         max_retries=getattr(args, "max_retries", 10), max_broken_ratio=getattr(args, "max_broken_ratio", 0.5))
+    ds.seed = getattr(args, "seed", None)  # augmentation from (seed, epoch, index): exact resume, any worker count
     if is_train:
         _note_unused_classes(ds.videos, nb_classes, args)
     return ds, nb_classes

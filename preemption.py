@@ -60,12 +60,12 @@ class GracefulStop:
         now = time.monotonic()
         if self.signal_name is None:
             self.signal_name, self._first_at = name, now
-            print(f"[rank {_rank()}] {name} received: finishing the current step, then saving a checkpoint to "
-                  f"resume from (send it again to exit at once without saving)", file=sys.stderr, flush=True)
+            _say(f"[rank {_rank()}] {name} received: finishing the current step, then saving a checkpoint to resume "
+                 f"from (send it again to exit at once without saving)")
             return
         if name == "SIGTERM" == self.signal_name and now - self._first_at < DUPLICATE_WINDOW_S:
             return  # the launcher's forwarded copy of the same preemption
-        print(f"[rank {_rank()}] second signal ({name}): exiting now without saving", file=sys.stderr, flush=True)
+        _say(f"[rank {_rank()}] second signal ({name}): exiting now without saving")
         os._exit(128 + signum)
 
     def poll(self) -> bool:
@@ -105,6 +105,12 @@ class GracefulStop:
         self._previous = {}
 
 
+def _say(text: str) -> None:
+    # Straight to stderr: on ranks other than 0 ``print`` is silenced (utils.setup_for_distributed).
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -116,7 +122,9 @@ def exit_preempted(stop: GracefulStop, where: str, checkpoint: str | None) -> No
         print(f"Stopped by {stop.signal_name or 'a signal on another rank'} {where}; saved {saved}. Resume: run the "
               f"same command again (auto-resume continues from it). Exit status {PREEMPTED_EXIT_CODE}.",
               flush=True)
-    stop.restore()
     if dist.is_available() and dist.is_initialized():
+        # No rank leaves before rank 0 has written the checkpoint: a launcher such as torchrun terminates the
+        # others as soon as one exits. The handlers stay installed until the process ends, for the same reason.
+        dist.barrier(group=stop._group)
         dist.destroy_process_group()
     raise SystemExit(PREEMPTED_EXIT_CODE)

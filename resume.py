@@ -32,6 +32,7 @@ HARMLESS_FLAGS = frozenset({
     "lr", "min_lr", "warmup_lr", "num_training_steps_per_epoch", "total_batch",
 })
 PATH_FLAGS = frozenset({"data_path", "train_list", "finetune", "data_root"})
+FLAG_NAMES = {"base_lr": "lr", "base_min_lr": "min_lr", "base_warmup_lr": "warmup_lr"}  # saved value -> its flag
 
 
 def _total_batch(args: Mapping[str, Any]) -> int | None:
@@ -68,7 +69,7 @@ def run_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
             if not _same_path(old, new):
                 changes.append((key, old, new))
         elif _norm(old) != _norm(new):
-            changes.append((key, old, new))
+            changes.append((FLAG_NAMES.get(key, key), old, new))
     old_total, new_total = _total_batch(saved), _total_batch(current)
     if old_total is not None and new_total is not None and old_total != new_total:
         changes.append(("batch_size x accum_iter x processes", old_total, new_total))

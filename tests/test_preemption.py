@@ -1,0 +1,181 @@
+"""Preemption and exact resume, on real processes and real signals: SIGTERM to one rank of a 2-process torchrun
+pre-training run, SIGINT to a fine-tuning run with workers, a second signal, and the refusal of flag drift."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from preemption import PREEMPTED_EXIT_CODE  # noqa: E402
+from tools.make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
+
+TINY_MAE = json.dumps(dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=32,
+                           decoder_num_heads=4))
+TINY_VIT = json.dumps(dict(embed_dim=64, depth=2, num_heads=4))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TIMING_KEYS = ("step_time", "data_time")  # wall-clock measurements, the only values allowed to differ
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("preempt_data")
+    make_synthetic_dataset(str(d), num_videos=24, num_classes=4, fmt="mp4", seed=1, size=64, frames=16,
+                           split=(0.67, 0.165, 0.165))
+    return d
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pretrain_cmd(data: Path, out: Path, port: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+            "run_mae_pretraining.py", "--data_path", str(data / "train.csv"), "--output_dir", str(out),
+            "--model", "pretrain_videomae_small_patch16_224", "--model_kwargs", TINY_MAE, "--decoder_depth", "1",
+            "--num_frames", "4", "--sampling_rate", "2", "--input_size", "32", "--batch_size", "1", "--epochs", "2",
+            "--warmup_epochs", "1", "--lr", "1e-2", "--mask_ratio", "0.75", "--num_workers", "1", "--device", "cpu",
+            "--print_freq", "1", "--vis_freq", "0"]
+
+
+def finetune_cmd(data: Path, out: Path) -> list[str]:
+    return [sys.executable, "run_class_finetuning.py", "--data_path", str(data), "--data_set", "custom",
+            "--nb_classes", "4", "--output_dir", str(out), "--model", "vit_small_patch16_224", "--model_kwargs",
+            TINY_VIT, "--num_frames", "4", "--sampling_rate", "2", "--input_size", "32", "--short_side_size", "32",
+            "--batch_size", "2", "--num_sample", "1", "--epochs", "2", "--warmup_epochs", "1", "--lr", "1e-2",
+            "--num_workers", "1", "--device", "cpu", "--print_freq", "1", "--test_num_segment", "1",
+            "--test_num_crop", "1", "--model_ema", "--model_ema_decay", "0.9"]
+
+
+def run_and_signal(cmd: list[str], *steps: tuple[str, object]) -> tuple[int, str]:
+    """Start ``cmd``; for each ``(pattern, send)`` in turn, call ``send(proc)`` when a line matches ``pattern``;
+    return (exit status, output)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, todo = [], list(steps)
+    for line in proc.stdout:
+        lines.append(line)
+        if todo and re.search(todo[0][0], line):
+            todo.pop(0)[1](proc)
+    assert not todo, "".join(lines[-30:])
+    return proc.wait(timeout=300), "".join(lines)
+
+
+def sigint(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+
+
+def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+
+
+def log_records(out: Path) -> list[dict]:
+    recs = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING_KEYS)} for r in recs]
+
+
+def assert_same_run(full: Path, resumed: Path) -> None:
+    """Every per-step scalar bit-identical, each step once, and the same log.txt records (timings aside)."""
+    a, b = scalars(full), scalars(resumed)
+    assert set(a) == set(b)
+    for tag in a:
+        if tag.startswith("data/"):
+            continue  # data-loading time and counters
+        steps = [s for s, _ in b[tag]]
+        assert len(steps) == len(set(steps)), f"{tag}: duplicated steps {steps}"
+        assert a[tag] == b[tag], tag
+    assert log_records(full) == log_records(resumed)
+
+
+def test_sigterm_to_one_rank_of_torchrun_pretraining_stops_all_and_resumes_bit_exact(data, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(pretrain_cmd(data, full, _free_port()), cwd=ROOT, env=ENV, check=True, capture_output=True,
+                   timeout=300)
+
+    def sigterm_rank1(proc: subprocess.Popen) -> None:
+        ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
+                               text=True).stdout.split()
+        assert len(ranks) == 2, ranks
+        os.kill(int(ranks[1]), signal.SIGTERM)  # only one rank gets it: both must stop at the same step
+
+    rc, out = run_and_signal(pretrain_cmd(data, cut, _free_port()), (r"Epoch: \[0\]\s+\[\s*1/8\]", sigterm_rank1))
+    # torchrun exits 1 and names the first rank's PREEMPTED_EXIT_CODE; it terminates the ranks still shutting down.
+    codes = re.findall(r"exitcode  : (-?\d+)", out)
+    assert rc == 1 and str(PREEMPTED_EXIT_CODE) in codes and set(codes) <= {str(PREEMPTED_EXIT_CODE), "-15"}, \
+        out[-3000:]
+    assert re.search(r"\[rank 1\] SIGTERM received", out)
+    m = re.search(r"Stopped by .* in epoch 0 after step (\d) of 8; saved checkpoint (\S+)\.", out)
+    assert m, out[-3000:]
+    ckpt = torch.load(m.group(2), map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0 and ckpt["step_in_epoch"] == int(m.group(1)) and len(ckpt["rank_state"]) == 2
+
+    res = subprocess.run(pretrain_cmd(data, cut, _free_port()), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"step {m.group(1)} of epoch 0" in res.stdout
+    assert_same_run(full, cut)
+
+
+def test_sigint_during_finetuning_with_workers_saves_exits_75_and_resumes_bit_exact(data, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(finetune_cmd(data, full), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    rc, out = run_and_signal(finetune_cmd(data, cut), (r"Epoch: \[1\]\s+\[\s*1/8\]", sigint))
+    assert rc == PREEMPTED_EXIT_CODE, out[-3000:]
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out
+    assert re.search(r"Stopped by SIGINT in epoch 1 after step \d of 8; saved checkpoint \S+checkpoint-latest", out)
+    assert [r["epoch"] for r in log_records(cut)] == [0]
+
+    res = subprocess.run(finetune_cmd(data, cut), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_same_run(full, cut)
+    a, b = (json.loads((d / "test_results.json").read_text()) for d in (full, cut))
+    assert a["predictions"] == b["predictions"]
+
+
+def test_second_signal_exits_at_once_without_saving(data, tmp_path):
+    rc, out = run_and_signal(finetune_cmd(data, tmp_path), (r"Epoch: \[0\]\s+\[\s*0/8\]", sigint),
+                             (r"SIGINT received", sigint))
+    assert rc == 128 + signal.SIGINT, out[-2000:]
+    assert "second signal (SIGINT): exiting now without saving" in out
+    assert not (tmp_path / "checkpoint-latest.pth").exists()
+
+
+def test_auto_resume_refuses_flag_drift_and_accepts_harmless_flags(data, tmp_path):
+    base = [sys.executable, "run_mae_pretraining.py", "--data_path", str(data / "train.csv"), "--output_dir",
+            str(tmp_path), "--model", "pretrain_videomae_small_patch16_224", "--model_kwargs", TINY_MAE,
+            "--decoder_depth", "1", "--num_frames", "4", "--sampling_rate", "2", "--input_size", "32",
+            "--batch_size", "8", "--epochs", "1", "--mask_ratio", "0.75", "--num_workers", "0", "--device", "cpu"]
+    subprocess.run(base, cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+
+    for extra, expected in ((["--mask_ratio", "0.5"], ["--mask_ratio: 0.75 -> 0.5"]),
+                            (["--mask_type", "tube", "--lr", "3e-4"],
+                             ["--mask_type: 'adaptive' -> 'tube'", "--lr: 0.00015 -> 0.0003"]),
+                            (["--batch_size", "4"], ["--batch_size x accum_iter x processes: 8 -> 4"])):
+        res = subprocess.run(base + extra, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+        for text in expected:
+            assert text in res.stderr, res.stderr
+        assert "--no-auto_resume" in res.stderr and "old flags" in res.stderr
+
+    # Print frequency, workers and the same list under another name are not part of the run's definition.
+    (tmp_path / "same.csv").symlink_to(data / "train.csv")
+    harmless = base + ["--print_freq", "3", "--num_workers", "1", "--data_path", str(tmp_path / "same.csv")]
+    res = subprocess.run(harmless, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Resumed from" in res.stdout
