@@ -35,6 +35,19 @@ def one_line(exc: BaseException) -> str:
     return msg
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every flag with its default; an on/off flag says "default: off" (not the value of the attribute it
+    clears: ``--use_cls`` stores False into ``use_mean_pooling``, whose default True would read as "on")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if isinstance(action, (argparse._HelpAction, argparse.BooleanOptionalAction)) or "default:" in text:
+            return super()._get_help_string(action) or "" if not isinstance(action, argparse._HelpAction) else text
+        if action.option_strings and action.nargs == 0:  # store_true / store_false / store_const
+            return f"{text} (default: {'on' if action.default == action.const else 'off'})"
+        return super()._get_help_string(action) or ""
+
+
 def add_debug_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of errors (also: environment variable ADAMAE_DEBUG=1)")

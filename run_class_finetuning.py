@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 import modeling_finetune  # noqa: F401  (registers the models)
 import utils
-from cli import add_debug_arg, run_program
+from cli import HelpFormatter, add_debug_arg, run_program
 from preemption import GracefulStop, exit_preempted
 from resume import ResumableSampler, start_epoch_data, trim_log
 from checkpoint_loading import load_pretrained_encoder
@@ -40,10 +40,10 @@ from video_mixup import build_mixup
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("AdaMAE fine-tuning and evaluation", add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--batch_size", default=64, type=int, help="videos per process per step (before --num_sample)")
-    g.add_argument("--epochs", default=30, type=int)
+    g.add_argument("--epochs", default=30, type=int, help="number of training epochs")
     g.add_argument("--update_freq", "--accum_iter", default=1, type=int, dest="accum_iter",
                    help="gradient accumulation: batches per optimizer step")
     g.add_argument("--save_ckpt_freq", default=100, type=int, help="keep checkpoint-{epoch}.pth every N epochs "
@@ -51,16 +51,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_ckpt", default=True, action=argparse.BooleanOptionalAction,
                    help="--no_save_ckpt / --no-save_ckpt to write no checkpoints")
     g.add_argument("--no_save_ckpt", action="store_false", dest="save_ckpt", help=argparse.SUPPRESS)
-    g.add_argument("--print_freq", default=10, type=int)
+    g.add_argument("--print_freq", default=10, type=int, help="print the meters every N iterations")
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: bf16 on GPUs that support it, else fp16; fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_base_patch16_224", type=str)
-    g.add_argument("--tubelet_size", default=2, type=int)
+    g.add_argument("--model", default="vit_base_patch16_224", type=str,
+                   help="model name in the timm registry (see README, Models)")
+    g.add_argument("--tubelet_size", default=2, type=int, help="frames per token (tubelet depth)")
     g.add_argument("--drop", default=0.0, type=float, help="dropout rate")
-    g.add_argument("--attn_drop_rate", default=0.0, type=float)
+    g.add_argument("--attn_drop_rate", default=0.0, type=float, help="attention dropout rate")
     g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
     g.add_argument("--fc_drop_rate", "--head_drop_rate", default=0.0, type=float, dest="fc_drop_rate",
                    help="dropout before the classifier head")
@@ -77,8 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("EMA")
     g.add_argument("--model_ema", action="store_true", help="keep an exponential moving average of the weights "
                    "(validated and tested alongside the model)")
-    g.add_argument("--model_ema_decay", default=0.9999, type=float)
-    g.add_argument("--model_ema_force_cpu", action="store_true")
+    g.add_argument("--model_ema_decay", default=0.9999, type=float, help="EMA decay per optimizer step")
+    g.add_argument("--model_ema_force_cpu", action="store_true", help="keep the EMA copy on the CPU")
 
     g = utils.add_optimizer_args(p, lr=1e-3, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=5)
     g.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay (1.0 = off)")
@@ -87,26 +88,29 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--smoothing", default=0.1, type=float, help="label smoothing")
     g.add_argument("--mixup", default=0.8, type=float, help="mixup alpha (0 = off)")
     g.add_argument("--cutmix", default=1.0, type=float, help="cutmix alpha (0 = off)")
-    g.add_argument("--cutmix_minmax", default=None, type=float, nargs=2)
-    g.add_argument("--mixup_prob", default=1.0, type=float)
-    g.add_argument("--mixup_switch_prob", default=0.5, type=float)
-    g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
+    g.add_argument("--cutmix_minmax", default=None, type=float, nargs=2,
+                   help="cutmix box size range as fractions (overrides --cutmix alpha)")
+    g.add_argument("--mixup_prob", default=1.0, type=float, help="probability of applying mixup or cutmix to a batch")
+    g.add_argument("--mixup_switch_prob", default=0.5, type=float,
+                   help="probability of cutmix instead of mixup when both are on")
+    g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"],
+                   help="mix per batch, per pair or per element")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--finetune", default="", help="pre-trained (or fine-tuned) checkpoint to start from")
     g.add_argument("--model_key", default="model|module", help="where the weights are in --finetune")
-    g.add_argument("--output_dir", default="", help="checkpoints, log.txt, test_results.json")
+    g.add_argument("--output_dir", default="", help="required: checkpoints, log.txt, args.json, test_results.json")
     g.add_argument("--log_dir", default=None, help="TensorBoard logs (default: OUTPUT_DIR/tensorboard)")
     g.add_argument("--resume", default="", help="training checkpoint to resume from")
     g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
                    help="resume from the newest checkpoint in --output_dir")
     g.add_argument("--no_auto_resume", action="store_false", dest="auto_resume", help=argparse.SUPPRESS)
-    g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--start_epoch", default=0, type=int, help="first epoch (set by resuming; rarely needed by hand)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only run validation + the multi-view test")
     g.add_argument("--dist_eval", action="store_true", help="shard validation and test over all processes")
-    g.add_argument("--disable_eval_during_finetuning", action="store_true")
+    g.add_argument("--disable_eval_during_finetuning", action="store_true", help="no validation after each epoch")
     g.add_argument("--skip_final_test", action="store_true", help="no multi-view test after training")
 
     g = p.add_argument_group("DeepSpeed")
@@ -208,11 +212,11 @@ def init_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: 
 
 def deepspeed_save(args: argparse.Namespace, engine: Any, epoch: int, global_step: int, model_ema: Any,
                    tag: str | None = None, step_in_epoch: int | None = None,
-                   rank_state: dict[str, Any] | None = None) -> str:
+                   rank_state: dict[str, Any] | None = None, best_acc1: float | None = None) -> str:
     """DeepSpeed checkpoint folder ``checkpoint-{epoch}`` (or ``checkpoint-{tag}``; a stop inside an epoch:
     ``checkpoint-{epoch}-step{k}``); collective. Returns the folder."""
     client_state: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "kind": "finetune",
-                                    "model_name": args.model, "args": utils.plain_args(args)}
+                                    "model_name": args.model, "args": utils.plain_args(args), "best_acc1": best_acc1}
     if model_ema is not None:
         client_state["model_ema"] = utils.get_model_state_dict(model_ema.module)
     if step_in_epoch is not None:
@@ -408,7 +412,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             step_state = {"step_in_epoch": done, "rank_state": {"meters": meters.state_dict()}}
             global_step = epoch * steps_per_epoch + done
             if engine is not None:
-                written = [deepspeed_save(args, engine, epoch, global_step, model_ema, **step_state)]
+                written = [deepspeed_save(args, engine, epoch, global_step, model_ema, best_acc1=best_acc1,
+                                          **step_state)]
             else:
                 written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
                                                 extra=extra, model_ema=model_ema, **step_state)
@@ -421,7 +426,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.output_dir and args.save_ckpt:
             if engine is not None:
                 if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
-                    written = [deepspeed_save(args, engine, epoch, global_step, model_ema)]
+                    written = [deepspeed_save(args, engine, epoch, global_step, model_ema, best_acc1=best_acc1)]
             else:
                 written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
                                                 extra=extra, model_ema=model_ema)
@@ -441,7 +446,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 best_acc1 = log_stats["val_acc1"]
                 if args.output_dir and args.save_ckpt:
                     if engine is not None:
-                        deepspeed_save(args, engine, epoch, global_step, model_ema, tag="best")
+                        deepspeed_save(args, engine, epoch, global_step, model_ema, tag="best", best_acc1=best_acc1)
                     else:
                         utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
                                               extra={**extra, "best_acc1": best_acc1}, model_ema=model_ema,

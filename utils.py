@@ -1187,8 +1187,8 @@ class MetricLogger:
         waited, spent = data_time.total - first_wait, step_time.total - first_step
         if i > 0 and waited > self.data_wait_warning * spent:
             print(f"{header} WARNING: {100 * waited / spent:.0f}% of the time was spent waiting for data: the GPU/CPU "
-                  "is input-bound. Raise --num_workers, use --num_sample > 1, or re-encode the videos (DATASET.md, "
-                  "sections 2 and 7).", flush=True)
+                  "is input-bound. See PRETRAIN.md, \"Data loading at GPU speed\": raise --num_workers, use "
+                  "--num_sample > 1, prepare the videos with tools/prepare_videos.py.", flush=True)
 
 
 class TensorboardLogger:
@@ -1355,18 +1355,20 @@ def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, min_lr: float
                        warmup_epochs: int) -> argparse._ArgumentGroup:
     """Optimizer and schedule flags (VideoMAE's names) with each program's own defaults."""
     g = parser.add_argument_group("optimizer and schedule")
-    g.add_argument("--opt", default="adamw", type=str)
-    g.add_argument("--opt_eps", default=1e-8, type=float)
+    g.add_argument("--opt", default="adamw", type=str, help="optimizer name in timm's registry")
+    g.add_argument("--opt_eps", default=1e-8, type=float, help="optimizer epsilon")
     g.add_argument("--opt_betas", default=None, type=float, nargs="+", help="e.g. 0.9 0.95")
-    g.add_argument("--clip_grad", default=None, type=float)
-    g.add_argument("--momentum", default=0.9, type=float)
-    g.add_argument("--weight_decay", default=0.05, type=float)
+    g.add_argument("--clip_grad", default=None, type=float,
+                   help="clip the gradient norm to this value (default: no clipping, the norm is only measured)")
+    g.add_argument("--momentum", default=0.9, type=float, help="SGD momentum (only for --opt sgd / momentum)")
+    g.add_argument("--weight_decay", default=0.05, type=float,
+                   help="weight decay (constant, or the start of a cosine schedule with --weight_decay_end)")
     g.add_argument("--weight_decay_end", default=None, type=float,
                    help="cosine weight-decay target (default: constant)")
     g.add_argument("--lr", default=lr, type=float, help="base lr; the run uses lr * total_batch / 256")
     g.add_argument("--warmup_lr", default=warmup_lr, type=float, help="warm-up start (scaled like --lr)")
     g.add_argument("--min_lr", default=min_lr, type=float, help="final lr (scaled like --lr)")
-    g.add_argument("--warmup_epochs", default=warmup_epochs, type=int)
+    g.add_argument("--warmup_epochs", default=warmup_epochs, type=int, help="linear warm-up epochs")
     g.add_argument("--warmup_steps", default=-1, type=int, help="overrides --warmup_epochs when > 0")
     return g
 

@@ -179,3 +179,20 @@ def test_auto_resume_refuses_flag_drift_and_accepts_harmless_flags(data, tmp_pat
     res = subprocess.run(harmless, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Resumed from" in res.stdout
+
+
+@pytest.mark.parametrize("script", ["scripts/pretrain/slurm_k400_vitb_adamae_800e.sbatch",
+                                    "scripts/finetune/slurm_ssv2_vitb_800e.sbatch"])
+def test_slurm_launchers_requeue_a_run_that_stopped_on_a_signal(script, tmp_path):
+    """srun exiting with the preemption status makes the batch script requeue the job (real bash, fake srun)."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "srun").write_text(f"#!/bin/sh\nexit {PREEMPTED_EXIT_CODE}\n")
+    (bindir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.txt'}\n")
+    for tool in ("srun", "scontrol"):
+        (bindir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_SUBMIT_DIR": str(ROOT)}
+    res = subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == PREEMPTED_EXIT_CODE, res.stderr
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]

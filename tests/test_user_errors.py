@@ -1,0 +1,146 @@
+"""A user's mistake ends in one line naming the file:line or the flag and exit status 2, never a traceback; --help
+documents every flag with its default, and each program lists only its own flags."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import run_class_finetuning  # noqa: E402
+import run_mae_pretraining  # noqa: E402
+from cli import run_program  # noqa: E402
+
+TINY_VIT = json.dumps(dict(embed_dim=64, depth=2, num_heads=4))
+TINY_MAE = json.dumps(dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=32,
+                           decoder_num_heads=4))
+
+
+PROGRAMS = {"run_mae_pretraining.py": run_mae_pretraining, "run_class_finetuning.py": run_class_finetuning}
+
+
+def run(program: str, *argv: str, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    """Run a program's entry point (in this process unless ``subprocess_``) and collect its exit status/output."""
+    if subprocess_:
+        return subprocess.run([sys.executable, program, *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    module = PROGRAMS[program]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_program(module.main, module.get_args_parser(), list(argv))
+        except SystemExit as e:
+            code = e.code
+        except Exception:  # noqa: BLE001 - --debug re-raises: report it like a process would
+            err.write(traceback.format_exc())
+            code = 1
+    return subprocess.CompletedProcess([program, *argv], code, out.getvalue(), err.getvalue())
+
+
+def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and "Caught" not in res.stderr, res.stderr
+    lines = [x for x in res.stderr.splitlines() if x.strip()]
+    errors = [x for x in lines if x.startswith("error: ")]
+    assert len(errors) == 1, res.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]
+
+
+def finetune(data: str, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run("run_class_finetuning.py", "--data_path", data, "--output_dir", str(out), "--model",
+               "vit_small_patch16_224", "--model_kwargs", TINY_VIT, "--num_frames", "4", "--input_size", "32",
+               "--batch_size", "2", "--epochs", "1", "--num_workers", "0", "--device", "cpu", *extra)
+
+
+def pretrain(data: str, out: Path, *extra: str, subprocess_: bool = False) -> subprocess.CompletedProcess:
+    return run("run_mae_pretraining.py", "--data_path", data, "--output_dir", str(out), "--model",
+               "pretrain_videomae_small_patch16_224", "--model_kwargs", TINY_MAE, "--decoder_depth", "1",
+               "--num_frames", "4", "--sampling_rate", "2", "--input_size", "32", "--batch_size", "2",
+               "--mask_ratio", "0.75", "--epochs", "1", "--device", "cpu", *extra, subprocess_=subprocess_)
+
+
+@pytest.fixture()
+def bad_lists(synthetic_dir, tmp_path) -> Path:
+    """Copies of the synthetic lists with one mistake each, in folders fine-tuning accepts."""
+    lines = Path(synthetic_dir, "train.csv").read_text().splitlines()
+    header, first = (lines[0], lines[1:]) if "label" in lines[0] else (None, lines)
+    path0 = first[0].split(",")[0] if "," in first[0] else first[0].split()[0]
+    sep = "," if "," in first[0] else " "
+    for name, body in {"nonint": [f"{path0}{sep}zero"], "range": [f"{path0}{sep}7"]}.items():
+        d = tmp_path / name
+        d.mkdir()
+        rows = ([header] if header else []) + first[:1] + body + first[1:]
+        for split in ("train.csv", "val.csv", "test.csv"):
+            (d / split).write_text("\n".join(rows) + "\n")
+    return tmp_path
+
+
+def test_bad_list_line_names_file_and_line(bad_lists, synthetic_dir):
+    res = finetune(str(bad_lists / "nonint"), bad_lists / "o1", "--data_set", "custom", "--nb_classes", "4",
+                   "--data_root", synthetic_dir)
+    line = 3 if "label" in Path(synthetic_dir, "train.csv").read_text().splitlines()[0] else 2
+    assert_user_error(res, f"train.csv:{line}:", "label 'zero' is not an integer")
+    # the full argument dump is not on the terminal
+    assert '"sampler_heads"' not in res.stdout and '"attn_drop_rate"' not in res.stdout
+
+
+def test_label_outside_the_class_count_names_file_and_line(bad_lists, synthetic_dir):
+    res = finetune(str(bad_lists / "range"), bad_lists / "o2", "--data_set", "custom", "--nb_classes", "4",
+                   "--data_root", synthetic_dir)
+    assert_user_error(res, "train.csv:", "label 7 outside [0, 4)", "--nb_classes")
+
+
+def test_missing_list_file_and_missing_output_dir_and_flag_combination(synthetic_dir, tmp_path):
+    assert_user_error(pretrain(str(tmp_path / "missing.csv"), tmp_path / "o"), "missing.csv")
+    res = run("run_mae_pretraining.py", "--data_path", str(Path(synthetic_dir, "train.csv")), "--device", "cpu")
+    assert_user_error(res, "--output_dir is required")
+    assert_user_error(finetune(synthetic_dir, tmp_path / "o3", "--data_set", "custom"),
+                      "--data_set custom needs --nb_classes")
+    assert_user_error(finetune(str(Path(synthetic_dir, "train.csv")), tmp_path / "o4", "--data_set", "custom",
+                               "--nb_classes", "4"), "--data_path", "is a file")
+
+
+def test_truncated_finetune_checkpoint_is_named(synthetic_dir, tmp_path):
+    bad = tmp_path / "cut.pth"
+    bad.write_bytes(b"PK\x03\x04" + b"\x00" * 100)
+    res = finetune(synthetic_dir, tmp_path / "o", "--data_set", "custom", "--nb_classes", "4", "--finetune",
+                   str(bad))
+    assert_user_error(res, str(bad), "truncated or unreadable")
+
+
+def test_error_inside_a_loader_worker_reaches_the_user_as_one_line(tmp_path):
+    lst = tmp_path / "gone.csv"
+    lst.write_text("".join(f"{tmp_path}/missing_{i}.mp4\n" for i in range(4)))
+    res = pretrain(str(lst), tmp_path / "o", "--num_workers", "1", "--max_retries", "2", subprocess_=True)
+    assert_user_error(res, "consecutive videos failed to decode", "gone.csv", "check_dataset.py")
+
+
+def test_debug_keeps_the_traceback(synthetic_dir, tmp_path):
+    res = finetune(synthetic_dir, tmp_path / "o", "--data_set", "custom", "--debug")
+    assert res.returncode != 0 and "Traceback" in res.stderr and "--nb_classes" in res.stderr
+
+
+@pytest.mark.parametrize("module", [run_mae_pretraining, run_class_finetuning])
+def test_help_documents_every_flag_with_its_default(module, capsys):
+    parser = module.get_args_parser()
+    undocumented = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--epochs EPOCHS number of training epochs (default:" in text
+    if module is run_class_finetuning:
+        assert "--use_cls LayerNorm then token 0" in text and "VideoMAE's flag) (default: off)" in text
+    else:  # pre-training lists no fine-tuning flag
+        for flag in ("--aa", "--reprob", "--test_num_crop", "--nb_classes", "--short_side_size"):
+            assert flag not in text, flag
