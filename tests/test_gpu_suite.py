@@ -1,0 +1,141 @@
+"""benchmarks/gpu_suite.sh: its CPU smoke run works and prints well-formed markdown tables.
+
+The whole smoke run (every section) takes about two minutes on the 2-core dev machine, too long for the test suite;
+it runs only with GPU_SUITE_FULL_SMOKE=1. By default the model section (the quickest) runs, plus the paths for a
+missing package and for wheels carried in a folder, which need no videos.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gpu_suite_tools import first_table, merge  # noqa: E402
+
+
+def _suite(tmp_path: Path, *args: str, env: Dict[str, str] | None = None, timeout: float = 300) \
+        -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out"), "WORK_DIR": str(tmp_path / "work"),
+         **(env or {})}
+    (tmp_path / "out").mkdir(exist_ok=True)
+    return subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--cpu-smoke", *args], cwd=REPO,
+                          env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def _tables(text: str) -> List[List[List[str]]]:
+    """Every markdown table in ``text`` as rows of cells (separator rows included)."""
+    tables, cur = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            assert line.endswith("|"), line
+            cur.append([c.strip() for c in line[1:-1].split("|")])
+        elif cur:
+            tables.append(cur)
+            cur = []
+    return tables
+
+
+def _check_tables(text: str) -> List[List[List[str]]]:
+    tables = _tables(text)
+    for t in tables:
+        assert len(t) >= 3, t  # header, separator, at least one row
+        assert all(c == "---" for c in t[1]), t[1]
+        assert all(len(r) == len(t[0]) for r in t), t
+    return tables
+
+
+def test_merge_puts_a_label_column_first_and_keeps_the_last_epoch(tmp_path):
+    a, b = tmp_path / "a.md", tmp_path / "b.md"
+    a.write_text("log line\n| x | epoch |\n|---|---|\n| 1 | 0 |\n| 2 | 1 |\ntrailing\n")
+    b.write_text("no table here\n")
+    assert first_table(str(a)) == [["x", "epoch"], ["1", "0"], ["2", "1"]]
+    out = merge("setting", [f"first={a}", f"second={b}", f"gone={tmp_path / 'missing.md'}"], last_of="epoch")
+    rows = _check_tables(out)[0]
+    assert rows[0] == ["setting", "x", "epoch"]
+    assert rows[2] == ["first", "2", "1"]
+    assert rows[3][0] == "second" and "no result" in rows[3][1]
+    assert rows[4][0] == "gone"
+
+
+def test_model_section_smoke(tmp_path):
+    res = _suite(tmp_path, "--sections", "model")
+    assert res.returncode == 0, res.stdout + res.stderr
+    tables = _check_tables(res.stdout)
+    model = next(t for t in tables if t[0][0] == "mask")
+    assert model[0][:3] == ["mask", "batch", "compile"]
+    assert [(r[0], r[1]) for r in model[2:]] == [("adaptive:0.95", "1"), ("tube:0.9", "1"),
+                                                ("adaptive:0.95", "2"), ("tube:0.9", "2")]
+    for r in model[2:]:
+        assert float(r[4]) > 0 and float(r[6]) > 0, r  # step ms, clips/s
+    timings = next(t for t in tables if t[0][0] == "section")
+    assert [r[0] for r in timings[2:]] == ["probe", "model_eager"]
+    assert all(r[3] == "ok" for r in timings[2:])
+    # the report is kept under $OUT, with every command's output
+    assert (tmp_path / "out" / "gpu_suite.md").read_text() == res.stdout
+    assert (tmp_path / "out" / "gpu_suite_logs" / "model_eager.md").exists()
+
+
+def _fake_wheel(folder: Path, name: str, version: str) -> None:
+    """A minimal pure-Python wheel, enough for pip to install it."""
+    dist = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(folder / f"{name}-{version}-py3-none-any.whl", "w") as z:
+        z.writestr(f"{name}/__init__.py", f'__version__ = "{version}"\n')
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", "")
+
+
+def test_missing_packages_are_reported_and_wheels_installed(tmp_path):
+    hidden = tmp_path / "hidden"  # shadows the installed packages, as on a host without them
+    for pkg in ("av", "decord"):
+        (hidden / pkg).mkdir(parents=True)
+        (hidden / pkg / "__init__.py").write_text('raise ImportError("hidden by the test")\n')
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _fake_wheel(wheels, "decord", "99.0")  # installed ahead of the hidden one
+    res = _suite(tmp_path, "--sections", "loader,e2e",
+                 env={"PYTHONPATH": str(hidden), "WHEELS": str(wheels)})
+    out = res.stdout
+    assert res.returncode == 0, out + res.stderr  # skipped for a missing package is not a failure
+    assert "WHEELS: installed decord" in out and "WHEELS: no av wheel" in out
+    assert "PyAV missing, decord 99.0" in out
+    assert "PyAV is not installed" in out and "decord is not installed" not in out
+    assert "loader and whole-iteration tables skipped" in out
+    _check_tables(out)
+
+
+def test_no_gpu_without_smoke_says_so(tmp_path):
+    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--sections", "model"], cwd=REPO,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "--cpu-smoke" in res.stdout
+
+
+def test_bad_arguments_are_usage_errors():
+    for args in (["--nope"], ["--sections", "model,typo"]):
+        res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), *args], cwd=REPO,
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 2 and "gpu_suite.sh:" in res.stderr, res.stderr
+
+
+@pytest.mark.skipif(os.environ.get("GPU_SUITE_FULL_SMOKE") != "1",
+                    reason="about 2 minutes on 2 cores; set GPU_SUITE_FULL_SMOKE=1")
+def test_full_smoke(tmp_path):
+    res = _suite(tmp_path, timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr
+    tables = _check_tables(res.stdout)
+    heads = [t[0][0] for t in tables]
+    assert heads.count("mask") == 2  # eager and compiled
+    loader = next(t for t in tables if t[0][0] == "videos")
+    assert {r[0] for r in loader[2:]} == {"raw", "prepared"} and len(loader) == 2 + 8
+    e2e = next(t for t in tables if t[0][0] == "setting")
+    assert len(e2e) == 2 + 3 and all(r[6] not in ("", "no result") for r in e2e[2:])
