@@ -74,6 +74,11 @@ def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
     assert [g.step for g in grids] == [args.num_training_steps_per_epoch * (e + 1) for e in range(2)]
 
 
+def final_steps_per_epoch(out: Path) -> int:
+    return int(torch.load(out / "checkpoint-latest.pth", map_location="cpu", weights_only=False)["args"]
+               ["num_training_steps_per_epoch"])
+
+
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, **kw)
 
@@ -99,6 +104,13 @@ def test_sigkill_mid_epoch_then_same_command_resumes_and_finishes(train_list, tm
     assert "Epoch: [0]" not in res.stdout and "Epoch: [2]" in res.stdout
     epochs = [json.loads(x)["epoch"] for x in (tmp_path / "log.txt").read_text().splitlines()]
     assert epochs == [0, 1, 2]
+    # The killed run had logged steps of epoch 1 that the resumed run logs again: TensorBoard keeps each step once.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    for tag in ("loss/loss", "opt/lr"):
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert steps == sorted(set(steps)) and len(steps) == 3 * final_steps_per_epoch(tmp_path), (tag, steps)
     final = torch.load(tmp_path / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
     assert final["epoch"] == 2
 
