@@ -2,6 +2,7 @@
 pre-training run, SIGINT to a fine-tuning run with workers, a second signal, and the refusal of flag drift."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -59,10 +60,11 @@ def finetune_cmd(data: Path, out: Path) -> list[str]:
             "--test_num_crop", "1", "--model_ema", "--model_ema_decay", "0.9"]
 
 
-def run_and_signal(cmd: list[str], *steps: tuple[str, object]) -> tuple[int, str]:
+def run_and_signal(cmd: list[str], *steps: tuple[str, object], env: dict | None = None) -> tuple[int, str]:
     """Start ``cmd``; for each ``(pattern, send)`` in turn, call ``send(proc)`` when a line matches ``pattern``;
     return (exit status, output)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     lines, todo = [], list(steps)
     for line in proc.stdout:
         lines.append(line)
@@ -196,3 +198,20 @@ def test_slurm_launchers_requeue_a_run_that_stopped_on_a_signal(script, tmp_path
     res = subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == PREEMPTED_EXIT_CODE, res.stderr
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed not installed (pip install -r requirements-deepspeed.txt)")
+def test_sigint_under_deepspeed_saves_a_step_folder_and_resumes_bit_exact(data, tmp_path):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    extra = ["--enable_deepspeed", "--epochs", "1"]
+    env = {**ENV, "DS_ACCELERATOR": "cpu"}
+    subprocess.run(finetune_cmd(data, full) + extra, cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    rc, out = run_and_signal(finetune_cmd(data, cut) + extra, (r"Epoch: \[0\]\s+\[\s*1/8\]", sigint), env=env)
+    m = re.search(r"after step (\d) of 8; saved checkpoint (\S+checkpoint-0-step\d)\.", out)
+    assert rc == PREEMPTED_EXIT_CODE and m, out[-3000:]
+    assert Path(m.group(2)).is_dir() and (cut / "latest").read_text().strip() == Path(m.group(2)).name
+    res = subprocess.run(finetune_cmd(data, cut) + extra, cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0 and f"step {m.group(1)} of epoch 0" in res.stdout, res.stdout[-2000:] + res.stderr
+    assert_same_run(full, cut)
