@@ -1,0 +1,238 @@
+"""Linear and attentive probes on a frozen encoder, with the fine-tuning program's honest evaluation.
+
+Cached features (linear probe; extract each split first with tools/extract_features.py into FEATS/train, FEATS/val,
+FEATS/test):
+    python run_linear_probe.py --probe linear --features FEATS --output_dir out_probe
+On the fly (the attentive probe needs the tokens; the linear probe works this way too):
+    python run_linear_probe.py --probe attentive --checkpoint pt.pth --data_path DIR --output_dir out_probe
+
+Only the probe trains (``--checkpoint`` is loaded frozen: ours, a DeepSpeed folder or a Hugging Face VideoMAE folder;
+frames, stride and crop come from its saved args). Per-probe defaults (``--probe`` sets them; any flag overrides):
+linear = MAE's recipe (LARS, base lr 0.1, no weight decay, 90 epochs, 10 warm-up, batch 256); attentive = V-JEPA's
+(AdamW, base lr 1e-3, weight decay 0.01, 20 epochs, no warm-up, batch 64); the lr is scaled by total batch / 256.
+After training, the test split is scored as in fine-tuning: ``test_results.json`` with top-1/top-5 over the videos
+evaluated and the undecodable ones named in ``unevaluated``. Checkpoints hold the probe only; runs resume.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import time
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+import utils
+from cli import HelpFormatter, UserError, add_debug_arg, run_program
+from datasets import add_data_args, build_dataset
+from engine_for_finetuning import ShardSampler, evaluate, final_test, train_one_epoch
+from engine_for_probing import PROBES, FeatureDataset, ProbedEncoder, build_probe, load_frozen_encoder, probe_summary
+from preemption import GracefulStop, exit_preempted
+from resume import ResumableSampler, start_epoch_data, trim_log
+
+# MAE linear probe (He et al. 2022, Table 10 / A.2): LARS, base lr 0.1, wd 0, batch 16384, 90 epochs, 10 warm-up.
+# V-JEPA attentive probe (Bardes et al. 2024, Appendix, evaluation): AdamW, lr 1e-3, wd 0.01, 20 epochs.
+PROBE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear": dict(opt="lars", lr=0.1, weight_decay=0.0, epochs=90, warmup_epochs=10, batch_size=256),
+    "attentive": dict(opt="adamw", lr=1e-3, weight_decay=0.01, epochs=20, warmup_epochs=0, batch_size=64),
+}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser("Frozen-encoder probes", formatter_class=HelpFormatter)
+    g = p.add_argument_group("probe")
+    g.add_argument("--probe", default="linear", choices=PROBES,
+                   help="linear: BatchNorm (no affine) + Linear on mean-pooled features; attentive: one learned "
+                        "query cross-attending over the tokens + MLP + Linear. Sets the defaults marked 'per probe'")
+    g.add_argument("--checkpoint", default="", help="the frozen encoder (needed without --features)")
+    g.add_argument("--features", default="", help="folder with train/ val/ test/ feature folders from "
+                   "tools/extract_features.py (linear probe only; val/ and test/ optional)")
+    g.add_argument("--probe_heads", default=None, type=int, help="attentive probe heads (default: the encoder's)")
+    g.add_argument("--model_key", default="model|module", help="where the weights are in --checkpoint")
+
+    g = p.add_argument_group("run")
+    g.add_argument("--batch_size", default=None, type=int, help="videos per process per step (per probe)")
+    g.add_argument("--epochs", default=None, type=int, help="training epochs (per probe)")
+    g.add_argument("--update_freq", "--accum_iter", default=1, type=int, dest="accum_iter",
+                   help="gradient accumulation: batches per optimizer step")
+    g.add_argument("--print_freq", default=10, type=int, help="print the meters every N iterations")
+    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="autocast; default bf16 on GPU, fp32 on CPU")
+    g.add_argument("--output_dir", default="", help="required: probe checkpoints, log.txt, args.json, "
+                   "test_results.json")
+    g.add_argument("--log_dir", default=None, help="TensorBoard logs (default: OUTPUT_DIR/tensorboard)")
+    g.add_argument("--save_ckpt_freq", default=10, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
+    g.add_argument("--resume", default="", help="probe checkpoint to resume from")
+    g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
+                   help="resume from the newest checkpoint in --output_dir")
+    g.add_argument("--start_epoch", default=0, type=int, help="first epoch (set by resuming)")
+    g.add_argument("--dist_eval", action="store_true", help="shard validation and test over all processes")
+    g.add_argument("--skip_final_test", action="store_true", help="no test after training")
+
+    utils.add_optimizer_args(p, lr=0.0, min_lr=0.0, warmup_lr=0.0, warmup_epochs=0)
+    p.set_defaults(opt=None, lr=None, weight_decay=None, warmup_epochs=None)  # per probe, see PROBE_DEFAULTS
+    add_data_args(p, pretrain=False)
+    # probes see plain crops (no RandAugment, erasing or mixup) and one clip per decode; the clip shape is the
+    # checkpoint's unless given
+    p.set_defaults(aa="none", reprob=0.0, num_sample=1, num_frames=None, sampling_rate=None, input_size=None,
+                   short_side_size=None, sparse_sample=None, test_num_segment=5, test_num_crop=3)
+    utils.add_distributed_args(p)
+    add_debug_arg(p)
+    return p
+
+
+def apply_probe_defaults(args: argparse.Namespace) -> None:
+    for k, v in PROBE_DEFAULTS[args.probe].items():
+        if getattr(args, k, None) is None:
+            setattr(args, k, v)
+
+
+def _loader(dataset: Any, args: argparse.Namespace, batch_size: int, shard: bool) -> DataLoader:
+    sampler = ShardSampler(len(dataset)) if shard else ShardSampler(len(dataset), 0, 1)
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
+                      pin_memory=args.pin_mem and args.device.startswith("cuda"), worker_init_fn=utils.seed_worker)
+
+
+def build_data(args: argparse.Namespace) -> tuple[Any, Any, Any, int | None, str]:
+    """``(train, val, test datasets (None when absent), feature width or None, test protocol)``; sets
+    ``args.nb_classes``. Cached features when ``--features``, else clips of ``--data_path``."""
+    if args.features:
+        from tools.extract_features import load_features
+        splits = {s: os.path.join(args.features, s) for s in ("train", "val", "test")}
+        if not os.path.isdir(splits["train"]):
+            raise UserError(f"--features {args.features} has no train/ folder (tools/extract_features.py --out)")
+        stores = {s: load_features(d) if os.path.isdir(d) else None for s, d in splits.items()}
+        train = stores["train"]
+        if len(train.labels) and int(train.labels.min()) < 0:
+            raise UserError(f"{splits['train']}: the training list has unlabelled videos (label -1)")
+        args.nb_classes = args.nb_classes or int(train.labels.max()) + 1
+        views = (stores["test"] or train).meta["settings"]["views"]
+        return (FeatureDataset(train, "train"),
+                FeatureDataset(stores["val"], "validation") if stores["val"] else None,
+                FeatureDataset(stores["test"], "test") if stores["test"] and not args.skip_final_test else None,
+                int(train.features.shape[1]), f"cached features ({train.meta['settings']['pooling']}), "
+                                              f"views {views} averaged at extraction")
+    dataset_train, args.nb_classes = build_dataset(is_train=True, test_mode=False, args=args)
+    dataset_val = build_dataset(is_train=False, test_mode=False, args=args)[0]
+    dataset_test = None if args.skip_final_test else build_dataset(is_train=False, test_mode=True, args=args)[0]
+    protocol = (f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop} (frames x segments x crops), "
+                f"crop {args.input_size} from short side {args.short_side_size}")
+    return dataset_train, dataset_val, dataset_test, None, protocol
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    apply_probe_defaults(args)
+    if args.features and args.probe == "attentive":
+        raise UserError("--probe attentive needs the tokens: drop --features and give --checkpoint and --data_path")
+    if not args.features and not args.checkpoint:
+        raise UserError("give --checkpoint (with --data_path) or --features")
+    device = utils.setup_run(args)
+    world, rank = utils.get_world_size(), utils.get_rank()
+    shard_eval = args.dist_eval and args.distributed
+
+    encoder = None
+    if not args.features:
+        from tools.extract_features import clip_settings
+        encoder = load_frozen_encoder(args.checkpoint, args.model_key)
+        clip = clip_settings(args, encoder)
+        args.num_frames, args.sampling_rate, args.input_size = (clip[k] for k in ("num_frames", "sampling_rate",
+                                                                                  "input_size"))
+        args.short_side_size, args.num_segments = clip["short_side_size"], clip["num_segments"]
+        args.sparse_sample = clip["sampling"] == "segment"
+    dataset_train, dataset_val, dataset_test, dim, protocol = build_data(args)
+
+    probe = build_probe(args.probe, dim or encoder.dim, args.nb_classes,
+                        args.probe_heads or (encoder.num_heads if encoder else 1))
+    model = ProbedEncoder(encoder, probe) if encoder is not None else probe
+    model.to(device)
+    print(probe_summary(encoder, probe) if encoder is not None else
+          f"{type(probe).__name__} ({utils.count_parameters(probe):,} parameters) on cached {dim}-dim features "
+          f"from {args.features}")
+
+    sampler_train = ResumableSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
+    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
+                              num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
+                              drop_last=True, worker_init_fn=utils.seed_worker)
+    loader_val = _loader(dataset_val, args, args.batch_size, shard_eval) if dataset_val is not None else None
+    loader_test = _loader(dataset_test, args, args.batch_size, shard_eval) if dataset_test is not None else None
+    accum = max(1, args.accum_iter)
+    steps_per_epoch = len(loader_train) // accum
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(dataset_train)} training videos give no full step of --batch_size {args.batch_size} "
+                        f"x update_freq {accum} x {world} processes; lower --batch_size")
+    args.num_training_steps_per_epoch = steps_per_epoch
+
+    utils.scale_lr(args, args.batch_size * accum * world)
+    optimizer = utils.create_optimizer(args, probe, layer_decay=1.0)
+    loss_scaler = utils.LossScaler(args.precision, device.type)
+    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
+                                         start_warmup_value=args.warmup_lr, warmup_steps=args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+    criterion = torch.nn.CrossEntropyLoss()
+    utils.record_args(args, ("probe", "checkpoint", "features", "data_path", "nb_classes", "batch_size", "epochs",
+                             "opt", "lr", "weight_decay", "output_dir"))
+    resumed = utils.auto_load_model(args, probe, optimizer, loss_scaler)
+    train_model: torch.nn.Module = model
+    if args.distributed:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    trim_log(args.output_dir, args.start_epoch)
+    log_writer = utils.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) if args.log_dir else None
+
+    results: dict[str, Any] = {}
+    best_acc1 = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
+    stop = GracefulStop()
+    val: dict[str, Any] = {}
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        first_step, meters = start_epoch_data(epoch, resumed, args, sampler_train, dataset_train)
+        train_stats, done = train_one_epoch(
+            train_model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args,
+            start_step=epoch * steps_per_epoch, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
+            log_writer=log_writer, steps_per_epoch=steps_per_epoch, first_step=first_step, metric_logger=meters,
+            stop=stop)
+        extra = {"kind": "probe", "probe": args.probe, "nb_classes": args.nb_classes, "best_acc1": best_acc1}
+        if train_stats is None:  # stopped by a signal inside the epoch
+            written = utils.save_checkpoint(args, epoch, probe, optimizer, loss_scaler,
+                                            epoch * steps_per_epoch + done, extra=extra, step_in_epoch=done,
+                                            rank_state={"meters": meters.state_dict()})
+            exit_preempted(stop, f"in epoch {epoch} after step {done} of {steps_per_epoch}",
+                           written[0] if written else None)
+        written = utils.save_checkpoint(args, epoch, probe, optimizer, loss_scaler, (epoch + 1) * steps_per_epoch,
+                                        extra=extra)
+        log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
+        if loader_val is not None:
+            val = evaluate(loader_val, model, device, args.precision, reduce=shard_eval)
+            log_stats.update({f"val_{k}": v for k, v in val.items()})
+            if val["num_clips"] and val["acc1"] > best_acc1:
+                best_acc1 = val["acc1"]
+            log_stats["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
+        utils.write_log_line(args.output_dir, log_stats)
+        if epoch + 1 < args.epochs and stop.sync():
+            exit_preempted(stop, f"at the end of epoch {epoch}", written[-1] if written else None)
+    stop.restore()
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    if loader_val is not None:
+        results["val"] = val if args.start_epoch < args.epochs else \
+            evaluate(loader_val, model, device, args.precision, reduce=shard_eval)
+    if loader_test is not None:
+        views = 1 if args.features else args.test_num_segment * args.test_num_crop
+        results["test"] = final_test(loader_test, model, device, args.output_dir, views, args.precision,
+                                     shard_eval, protocol=f"{args.probe} probe, {protocol}")
+    final = {k: results["test"][k] for k in ("top1", "top5", "num_videos", "unevaluated")} \
+        if results.get("test") else {}
+    if results.get("val"):
+        final.update({f"val_{k}": results["val"][k] for k in ("acc1", "acc5", "num_clips", "unevaluated")})
+    if final:
+        utils.write_log_line(args.output_dir, final)
+    if log_writer is not None:
+        log_writer.close()
+    utils.cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    run_program(main, get_args_parser())

@@ -1,0 +1,165 @@
+"""tools/extract_features.py and run_linear_probe.py on real encoded videos (CPU, tiny encoders).
+
+Extraction: shapes, the index in list order, a corrupt video named in skipped.csv (never replaced), multi-view
+averaging, refusal to mix settings, and resume after an interruption right after the first shard (finished shard
+untouched: same inode and mtime; final result equal to an uninterrupted run). Probes: linear (cached features) and
+attentive (on the fly) train on the synthetic set and write the fine-tuning program's results JSON.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import run_linear_probe  # noqa: E402
+import run_mae_pretraining  # noqa: E402
+import utils  # noqa: E402
+from cli import UserError  # noqa: E402
+from engine_for_probing import AttentiveProbe, LinearProbe, load_frozen_encoder  # noqa: E402
+from tools import extract_features as xf  # noqa: E402
+
+PT_FLAGS = ["--model", "pretrain_videomae_small_patch16_224", "--num_frames", "4", "--sampling_rate", "2",
+            "--input_size", "32", "--mask_ratio", "0.75", "--decoder_depth", "1", "--sampler_heads", "2",
+            "--model_kwargs", '{"encoder_embed_dim": 32, "encoder_depth": 2, "encoder_num_heads": 2, '
+                              '"decoder_embed_dim": 16, "decoder_num_heads": 2}']
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """A tiny AdaMAE pre-training checkpoint saved as the program saves it (random weights, saved args)."""
+    out = tmp_path_factory.mktemp("tiny_pt")
+    args = run_mae_pretraining.get_args_parser().parse_args(PT_FLAGS + ["--output_dir", str(out)])
+    torch.manual_seed(0)
+    model = run_mae_pretraining.build_model(args)
+    (path,) = utils.save_checkpoint(args, 0, model, None, None, 0, tag="best",
+                                    extra={"kind": "pretrain", "model_name": args.model})
+    return path
+
+
+def extract_args(ckpt: str, list_path: str, out: Path, *extra: str):
+    return xf.get_args_parser().parse_args(["--checkpoint", ckpt, "--list", list_path, "--out", str(out),
+                                            "--num_workers", "0", "--device", "cpu", "--no_progress", *extra])
+
+
+@pytest.fixture(scope="module")
+def video_list(video_dir, tmp_path_factory) -> str:
+    names = ["h264_64x48.mp4", "vp9_64x48.webm", "garbage.mp4", "h264_96x128.mp4", "vp9_80x64.webm"]
+    path = tmp_path_factory.mktemp("lists") / "videos.csv"
+    path.write_text("".join(f"{os.path.join(video_dir, n)} {i % 3}\n" for i, n in enumerate(names)))
+    return str(path)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_extract_shapes_index_skip_and_resume(tiny_checkpoint, video_list, tmp_path, monkeypatch):
+    flags = ("--views", "2x1", "--batch_size", "2", "--shard_size", "2")  # a batch = one video's views
+    full = xf.extract(extract_args(tiny_checkpoint, video_list, tmp_path / "full", *flags))
+    assert full["complete"] and full["num_embedded"] == 4 and full["num_skipped"] == 1
+    store = xf.load_features(tmp_path / "full")
+    assert store.features.shape == (4, 32) and store.features.dtype == torch.float32
+    assert torch.isfinite(store.features).all()
+    index = read_csv(tmp_path / "full" / "index.csv")
+    listed = [ln.split()[0] for ln in Path(video_list).read_text().splitlines()]
+    assert [r["path"] for r in index] == [p for p in listed if "garbage" not in p]  # list order, skip removed
+    assert [int(r["line"]) for r in index] == [1, 2, 4, 5] and [int(r["label"]) for r in index] == [0, 1, 0, 1]
+    (skipped,) = read_csv(tmp_path / "full" / "skipped.csv")
+    assert skipped["path"].endswith("garbage.mp4") and skipped["line"] == "3" and skipped["reason"]
+
+    # the embedding of a video = its views' mean of the encoder's pooled output
+    enc = load_frozen_encoder(tiny_checkpoint)
+    ds = xf.VideoClsDataset(xf.VideoList(video_list, require_label=False), mode="test", num_frames=4,
+                            sampling_rate=2, input_size=32, short_side_size=32, test_num_segment=2, test_num_crop=1)
+    with torch.no_grad():
+        views = enc(torch.stack([ds[0][0], ds[1][0]]))
+    torch.testing.assert_close(store.features[0], views.mean(0), rtol=0, atol=1e-6)
+
+    # interrupted right after the first shard is written, then rerun
+    calls = []
+    real_write = xf.write_shard
+
+    def write_then_stop(*a, **k):
+        real_write(*a, **k)
+        calls.append(a[0])
+        raise KeyboardInterrupt
+
+    part = tmp_path / "part"
+    monkeypatch.setattr(xf, "write_shard", write_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        xf.extract(extract_args(tiny_checkpoint, video_list, part, *flags))
+    monkeypatch.setattr(xf, "write_shard", real_write)
+    assert sorted(p.name for p in part.iterdir()) == ["features-00000.safetensors", "features.json"]
+    assert not json.loads((part / "features.json").read_text())["complete"]
+    with pytest.raises(UserError, match="did not finish"):
+        xf.load_features(part)
+    first = os.stat(part / "features-00000.safetensors")
+    xf.extract(extract_args(tiny_checkpoint, video_list, part, *flags))
+    again = os.stat(part / "features-00000.safetensors")
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
+    resumed = xf.load_features(part)
+    assert torch.equal(resumed.features, store.features)
+    for name in ("index.csv", "skipped.csv"):
+        assert (part / name).read_text() == (tmp_path / "full" / name).read_text()
+
+    with pytest.raises(UserError, match="other settings"):  # never mix settings in one folder
+        xf.extract(extract_args(tiny_checkpoint, video_list, part, "--views", "1x1", "--shard_size", "2"))
+
+
+def test_probe_heads_shapes():
+    torch.manual_seed(0)
+    lin, att = LinearProbe(32, 5), AttentiveProbe(32, 5, num_heads=2)
+    assert lin(torch.randn(4, 32)).shape == (4, 5)
+    assert att(torch.randn(4, 8, 32)).shape == (4, 5)
+    assert not any(p.requires_grad for p in lin.bn.parameters())  # BatchNorm without affine
+
+
+def probe_flags(out: Path, *extra: str) -> list[str]:
+    return ["--output_dir", str(out), "--epochs", "2", "--batch_size", "4", "--num_workers", "0", "--device",
+            "cpu", "--print_freq", "100", "--data_set", "custom", "--nb_classes", "4", "--no-auto_resume", *extra]
+
+
+def test_linear_probe_on_cached_features(tiny_checkpoint, synthetic_dir, tmp_path):
+    for split in ("train", "val", "test"):
+        xf.extract(extract_args(tiny_checkpoint, os.path.join(synthetic_dir, f"{split}.csv"),
+                                tmp_path / "feats" / split, "--batch_size", "8"))
+    args = run_linear_probe.get_args_parser().parse_args(
+        probe_flags(tmp_path / "out", "--probe", "linear", "--features", str(tmp_path / "feats")))
+    results = run_linear_probe.main(args)
+    assert args.opt == "lars" and args.weight_decay == 0.0  # MAE's recipe by default
+    saved = json.loads((tmp_path / "out" / "test_results.json").read_text())
+    assert saved["num_videos"] == results["test"]["num_videos"] > 0 and saved["unevaluated"] == []
+    assert 0.0 <= saved["top1"] <= 100.0 and "cached features" in saved["protocol"]
+    assert (tmp_path / "out" / "checkpoint-1.pth").is_file()
+
+
+def test_attentive_probe_on_the_fly_names_unevaluated(tiny_checkpoint, synthetic_dir, video_dir, tmp_path):
+    test_list = tmp_path / "test.csv"  # the test split plus a corrupt video: never scored, named
+    test_list.write_text(Path(synthetic_dir, "test.csv").read_text() + f"{video_dir}/garbage.mp4 1\n")
+    args = run_linear_probe.get_args_parser().parse_args(probe_flags(
+        tmp_path / "out", "--probe", "attentive", "--checkpoint", tiny_checkpoint, "--data_path", synthetic_dir,
+        "--test_list", str(test_list), "--test_num_segment", "2", "--test_num_crop", "1", "--epochs", "1"))
+    run_linear_probe.main(args)
+    assert args.opt == "adamw" and args.num_frames == 4 and args.input_size == 32  # clip from the checkpoint
+    saved = json.loads((tmp_path / "out" / "test_results.json").read_text())
+    n_test = len(Path(synthetic_dir, "test.csv").read_text().splitlines())
+    assert saved["num_videos"] == n_test and saved["expected_views_per_video"] == 2
+    (bad,) = saved["unevaluated"]
+    assert bad["path"].endswith("garbage.mp4") and bad["line"] == n_test + 1
+    ckpt = torch.load(tmp_path / "out" / "checkpoint-0.pth", map_location="cpu", weights_only=False)
+    assert set(ckpt["model"]) == set(AttentiveProbe(32, 4, 2).state_dict())  # the probe only, not the encoder
+
+
+def test_attentive_probe_refuses_cached_features(tmp_path):
+    args = run_linear_probe.get_args_parser().parse_args(
+        probe_flags(tmp_path / "out", "--probe", "attentive", "--features", str(tmp_path)))
+    with pytest.raises(UserError, match="needs the tokens"):
+        run_linear_probe.main(args)
