@@ -339,7 +339,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if log_writer is not None:
                 log_writer.close()
             exit_preempted(stop, f"at the end of epoch {epoch}", written[-1] if written else None)
-    stop.restore()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total}")
     results["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
@@ -349,6 +348,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             results[f"test{suffix}"] = final_test(loader_test, m, device, args.output_dir,
                                                   args.test_num_segment * args.test_num_crop, args.precision,
                                                   shard_eval, suffix, protocol)
+    # Still handled during the final test: a first signal lets the test finish (a second exits at once).
+    stop.restore()
     _log_final(args, results)
     if log_writer is not None:
         log_writer.close()
