@@ -12,7 +12,8 @@
 #   WHEELS=DIR     install av / decord / tqdm from wheels in DIR (offline) when they are not importable
 #   OUT=DIR        also write the report (DIR/gpu_suite.md) and every command's output (DIR/gpu_suite_logs/)
 #   PYTHON=PATH    interpreter (default: .venv/bin/python if present, else python3)
-#   SUITE_BUDGET=S whole-suite limit in seconds (default 285); each section also has its own limit
+#   SUITE_BUDGET=S whole-suite limit in seconds (default 285; 900 for --cpu-smoke); each command also has its
+#                  own limit, times LIMIT_SCALE (default 1; 3 for --cpu-smoke, whose CPU may be shared)
 #   WORK_DIR=DIR   where the videos go (default: a temporary folder, removed at the end unless KEEP_WORK=1)
 #   SMOKE=1        same as --cpu-smoke
 # See BENCHMARKS.md, "One GPU".
@@ -43,8 +44,11 @@ if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
 else PY=python3; fi
 
+if ((SMOKE)); then : "${SUITE_BUDGET:=900}" "${LIMIT_SCALE:=3}"; fi
+SUITE_BUDGET=${SUITE_BUDGET:-285}
+LIMIT_SCALE=${LIMIT_SCALE:-1}
 START=$(date +%s)
-DEADLINE=$((START + ${SUITE_BUDGET:-285}))
+DEADLINE=$((START + SUITE_BUDGET))
 MIN_STEP=10  # a section is not started with less time than this left
 if [[ -n ${WORK_DIR:-} ]]; then WORK=$WORK_DIR; mkdir -p "$WORK"
 else WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite.XXXXXX"); fi
@@ -65,14 +69,14 @@ note() { NOTES+=("$1"); echo "> **skipped:** $1"; echo; }
 # step NAME BUDGET CMD...: run CMD with its own time limit (and the suite's), stdout to LOG/NAME.md,
 # stderr to LOG/NAME.log; a failure prints the end of the log and returns non-zero.
 step() {
-    local name=$1 budget=$2 left limit t0 took rc=0 status
+    local name=$1 budget=$(($2 * LIMIT_SCALE)) left limit t0 took rc=0 status
     shift 2
     left=$((DEADLINE - $(date +%s)))
     limit=$((budget < left ? budget : left))
     if ((limit < MIN_STEP)); then
         TIMES+=("| $name | $budget | 0 | skipped: the suite's time budget is spent |")
         FAILED=$((FAILED + 1))
-        note "$name: the suite's time budget (${SUITE_BUDGET:-285} s) is spent"
+        note "$name: the suite's time budget ($SUITE_BUDGET s) is spent"
         return 1
     fi
     echo "[gpu_suite] $name (limit ${limit}s): $*" >&2
@@ -88,17 +92,21 @@ step() {
         124 | 137) status="timed out after ${limit} s" ;;
         *) status="failed (exit $rc)" ;;
     esac
-    TIMES+=("| $name | $budget | $took | $status |")
+    TIMES+=("| $name | $limit | $took | $status |")
     if ((rc)); then
         FAILED=$((FAILED + 1))
         echo "> **$name $status**; the end of its log ($LOG/$name.log):"
         echo
         echo '```'
-        tail -n 15 "$LOG/$name.log" | cut -c1-300
+        if [[ -s $LOG/$name.log ]]; then tail -n 15 "$LOG/$name.log" | cut -c1-300; else echo "(empty)"; fi
         echo '```'
         echo
     fi
     return "$rc"
+}
+
+show() {  # print a command's output, if it ran
+    if [[ -f $1 ]]; then cat "$1"; fi
 }
 
 # Wheels carried to a host without network: installed into a folder of their own, put first on PYTHONPATH.
@@ -203,7 +211,7 @@ main() {
         model_args=(--model pretrain_videomae_small_patch16_224 --model_kwargs "$tiny" --decoder_depth 1
                     --num_frames 8 --input_size 64 --device cpu --warmup 1 --steps 1)
         model_batches=(1 2) compile_batches=(1) compile_backend=aot_eager
-        vid_args=(--n 2 --height 128 --width 224 --seconds 2 --copies 2 --jobs 2)
+        vid_args=(--n 2 --height 128 --width 224 --seconds 2 --copies 1 --jobs 2)
         prep_args=(-j 2 --bench_videos 1 --bench_clips 2 --num_frames 8 --sampling_rate 2)
         loader_args=(--num_frames 8 --input_size 64 --sampling_rate 2 --n 2 --loader_items 4)
         e2e_common=(--model pretrain_videomae_small_patch16_224 --model_kwargs "$tiny" --decoder_depth 1
@@ -224,8 +232,9 @@ main() {
 
     if want model; then
         echo "## Model only (benchmarks/bench_pretrain_step.py, random clips, forward + losses + backward + AdamW)"
+        echo
         step model_eager 70 "$PY" benchmarks/bench_pretrain_step.py "${model_args[@]}" --batch_size "${model_batches[@]}" || true
-        cat "$LOG/model_eager.md"
+        show "$LOG/model_eager.md"
         echo
     fi
 
@@ -237,11 +246,11 @@ main() {
             note "videos: PyAV is needed to write them; loader and whole-iteration tables skipped"
         elif step videos 75 "$PY" benchmarks/gpu_suite_tools.py videos "$WORK/videos" "${vid_args[@]}"; then
             raw_list=$WORK/videos/raw.list
-            cat "$LOG/videos.md"
+            show "$LOG/videos.md"
             if [[ -n $TQDM ]] && step prepare 75 "$PY" tools/prepare_videos.py "$raw_list" "$WORK/videos/prepared" \
                 --no_progress "${prep_args[@]}"; then
                 prep_list=$WORK/videos/prepared/raw.list
-                sed 's/^/    /' "$LOG/prepare.md"
+                show "$LOG/prepare.md" | sed 's/^/    /'
             fi
         fi
         echo
@@ -295,10 +304,11 @@ main() {
 
     if want compile; then
         echo "## Model only with torch.compile (backend $compile_backend; warm-up s includes compiling)"
+        echo
         # Last: it takes the time the other sections left (up to 150 s), the largest batch first.
         step model_compile 150 "$PY" benchmarks/bench_pretrain_step.py "${model_args[@]}" --compile \
             --compile_backend "$compile_backend" --batch_size "${compile_batches[@]}" || true
-        cat "$LOG/model_compile.md"
+        show "$LOG/model_compile.md"
         echo
     fi
 
