@@ -69,11 +69,13 @@ class FrozenEncoder(nn.Module):
         return self.pool(self.tokens(clip))
 
 
-def load_frozen_encoder(checkpoint: str, model_key: str = "model|module") -> FrozenEncoder:
+def load_frozen_encoder(checkpoint: str, model_key: str = "model|module", random_init: bool = False,
+                        seed: int = 0) -> FrozenEncoder:
     """The encoder of ``checkpoint`` (ours: pre-training or fine-tuning, a DeepSpeed folder, or a Hugging Face
     VideoMAE folder), rebuilt from its saved args as ``tools/export_hf.py`` does. Every encoder weight must be in
     the file (CheckpointMismatchError names the missing ones): a silently random encoder would make the probe
-    numbers meaningless."""
+    numbers meaningless. ``random_init``: the same architecture with its initial weights (seeded), the baseline
+    a probe on pre-trained features must beat."""
     ckpt = read_checkpoint(checkpoint)
     saved = ckpt.get("args")
     if not isinstance(saved, Mapping):
@@ -84,6 +86,7 @@ def load_frozen_encoder(checkpoint: str, model_key: str = "model|module") -> Fro
     pretrain = str(saved.get("model", "")).startswith("pretrain_") or "decoder.head.weight" in state
     kind = "pretrain" if pretrain else "finetune"
     # an encoder-only folder has no class count; the head is not part of the representation anyway
+    torch.manual_seed(seed)
     try:
         model, args = build_our_model(kind, {**saved, "nb_classes": saved.get("nb_classes") or 1})
     except ExportError as e:
@@ -99,6 +102,9 @@ def load_frozen_encoder(checkpoint: str, model_key: str = "model|module") -> Fro
             f"{checkpoint}: the encoder rebuilt from its saved args ({args.model}) does not fit its weights: "
             + (f"{len(missing)} missing ({', '.join(missing[:5])})" if missing else "")
             + ("; " if missing and shapes else "") + "; ".join(shapes[:5]))
+    if random_init:
+        return FrozenEncoder(model, kind, f"{checkpoint} (architecture only: random initial weights, seed {seed})",
+                             args)
     enc.load_state_dict({k: v for k, v in sd.items() if not k.startswith("head.")}, strict=False)
     return FrozenEncoder(model, kind, str(checkpoint), args)
 

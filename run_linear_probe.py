@@ -51,6 +51,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "tools/extract_features.py (linear probe only; val/ and test/ optional)")
     g.add_argument("--probe_heads", default=None, type=int, help="attentive probe heads (default: the encoder's)")
     g.add_argument("--model_key", default="model|module", help="where the weights are in --checkpoint")
+    g.add_argument("--random_init", action="store_true",
+                   help="baseline: --checkpoint's architecture with random initial weights (seed --seed)")
 
     g = p.add_argument_group("run")
     g.add_argument("--batch_size", default=None, type=int, help="videos per process per step (per probe)")
@@ -135,7 +137,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     encoder = None
     if not args.features:
         from tools.extract_features import clip_settings
-        encoder = load_frozen_encoder(args.checkpoint, args.model_key)
+        encoder = load_frozen_encoder(args.checkpoint, args.model_key, args.random_init, args.seed)
         clip = clip_settings(args, encoder)
         args.num_frames, args.sampling_rate, args.input_size = (clip[k] for k in ("num_frames", "sampling_rate",
                                                                                   "input_size"))

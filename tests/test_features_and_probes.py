@@ -36,7 +36,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     """A tiny AdaMAE pre-training checkpoint saved as the program saves it (random weights, saved args)."""
     out = tmp_path_factory.mktemp("tiny_pt")
     args = run_mae_pretraining.get_args_parser().parse_args(PT_FLAGS + ["--output_dir", str(out)])
-    torch.manual_seed(0)
+    torch.manual_seed(123)  # not --random_init's seed 0
     model = run_mae_pretraining.build_model(args)
     (path,) = utils.save_checkpoint(args, 0, model, None, None, 0, tag="best",
                                     extra={"kind": "pretrain", "model_name": args.model})
@@ -163,3 +163,33 @@ def test_attentive_probe_refuses_cached_features(tmp_path):
         probe_flags(tmp_path / "out", "--probe", "attentive", "--features", str(tmp_path)))
     with pytest.raises(UserError, match="needs the tokens"):
         run_linear_probe.main(args)
+
+
+@pytest.mark.parametrize("script,probe", [("scripts/probe/linear_probe.sh", "linear"),
+                                          ("scripts/probe/attentive_probe.sh", "attentive")])
+def test_probe_launchers(script, probe, tmp_path):
+    """The launchers start run_linear_probe.py with flags it accepts and the probe's recipe defaults."""
+    from conftest import run_launcher
+    argv = run_launcher(script, tmp_path, "run_linear_probe.py", {"CHECKPOINT": "pt.pth", "DATA_DIR": "d"})
+    args = run_linear_probe.get_args_parser().parse_args(argv[argv.index("run_linear_probe.py") + 1:])
+    run_linear_probe.apply_probe_defaults(args)
+    assert args.probe == probe and args.output_dir
+    if probe == "linear":
+        assert args.features and args.opt == "lars" and args.lr == 0.1 and args.epochs == 90
+    else:
+        assert args.checkpoint == "pt.pth" and args.data_path == "d" and args.dist_eval
+        assert args.opt == "adamw" and args.lr == 1e-3 and args.weight_decay == 0.01 and args.epochs == 20
+        assert (args.test_num_segment, args.test_num_crop) == (5, 3)
+
+
+@pytest.mark.parametrize("encoder_only", [False, True])
+def test_hf_folder_gives_the_same_embedding(tiny_checkpoint, tmp_path, encoder_only):
+    """An exported Hugging Face folder (VideoMAEForPreTraining or the encoder alone) embeds as the checkpoint."""
+    from tools.export_hf import export
+    export(tiny_checkpoint, str(tmp_path / "hf"), encoder_only=encoder_only, verify=False)
+    clip = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = load_frozen_encoder(tiny_checkpoint)(clip), load_frozen_encoder(str(tmp_path / "hf"))(clip)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
+    with torch.no_grad():  # the random-init baseline really differs
+        assert not torch.allclose(load_frozen_encoder(tiny_checkpoint, random_init=True)(clip), ours, atol=1e-3)

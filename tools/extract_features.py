@@ -63,6 +63,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="autocast; default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--model_key", default="model|module", help="where the weights are in the checkpoint")
+    p.add_argument("--random_init", action="store_true",
+                   help="baseline: the checkpoint's architecture with random initial weights (seed 0), not its own")
     g = p.add_argument_group("clip (default: the checkpoint's saved args)")
     g.add_argument("--num_frames", default=None, type=int, help="frames per clip")
     g.add_argument("--sampling_rate", default=None, type=int, help="frame stride (dense sampling)")
@@ -163,7 +165,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--batch_size and --shard_size must be >= 1")
     device = torch.device(args.device)
     precision = utils.resolve_precision(args.precision or ("bf16" if device.type == "cuda" else "fp32"), device)
-    encoder = load_frozen_encoder(args.checkpoint, args.model_key).to(device)
+    encoder = load_frozen_encoder(args.checkpoint, args.model_key, random_init=args.random_init).to(device)
     clip = clip_settings(args, encoder)
     videos = VideoList(args.list, args.data_root, require_label=False)
     if not len(videos):
@@ -176,7 +178,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
     plan = Plan({"checkpoint": os.path.abspath(args.checkpoint), "list": os.path.abspath(args.list),
                  "data_root": args.data_root, "num_videos": n, "views": f"{segments}x{crops}", **clip,
                  "shard_size": args.shard_size, "pooling": encoder.pooling, "dim": encoder.dim,
-                 "model_key": args.model_key})
+                 "model_key": args.model_key, "random_init": args.random_init})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
