@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 
 import hf_interop
 import utils
+from cli import UserError
 from checkpoint_loading import CheckpointMismatchError, read_checkpoint, select_state_dict
 from tools.export_hf import ExportError, _our_tokens, build_our_model
 
@@ -73,9 +74,16 @@ def load_frozen_encoder(checkpoint: str, model_key: str = "model|module", random
                         seed: int = 0) -> FrozenEncoder:
     """The encoder of ``checkpoint`` (ours: pre-training or fine-tuning, a DeepSpeed folder, or a Hugging Face
     VideoMAE folder), rebuilt from its saved args as ``tools/export_hf.py`` does. Every encoder weight must be in
-    the file (CheckpointMismatchError names the missing ones): a silently random encoder would make the probe
-    numbers meaningless. ``random_init``: the same architecture with its initial weights (seeded), the baseline
-    a probe on pre-trained features must beat."""
+    the file: a silently random encoder would make the probe numbers meaningless. A file that does not fit raises
+    ``cli.UserError`` naming it (the programs exit 2). ``random_init``: the same architecture with its initial
+    weights (seeded), the baseline a probe on pre-trained features must beat."""
+    try:
+        return _load_frozen_encoder(checkpoint, model_key, random_init, seed)
+    except CheckpointMismatchError as e:
+        raise UserError(str(e)) from e
+
+
+def _load_frozen_encoder(checkpoint: str, model_key: str, random_init: bool, seed: int) -> FrozenEncoder:
     ckpt = read_checkpoint(checkpoint)
     saved = ckpt.get("args")
     if not isinstance(saved, Mapping):
@@ -86,9 +94,10 @@ def load_frozen_encoder(checkpoint: str, model_key: str = "model|module", random
     pretrain = str(saved.get("model", "")).startswith("pretrain_") or "decoder.head.weight" in state
     kind = "pretrain" if pretrain else "finetune"
     # an encoder-only folder has no class count; the head is not part of the representation anyway
-    torch.manual_seed(seed)
     try:
-        model, args = build_our_model(kind, {**saved, "nb_classes": saved.get("nb_classes") or 1})
+        with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's random stream
+            torch.manual_seed(seed)
+            model, args = build_our_model(kind, {**saved, "nb_classes": saved.get("nb_classes") or 1})
     except ExportError as e:
         raise CheckpointMismatchError(f"{checkpoint}: {e}") from None
     enc = model.encoder if pretrain else model

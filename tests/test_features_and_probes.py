@@ -193,3 +193,15 @@ def test_hf_folder_gives_the_same_embedding(tiny_checkpoint, tmp_path, encoder_o
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-6)
     with torch.no_grad():  # the random-init baseline really differs
         assert not torch.allclose(load_frozen_encoder(tiny_checkpoint, random_init=True)(clip), ours, atol=1e-3)
+
+
+def test_user_errors_exit_2(tiny_checkpoint, video_list, tmp_path, capsys):
+    """A bad flag value or a checkpoint without saved args: one line naming it, exit status 2."""
+    from cli import run_program
+    bare = tmp_path / "bare.pth"
+    torch.save({"model": torch.load(tiny_checkpoint, weights_only=False)["model"]}, bare)
+    for extra, needle in ((["--views", "3"], "--views '3'"), (["--checkpoint", str(bare)], "no saved run args")):
+        argv = ["--checkpoint", tiny_checkpoint, "--list", video_list, "--out", str(tmp_path / "o"), *extra]
+        with pytest.raises(SystemExit) as e:
+            run_program(xf.main, xf.get_args_parser(), argv)
+        assert e.value.code == 2 and needle in capsys.readouterr().err
