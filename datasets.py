@@ -7,9 +7,9 @@ is accepted too. Relative paths are joined to ``data_root``. Errors name ``file:
 
 Items:
 
-* ``PretrainVideoDataset``: ``clip`` = ``float32 [3, T, H, W]`` (ImageNet-normalised; with ``uint8=True`` the
-  uint8 pixels, for ``video_transforms.normalize_clips`` on the device); with ``num_sample=K>1``
-  a list of K clips augmented independently from one decode (use ``multiple_samples_collate``: ``[B*K, ...]``).
+* ``PretrainVideoDataset``: a ``video_transforms.CropItem``, the uint8 region of the sampled frames that holds the
+  item's ``num_sample`` crops, and the crops (with flips); ``multiple_samples_collate`` makes a ``CropBatch`` and
+  ``video_transforms.resize_crops`` gives the ``[B*K, 3, T, H, W]`` clips in ``[0, 1]`` on the training device.
 * ``VideoClsDataset``:
     - ``mode='train'``: ``(clip, label, index, {})``; with ``num_sample=K>1``:
       ``([K clips], [K labels], [K indices], {})``, flattened by ``multiple_samples_collate``.
@@ -35,24 +35,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable, List, Sequence, Tuple, Union
+from typing import Any, Callable, List, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from video_io import BACKENDS, Region, VideoDecodeError, open_video, resolve_backend
-from video_transforms import EvalTransform, PretrainTransform, TrainTransform
+from video_io import BACKENDS, Region, VideoDecodeError, VideoReader, open_video, resolve_backend
+from video_transforms import Crop, CropBatch, CropItem, EvalTransform, PretrainTransform, TrainTransform
 
 logger = logging.getLogger(__name__)
 
 DATASET_CLASSES = {"SSV2": 174, "Kinetics-400": 400, "UCF101": 101, "HMDB51": 51}
 DATA_SETS = tuple(DATASET_CLASSES) + ("custom",)
+T = TypeVar("T")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -349,29 +350,30 @@ class _VideoDatasetBase(Dataset):
         """Broken videos met so far (all workers)."""
         return self.broken_counter.broken
 
-    def _decode(self, vid: int, index_fn: Callable[[int], List[int]],
-                region_fn: Callable[[int, int], Region] | None = None) -> np.ndarray:
-        """Frames ``index_fn(len)`` of video ``vid``; with ``region_fn(height, width)``, only that region of them
-        when the backend knows the frame size before decoding (PyAV), else whole frames (decord)."""
+    def _read(self, vid: int, read: Callable[[VideoReader], T]) -> T:
+        """``read(reader)`` on video ``vid``, opened and checked for length, closed after."""
         path = self.videos.path(vid)
         with open_video(path, self.backend) as r:
-            n = len(r)
-            if n < self.min_frames:
-                raise VideoDecodeError(path, f"too short: {n} frames < {self.min_frames}")
-            indices = index_fn(n)
-            size = r.frame_size() if region_fn is not None else None
-            return r.get_batch(indices, region_fn(*size) if size else None)
+            if len(r) < self.min_frames:
+                raise VideoDecodeError(path, f"too short: {len(r)} frames < {self.min_frames}")
+            return read(r)
 
-    def _decode_with_retry(self, vid: int, index_fn: Callable[[int], List[int]],
-                           region_fn: Callable[[int, int], Region] | None = None) -> Tuple[int, np.ndarray]:
-        """Decode ``vid``; on failure log, count and try other random videos (bounded)."""
+    def _decode(self, vid: int, index_fn: Callable[[int], List[int]]) -> np.ndarray:
+        """Frames ``index_fn(len)`` of video ``vid``."""
+        return self._read(vid, lambda r: r.get_batch(index_fn(len(r))))
+
+    def _decode_with_retry(self, vid: int, index_fn: Callable[[int], List[int]]) -> Tuple[int, np.ndarray]:
+        return self._read_with_retry(vid, lambda r: r.get_batch(index_fn(len(r))))
+
+    def _read_with_retry(self, vid: int, read: Callable[[VideoReader], T]) -> Tuple[int, T]:
+        """``(vid, read(reader))``; on failure log, count and try other random videos (bounded)."""
         c = self.broken_counter
         last_err = None
         for _ in range(self.max_retries + 1):
             try:
-                frames = self._decode(vid, index_fn, region_fn)
+                out = self._read(vid, read)
                 c.record_ok()
-                return vid, frames
+                return vid, out
             except VideoDecodeError as e:
                 last_err = e
                 c.record_broken(e.path, str(e))
@@ -389,47 +391,57 @@ class _VideoDatasetBase(Dataset):
                            f"run tools/check_dataset.py on the list.")
 
 
+@dataclass(frozen=True)
+class ClipPlan:
+    """What one pre-training item decodes and cuts, fixed before decoding: the frame indices, the region of those
+    frames to decode (the box holding every crop) and the crops, in region coordinates."""
+
+    indices: List[int]
+    region: Region  # (top, left, height, width) in frame pixels
+    crops: List[Crop]  # (top, left, height, width, flip), relative to the region
+
+    @classmethod
+    def around(cls, indices: List[int], crops: Sequence[Crop]) -> ClipPlan:
+        """The plan for crops given in frame coordinates: the region is their bounding box."""
+        top, left = min(c[0] for c in crops), min(c[1] for c in crops)
+        region = (top, left, max(c[0] + c[2] for c in crops) - top, max(c[1] + c[3] for c in crops) - left)
+        return cls(indices, region, [(t - top, x - left, h, w, f) for t, x, h, w, f in crops])
+
+
 class PretrainVideoDataset(_VideoDatasetBase):
-    """Pre-training clips: VideoMAE temporal sampling + multi-scale crop (+ flip unless SSv2) + normalise."""
+    """Pre-training items: VideoMAE temporal sampling + ``num_sample`` multi-scale crops (+ flip unless SSv2).
+
+    Each item is a :class:`video_transforms.CropItem`: the worker plans the clip (:meth:`plan`), decodes only the
+    planned frames and the region holding the crops, and returns those uint8 pixels with the crops;
+    ``multiple_samples_collate`` pads them into a :class:`video_transforms.CropBatch` and
+    ``video_transforms.resize_crops`` resizes and flips the whole batch on the training device.
+    """
 
     def __init__(self, list_path: Union[str, VideoList], data_root: str = "", num_frames: int = 16,
                  sampling_rate: int = 4, input_size: int = 224, flip: bool = True, num_sample: int = 1,
-                 video_backend: str = "auto", max_retries: int = 10, max_broken_ratio: float = 0.5,
-                 transform: Callable | None = None, uint8: bool = False):
+                 video_backend: str = "auto", max_retries: int = 10, max_broken_ratio: float = 0.5):
         videos = list_path if isinstance(list_path, VideoList) else VideoList(list_path, data_root, False)
         super().__init__(videos, video_backend, max_retries, max_broken_ratio)
         self.num_frames, self.sampling_rate, self.num_sample = num_frames, sampling_rate, max(1, num_sample)
-        self.transform = transform or PretrainTransform(input_size, flip=flip, uint8=uint8)
+        self.transform = PretrainTransform(input_size, flip=flip)
 
     def __len__(self) -> int:
         return len(self.videos)
 
-    def __getitem__(self, index: int):
+    def plan(self, length: int, frame_size: Tuple[int, int]) -> ClipPlan:
+        """This item's random choices for a video of ``length`` frames of ``frame_size``: the frames first, then
+        each clip's crop and flip (VideoMAE's order; the RNGs are seeded per item by ``_seed_item``)."""
+        indices = pretrain_indices(length, self.num_frames, self.sampling_rate)
+        return ClipPlan.around(indices, [self.transform.draw(*frame_size) for _ in range(self.num_sample)])
+
+    def _read_planned(self, r: VideoReader) -> Tuple[ClipPlan, np.ndarray]:
+        plan = self.plan(len(r), r.frame_size())
+        return plan, r.get_batch(plan.indices, plan.region)
+
+    def __getitem__(self, index: int) -> CropItem:
         self._seed_item(index)
-        index_fn = partial(pretrain_indices, num_frames=self.num_frames, sampling_rate=self.sampling_rate)
-        tr = self.transform
-        if not isinstance(tr, PretrainTransform):  # a caller's own transform gets whole frames
-            _, frames = self._decode_with_retry(index, index_fn)
-            clips = [tr(frames) for _ in range(self.num_sample)]
-            return clips[0] if self.num_sample == 1 else clips
-        # Draw the crops first, then decode only the box that holds them all (PyAV converts just that box
-        # from YUV); the draws and the clips are exactly those of applying the transform to whole frames.
-        plan: dict = {}
-
-        def region_fn(height: int, width: int) -> Region:
-            plan["params"] = [tr.draw(height, width) for _ in range(self.num_sample)]
-            top = min(p[0] for p in plan["params"])
-            left = min(p[1] for p in plan["params"])
-            plan["origin"] = (top, left)
-            return (top, left, max(p[0] + p[2] for p in plan["params"]) - top,
-                    max(p[1] + p[3] for p in plan["params"]) - left)
-
-        _, frames = self._decode_with_retry(index, index_fn, region_fn)
-        if "origin" not in plan:  # the backend decoded whole frames: draw now (same draws, same order)
-            plan["params"] = [tr.draw(frames.shape[1], frames.shape[2]) for _ in range(self.num_sample)]
-            plan["origin"] = (0, 0)
-        clips = [tr.apply(frames, p, plan["origin"]) for p in plan["params"]]
-        return clips[0] if self.num_sample == 1 else clips
+        _, (plan, pixels) = self._read_with_retry(index, self._read_planned)
+        return CropItem(torch.from_numpy(pixels), torch.tensor(plan.crops, dtype=torch.int64), *self.transform.size)
 
 
 class VideoClsDataset(_VideoDatasetBase):
@@ -572,18 +584,43 @@ def _short_of_container(path: str, n: int) -> str:
     return ""
 
 
+def collate_crops(items: Sequence[CropItem]) -> CropBatch:
+    """Pre-training items -> one :class:`CropBatch`: regions zero-padded at the bottom/right to the batch's
+    largest (a fixed shape for one transfer; the crops never reach the padding), crops numbered by item.
+
+    Inside a DataLoader worker the pixels go straight into shared memory, as ``default_collate`` does, so the
+    batch reaches the main process without another copy.
+    """
+    t = items[0].pixels.shape[0]
+    h = max(it.pixels.shape[1] for it in items)
+    w = max(it.pixels.shape[2] for it in items)
+    shape = (len(items), t, h, w, 3)
+    elem = items[0].pixels
+    if get_worker_info() is not None:
+        out = elem.new(elem._typed_storage()._new_shared(math.prod(shape), device=elem.device)).view(shape)
+    else:
+        out = elem.new_empty(shape)
+    for i, it in enumerate(items):
+        ih, iw = it.pixels.shape[1:3]
+        out[i, :, :ih, :iw] = it.pixels
+        out[i, :, ih:] = 0
+        out[i, :, :ih, iw:] = 0
+    crops = torch.cat([torch.cat([torch.full((len(it.crops), 1), i), it.crops], 1) for i, it in enumerate(items)])
+    return CropBatch(out, crops, items[0].out_h, items[0].out_w)
+
+
 def multiple_samples_collate(batch: Sequence[Any]):
     """Collate for repeated sampling: items holding K clips become ``K * B`` rows.
 
-    Pre-training items (lists of K clips) -> ``[B*K, 3, T, H, W]``; fine-tuning items
-    ``([clips], [labels], [indices], {})`` -> ``(clips [B*K, ...], labels [B*K], indices [B*K], {})``.
-    Items with a single clip are collated normally.
+    Pre-training items (:class:`CropItem`) -> :class:`CropBatch` (``collate_crops``; its ``N = B*K`` crops in item
+    order); fine-tuning items ``([clips], [labels], [indices], {})`` -> ``(clips [B*K, ...], labels [B*K],
+    indices [B*K], {})``. Items with a single clip are collated normally.
     """
     elem = batch[0]
+    if isinstance(elem, CropItem):
+        return collate_crops(batch)
     if isinstance(elem, torch.Tensor):
         return default_collate(batch)
-    if isinstance(elem, list):
-        return torch.stack([c for item in batch for c in item])
     if isinstance(elem, tuple) and isinstance(elem[0], list):
         clips = torch.stack([c for item in batch for c in item[0]])
         labels = torch.tensor([lb for item in batch for lb in item[1]])
@@ -622,8 +659,7 @@ def build_pretraining_dataset(args: argparse.Namespace) -> PretrainVideoDataset:
         flip=getattr(args, "data_set", "Kinetics-400") != "SSV2" and not getattr(args, "no_flip", False),
         num_sample=getattr(args, "num_sample", 1) or 1,
         video_backend=getattr(args, "video_backend", "auto"),
-        max_retries=getattr(args, "max_retries", 10), max_broken_ratio=getattr(args, "max_broken_ratio", 0.5),
-        uint8=getattr(args, "clip_dtype", "float32") == "uint8")
+        max_retries=getattr(args, "max_retries", 10), max_broken_ratio=getattr(args, "max_broken_ratio", 0.5))
     ds.seed = getattr(args, "seed", None)
     return ds
 
@@ -734,10 +770,6 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
     add("--no_flip", action="store_true", default=False, help="disable horizontal flip (always off for SSV2)")
     add("--video_backend", default="auto", choices=list(BACKENDS), type=str,
         help="auto: PyAV when installed (exact frames, decodes only the crop region), else decord")
-    if pretrain:
-        add("--clip_dtype", default="uint8", choices=["uint8", "float32"],
-            help="uint8: clips leave the data workers as uint8 and are normalised on the training device (same "
-                 "values, 4x less worker-to-main traffic, less worker CPU); float32: normalised in the workers")
     add("--num_workers", default=10, type=int)
     add("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
     add("--no_pin_mem", action="store_false", dest="pin_mem")

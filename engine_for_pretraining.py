@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 
 import utils
-from losses import gather_tokens, masked_indices, pixel_targets, reconstruction_error, sampling_loss, unnormalize
+from losses import gather_tokens, masked_indices, pixel_targets01, reconstruction_error, sampling_loss
 from masking_generator import motion_coverage, motion_energy, sampler_health
-from video_transforms import normalize_clips
+from video_transforms import CropBatch, normalize_clips, resize_crops
 
 
 class StepLosses(NamedTuple):
@@ -39,22 +39,25 @@ def mask_noise(seed: int, iteration: int, batch: int, num_tokens: int, device: t
     return torch.rand(batch * world, num_tokens, generator=gen, device=device)[rank::world]
 
 
-def clips_to_device(videos: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A batch from the loader on ``device``, ImageNet-normalised (uint8 clips are normalised there)."""
-    videos = videos.to(device, non_blocking=True)
-    return normalize_clips(videos) if videos.dtype == torch.uint8 else videos
+def clips_to_device(batch: CropBatch | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch from the loader as clips in ``[0, 1]`` on ``device``: a :class:`CropBatch` is cropped, resized and
+    flipped there (``resize_crops``); a tensor of ``[0, 1]`` clips is only moved."""
+    if isinstance(batch, CropBatch):
+        return resize_crops(batch, device)
+    return batch.to(device, non_blocking=True)
 
 
 def pretrain_losses(model: nn.Module, videos: torch.Tensor, patch_size: int, tubelet_size: int,
                     normalize_target: bool = True, loss_type: str = "mse",
                     sampling_loss_weight: float = 1e-4, noise: torch.Tensor | None = None) -> StepLosses:
-    """Forward ``model`` (possibly DDP-wrapped) on ImageNet-normalised clips and compute both losses.
+    """Forward ``model`` (possibly DDP-wrapped) on clips in ``[0, 1]`` and compute both losses.
 
-    Targets are built in fp32 outside the graph; the forward itself follows any enclosing autocast. ``noise``
-    (see ``mask_noise``) drives the mask sampling when given.
+    The model sees the ImageNet-normalised clips; targets come from the ``[0, 1]`` pixels themselves, in fp32
+    outside the graph; the forward itself follows any enclosing autocast. ``noise`` (see ``mask_noise``) drives
+    the mask sampling when given.
     """
-    target = pixel_targets(videos, patch_size, tubelet_size, normalize=normalize_target)
-    out = model(videos, noise=noise)
+    target = pixel_targets01(videos, patch_size, tubelet_size, normalize=normalize_target)
+    out = model(normalize_clips(videos), noise=noise)
     pred, probs, mask = out
     target = gather_tokens(target, masked_indices(mask, pred.shape[1]))
     err = reconstruction_error(pred, target, loss_type)
@@ -113,7 +116,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
                          loss_samp=out.sampling.detach(), grad_norm=grad_norm)
             if out.probs is not None:
                 entropy, max_prob = sampler_health(out.probs)
-                energy = motion_energy(unnormalize(videos), patch, tubelet)
+                energy = motion_energy(videos, patch, tubelet)
                 stats.update(sampler_entropy=entropy, sampler_max_prob=max_prob,
                              motion_coverage=motion_coverage(out.mask, energy))
         lr_stats = utils.get_lr_stats(optimizer)

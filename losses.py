@@ -53,13 +53,19 @@ def unpatchify(patches: torch.Tensor, grid: Sequence[int], patch_size: int, tube
 
 def pixel_targets(videos: torch.Tensor, patch_size: int, tubelet_size: int, normalize: bool = True,
                   eps: float = 1e-6) -> torch.Tensor:
-    """Reconstruction targets ``[B, N, t*p*p*3]`` from ImageNet-normalised clips.
+    """Reconstruction targets ``[B, N, t*p*p*3]`` from ImageNet-normalised clips (see ``pixel_targets01``)."""
+    return pixel_targets01(unnormalize(videos), patch_size, tubelet_size, normalize, eps)
+
+
+def pixel_targets01(videos01: torch.Tensor, patch_size: int, tubelet_size: int, normalize: bool = True,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """Reconstruction targets ``[B, N, t*p*p*3]`` from clips in ``[0, 1]``.
 
     With ``normalize`` each tubelet is standardised per channel over its ``t*p*p`` pixels (mean and unbiased std,
     ``eps`` 1e-6), VideoMAE's and AdaMAE's default; otherwise raw ``[0, 1]`` pixels.
     """
     with torch.no_grad():
-        patches = patchify(unnormalize(videos), patch_size, tubelet_size)
+        patches = patchify(videos01.float(), patch_size, tubelet_size)
         if normalize:
             mean = patches.mean(dim=-2, keepdim=True)
             std = patches.var(dim=-2, unbiased=True, keepdim=True).sqrt()

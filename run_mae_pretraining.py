@@ -28,6 +28,7 @@ from datasets import add_data_args, build_pretraining_dataset, get_broken_count,
 from engine_for_pretraining import clips_to_device, train_one_epoch
 from mask_visualization import log_mask_images
 from masking_generator import MASK_TYPES
+from video_transforms import normalize_clips
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -101,10 +102,6 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
         **args.model_kwargs)
 
 
-def _first_clip(item: torch.Tensor | list) -> torch.Tensor:
-    return item[0] if isinstance(item, list) else item
-
-
 def main(args: argparse.Namespace) -> dict:
     device = utils.setup_run(args)
     print(f"job dir: {os.path.dirname(os.path.abspath(__file__))}")
@@ -157,7 +154,7 @@ def main(args: argparse.Namespace) -> dict:
     if log_writer is not None and log_writer.writer is not None and args.vis_freq > 0:
         # Fixed clips (the dataset's augmentation is seeded per index and epoch) so the grid shows the mask evolving.
         dataset.set_epoch(0)
-        vis_clips = torch.stack([_first_clip(dataset[i]) for i in range(min(args.vis_num_clips, len(dataset)))])
+        vis_clips = multiple_samples_collate([dataset[i] for i in range(min(args.vis_num_clips, len(dataset)))])
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
     start_time = time.time()
@@ -184,7 +181,8 @@ def main(args: argparse.Namespace) -> dict:
         utils.write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                                                "n_parameters": n_params})
         if vis_clips is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
-            log_mask_images(log_writer, model_without_ddp, clips_to_device(vis_clips, device),
+            first_clips = clips_to_device(vis_clips, device)[::max(1, args.num_sample)]  # one clip per video
+            log_mask_images(log_writer, model_without_ddp, normalize_clips(first_clips),
                             step=(epoch + 1) * steps_per_epoch, normalize_target=args.normalize_target)
         if log_writer is not None:
             log_writer.flush()

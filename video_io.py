@@ -85,8 +85,8 @@ class _DecordReader:
         except Exception:
             return 0.0
 
-    def frame_size(self) -> tuple[int, int] | None:
-        return None  # decord only knows once it has decoded a frame
+    def frame_size(self) -> tuple[int, int]:
+        return self.get_batch([0]).shape[1:3]  # decord tells the size only with a frame; the first is the cheapest
 
     def get_batch(self, indices: Sequence[int], region: Region | None = None) -> np.ndarray:
         idx = _check_indices(self.path, indices, self._len)
@@ -198,14 +198,14 @@ class _PyAVReader:
         ts = self._pts[frame_idx] if frame_idx > 0 else (self._stream.start_time or self._pts[0])
         self._container.seek(ts, stream=self._stream, backward=True, any_frame=False)
 
-    def frame_size(self) -> tuple[int, int] | None:
+    def frame_size(self) -> tuple[int, int]:
         cc = self._stream.codec_context
-        return (cc.height, cc.width) if cc.height and cc.width else None
+        return (cc.height, cc.width) if cc.height and cc.width else self.get_batch([0]).shape[1:3]
 
     def get_batch(self, indices: Sequence[int], region: Region | None = None) -> np.ndarray:
         idx = _check_indices(self.path, indices, len(self))
         if region is not None:
-            region = _check_region(self.path, region, *(self.frame_size() or (1 << 30, 1 << 30)))
+            region = _check_region(self.path, region, *self.frame_size())
         targets = sorted(set(idx))
         slots: dict[int, list[int]] = {}
         for k, i in enumerate(idx):
@@ -424,7 +424,8 @@ def _check_indices(path: str, indices: Sequence[int], n: int) -> list[int]:
 
 
 class VideoReader:
-    """A video opened with one backend: ``len(r)``, ``r.fps()``, ``r.get_batch(indices)``, ``r.close()``.
+    """A video opened with one backend: ``len(r)``, ``r.frame_size()``, ``r.fps()``, ``r.get_batch(indices,
+    region)``, ``r.close()``.
 
     Usable as a context manager; open it inside ``__getitem__`` and close it before returning.
     """
@@ -441,8 +442,11 @@ class VideoReader:
     def fps(self) -> float:
         return self._impl.fps()
 
-    def frame_size(self) -> tuple[int, int] | None:
-        """``(height, width)`` of the frames if known before decoding (PyAV), else None (decord)."""
+    def frame_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the frames: from the stream header (PyAV), else by decoding frame 0 (decord).
+
+        With ``len(r)`` this is all a caller needs to plan a clip (frame indices, crop region) before
+        ``get_batch``."""
         return self._impl.frame_size()
 
     def get_batch(self, indices: Sequence[int], region: Region | None = None) -> np.ndarray:

@@ -1,12 +1,14 @@
-"""Clip transforms on torch tensors: ``uint8 [T, H, W, C]`` frames in, ``float32 [3, T, H, W]`` normalised out.
+"""Clip transforms on torch tensors: ``uint8 [T, H, W, C]`` frames in, ``float32 [3, T, H, W]`` out.
 
 Why this layout: decoders return ``[T, H, W, C]`` uint8; ``permute(0, 3, 1, 2)`` gives a channels-last
 ``[T, C, H, W]`` view without a copy, and torch's uint8 bilinear (antialiased) resize is fastest on exactly that
 layout. Crops are slices (no copy), resizes run on uint8, and the float conversion + ImageNet normalisation is
 one fused pass at the end, after the clip has been reduced to the output size.
 
-All random choices use Python's ``random`` module (seeded per DataLoader worker by PyTorch) and are drawn once
-per clip, so every frame gets the same crop / flip / RandAugment ops / erase box.
+All random choices use Python's ``random`` module (seeded per item by the datasets) and are drawn once per clip,
+so every frame gets the same crop / flip / RandAugment ops / erase box. Pre-training draws in the workers and
+resizes on the training device (:class:`PretrainTransform`, :func:`resize_crops`); fine-tuning and evaluation
+transform whole clips in the workers.
 
 Building blocks: :func:`multi_scale_crop_params` (VideoMAE's GroupMultiScaleCrop semantics),
 :func:`random_resized_crop_params`, :func:`short_side_resize`, :func:`spatial_crop` (centre / three-crop),
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence, Tuple, Union
+from typing import NamedTuple, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -146,15 +148,13 @@ def spatial_crop(x: torch.Tensor, size: int, crop_idx: int = 1, num_crops: int =
 
 def normalize_clips(x: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
                     std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """uint8 clips ``[..., C, T, H, W]`` (0..255) -> float32 ``(x / 255 - mean) / std``, on their own device.
-
-    The one normalisation: :func:`normalize` in the workers and the training device after a uint8 transfer both
-    run it, so the two give the same values.
-    """
+    """Clips ``[..., C, T, H, W]``, uint8 (0..255) or float in ``[0, 1]`` -> float32 ``(x01 - mean) / std``, on
+    their own device. The one ImageNet normalisation (fine-tuning workers, the pre-training model input)."""
     shape = (-1, 1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
-    return x.float().mul_(1.0 / s).add_(-m / s)
+    scale = 255.0 if x.dtype == torch.uint8 else 1.0
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * scale
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * scale
+    return x.to(torch.float32, copy=True).mul_(1.0 / s).add_(-m / s)
 
 
 def normalize(
@@ -226,46 +226,74 @@ class ClipRandomErasing:
         return clip
 
 
-class PretrainTransform:
-    """Pre-training: multi-scale crop -> resize to ``input_size`` -> optional flip -> normalise.
+Crop = Tuple[int, int, int, int, bool]  # (top, left, height, width, flip)
 
-    Flip is off for SSv2 (it changes the meaning of "left to right" labels; VideoMAE uses no flip at all).
-    With ``uint8=True`` the clip is returned as uint8 ``[3, T, H, W]`` and normalised later on the training
-    device with :func:`normalize_clips` (same values): the float pass leaves the data workers, and worker-to-main
-    traffic shrinks 4x.
+
+class PretrainTransform:
+    """Pre-training augmentation: multi-scale crop -> resize to ``input_size`` -> optional flip.
+
+    Split in two so that no worker resizes anything: :meth:`draw` makes a clip's random choices in the DataLoader
+    worker (which then decodes only the region holding the crops), and :func:`resize_crops` cuts, resizes and
+    flips whole batches on the training device. Flip is off for SSv2 (it changes the meaning of "left to right"
+    labels; VideoMAE uses no flip at all).
     """
 
-    def __init__(self, input_size: int = 224, scales: Sequence[float] = (1, 0.875, 0.75, 0.66),
-                 flip: bool = True, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 uint8: bool = False):
+    def __init__(self, input_size: Union[int, Sequence[int]] = 224,
+                 scales: Sequence[float] = (1, 0.875, 0.75, 0.66), flip: bool = True):
         self.size = _to_size(input_size)
         self.scales = tuple(scales)
         self.flip = flip
-        self.mean, self.std = mean, std
-        self.uint8 = uint8
 
-    def draw(self, height: int, width: int) -> Tuple[int, int, int, int, bool]:
-        """This clip's random choices, ``(top, left, crop_h, crop_w, flip)``, for ``height x width`` frames.
-
-        Split from :meth:`apply` so that a decoder can be asked for just the crop (``VideoReader.get_batch``'s
-        ``region``); the draws are the same, in the same order, as :meth:`__call__`'s.
-        """
+    def draw(self, height: int, width: int) -> Crop:
+        """This clip's random choices for ``height x width`` frames: the crop box, then the flip (in that order,
+        from ``random``, as VideoMAE's GroupMultiScaleCrop and flip)."""
         top, left, ch, cw = multi_scale_crop_params(height, width, self.size, self.scales)
         return top, left, ch, cw, bool(self.flip and random.random() < 0.5)
 
-    def apply(self, frames: Frames, params: Tuple[int, int, int, int, bool],
-              origin: Tuple[int, int] = (0, 0)) -> torch.Tensor:
-        """Crop, resize, flip and (unless ``uint8``) normalise; ``frames`` start at ``origin`` of the full frame."""
-        top, left, ch, cw, flip = params
-        x = resize(crop(as_tchw(frames), top - origin[0], left - origin[1], ch, cw), self.size)
-        if flip:
-            x = x.flip(-1)
-        if self.uint8:
-            return x.permute(1, 0, 2, 3)  # a view; the collate's stack makes the one copy
-        return normalize(x, self.mean, self.std)
 
-    def __call__(self, frames: Frames) -> torch.Tensor:
-        return self.apply(frames, self.draw(frames.shape[1], frames.shape[2]))
+class CropItem(NamedTuple):
+    """One pre-training item as a worker returns it: the decoded region and the crops to cut from it."""
+
+    pixels: torch.Tensor  # uint8 [T, h, w, 3]: the region of the sampled frames that holds every crop
+    crops: torch.Tensor   # int64 [K, 5]: (top, left, height, width, flip) in region pixels, one row per clip
+    out_h: int            # the size the crops are resized to
+    out_w: int
+
+
+class CropBatch(NamedTuple):
+    """A batch of :class:`CropItem` (``datasets.collate_crops``): regions zero-padded to the batch's largest."""
+
+    pixels: torch.Tensor  # uint8 [B, T, H, W, 3]
+    crops: torch.Tensor   # int64 [N, 6]: (item, top, left, height, width, flip), clips in item order
+    out_h: int
+    out_w: int
+
+
+def resize_crops(batch: CropBatch, device: torch.device) -> torch.Tensor:
+    """The clips of ``batch`` on ``device``: ``float32 [N, 3, T, out_h, out_w]`` in ``[0, 1]``.
+
+    Each crop is resized as the workers used to do it (bilinear, antialiased when shrinking) and flipped; the
+    float result is rounded to whole grey levels, which keeps every pixel within one level of the former uint8
+    resize (whose fixed-point weights differ from exact ones by up to a level; tested). Crops of one size are
+    gathered with one indexing op (the flip is a reversed column index) and resized with one ``interpolate``: a
+    multi-scale crop has only a few sizes, so a batch costs a few kernels. Only ``batch.crops`` is read on the
+    host, so nothing waits for the device.
+    """
+    pixels = batch.pixels.to(device, non_blocking=True)
+    crops = batch.crops
+    _, t, _, _, c = pixels.shape
+    size = (batch.out_h, batch.out_w)
+    out = torch.empty(len(crops), t, c, *size, device=device)
+    for h, w in torch.unique(crops[:, 3:5], dim=0).tolist():
+        rows_of = ((crops[:, 3] == h) & (crops[:, 4] == w)).nonzero()[:, 0]
+        item, top, left, _, _, flip = crops[rows_of].T
+        ys = top[:, None] + torch.arange(h)
+        xs = left[:, None] + torch.where(flip[:, None].bool(), torch.arange(w - 1, -1, -1), torch.arange(w))
+        idx = [v.to(device, non_blocking=True) for v in (item[:, None, None], ys[:, :, None], xs[:, None, :])]
+        x = pixels[idx[0], :, idx[1], idx[2]]  # [G, h, w, T, 3]
+        x = x.permute(0, 3, 4, 1, 2).reshape(-1, c, h, w).float()
+        out[rows_of.to(device)] = resize(x, size).round_().view(-1, t, c, *size)
+    return out.transpose(1, 2).div_(255.0)
 
 
 class TrainTransform:

@@ -1,12 +1,15 @@
-"""Data-loading throughput: decode only and decode + augment, per backend, in-process (one core) and through a
-DataLoader with 1 and N workers, with repeated sampling ``--num_sample`` 1 vs 4.
+"""Data-loading throughput: decode only and a whole worker item, per backend, in-process (one core) and through a
+DataLoader with 1 and N workers, with repeated sampling ``--num_sample`` 1 vs 4; and the batched crop + resize +
+flip that then runs on the training device (``resize_crops``; here on this machine's CPU, one thread).
 
     python benchmarks/bench_dataloader.py --data_path data/synthetic/train.csv
     # a K400-like 320p H.264 video (written once, listed --copies times):
     python benchmarks/bench_dataloader.py --make_video /tmp/bench320/v.mp4 --height 320 --width 568
 
-In-process numbers use ``torch.set_num_threads(1)`` and one decoder thread: they are per-core costs. "clips/s"
-counts augmented clips delivered (``num_sample`` clips per decode).
+In-process numbers use ``torch.set_num_threads(1)`` and one decoder thread: they are per-core costs. A worker item
+is the planned frames' crop region, decoded (uint8), with its ``num_sample`` crops; "clips/s" counts clips
+delivered (``num_sample`` per item). The device transform is not part of the worker's time: on a GPU it overlaps
+with the workers; on a CPU-only run it is the main process's.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import PretrainVideoDataset, multiple_samples_collate, pretrain_indices  # noqa: E402
 from video_io import open_video  # noqa: E402
+from video_transforms import resize_crops  # noqa: E402
 
 
 def make_video(path: str, height: int = 320, width: int = 568, seconds: float = 10, fps: int = 30,
@@ -59,8 +63,9 @@ def _median_ms(fn, n: int) -> tuple[float, float]:
     return statistics.median(ts) * 1000, n / sum(ts)
 
 
-def bench_in_process(ds: PretrainVideoDataset, n: int) -> dict:
-    """Per-core: decode only, and decode + augment (one __getitem__), median ms per item and items/s."""
+def bench_in_process(ds: PretrainVideoDataset, n: int, batch_size: int = 4) -> dict:
+    """Per-core: decode only (whole frames), one worker item (__getitem__), median ms per item and items/s; and
+    the device transform on this CPU, ms per clip over batches of ``batch_size`` items."""
     nv = len(ds.videos)
 
     def decode(i):
@@ -70,8 +75,13 @@ def bench_in_process(ds: PretrainVideoDataset, n: int) -> dict:
     decode(0)
     ds[0]
     dec_ms, dec_ips = _median_ms(decode, n)
-    aug_ms, aug_ips = _median_ms(lambda i: ds[i % nv], n)
-    return {"decode_ms": dec_ms, "decode_clips_s": dec_ips, "item_ms": aug_ms, "clips_s": aug_ips * ds.num_sample}
+    item_ms, item_ips = _median_ms(lambda i: ds[i % nv], n)
+    batches = [multiple_samples_collate([ds[(b * batch_size + j) % nv] for j in range(batch_size)])
+               for b in range(max(1, n // (4 * batch_size)))]
+    resize_crops(batches[0], torch.device("cpu"))
+    dev_ms, _ = _median_ms(lambda i: resize_crops(batches[i], torch.device("cpu")), len(batches))
+    return {"decode_ms": dec_ms, "decode_clips_s": dec_ips, "item_ms": item_ms, "clips_s": item_ips * ds.num_sample,
+            "device_ms_per_clip": dev_ms / (batch_size * ds.num_sample)}
 
 
 def bench_loader(ds: PretrainVideoDataset, workers: int, n_items: int, batch_size: int = 4) -> float:
@@ -83,7 +93,7 @@ def bench_loader(ds: PretrainVideoDataset, workers: int, n_items: int, batch_siz
     for _ in range(workers):
         next(it)
     t = time.perf_counter()
-    clips = sum(b.shape[0] for b in it)
+    clips = sum(b.crops.shape[0] for b in it)
     return clips / (time.perf_counter() - t)
 
 
@@ -99,13 +109,11 @@ def main(argv=None) -> int:
     p.add_argument("--gop", type=int, default=None, help="keyframe interval (default: x264's 250)")
     p.add_argument("--tune", default=None, help="x264 --tune for the made video, e.g. fastdecode")
     p.add_argument("--copies", type=int, default=16, help="list the made video this many times")
-    p.add_argument("--backends", default="decord,pyav")
+    p.add_argument("--backends", default="auto,decord", help="auto: the program's default (PyAV if installed)")
     p.add_argument("--num_frames", type=int, default=16)
     p.add_argument("--sampling_rate", type=int, default=4)
     p.add_argument("--input_size", type=int, default=224)
     p.add_argument("--num_samples", default="1,4")
-    p.add_argument("--clip_dtype", default="uint8", choices=["uint8", "float32"],
-                   help="what the workers return (uint8: run_mae_pretraining's default, normalised on the device)")
     p.add_argument("--workers", default=f"1,{os.cpu_count()}")
     p.add_argument("--n", type=int, default=40, help="items per in-process measurement")
     p.add_argument("--loader_items", type=int, default=48, help="items per DataLoader measurement")
@@ -129,21 +137,24 @@ def main(argv=None) -> int:
         h, w = r.get_batch([0]).shape[1:3]
         info = f"{w}x{h}, {len(r)} frames, {r.fps():.0f} fps, keyframes every ~{len(r) / len(r._impl._keyframes):.0f}"
     print(f"# {a.data_path} (first video {info}); clip {a.num_frames}x{a.input_size}^2, "
-          f"rate {a.sampling_rate}, {a.clip_dtype} clips; {platform.processor() or platform.machine()}, "
+          f"rate {a.sampling_rate}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, "
           f"torch {torch.__version__}")
     print("| backend | num_sample | decode ms/clip (median, 1 core) | decode clips/s (1 core) "
-          "| decode+aug ms/item (median, 1 core) | decode+aug clips/s (1 core) | "
-          + " | ".join(f"DataLoader {w} worker(s) clips/s" for w in a.workers.split(",")) + " |")
-    print("|---" * (6 + len(a.workers.split(","))) + "|")
+          "| worker item ms (median, 1 core) | worker clips/s (1 core) | "
+          + " | ".join(f"DataLoader {w} worker(s) clips/s" for w in a.workers.split(","))
+          + " | device transform on this CPU, ms/clip |")
+    print("|---" * (7 + len(a.workers.split(","))) + "|")
     for backend in a.backends.split(","):
         for k in (int(x) for x in a.num_samples.split(",")):
             ds = PretrainVideoDataset(a.data_path, a.data_root, a.num_frames, a.sampling_rate, a.input_size,
-                                      num_sample=k, video_backend=backend, uint8=a.clip_dtype == "uint8")
+                                      num_sample=k, video_backend=backend)
             r = bench_in_process(ds, a.n)
             loader = [bench_loader(ds, int(w), a.loader_items) for w in a.workers.split(",")]
-            print(f"| {backend} | {k} | {r['decode_ms']:.1f} | {r['decode_clips_s']:.1f} | {r['item_ms']:.1f} | "
-                  f"{r['clips_s']:.1f} | " + " | ".join(f"{x:.1f}" for x in loader) + " |", flush=True)
+            name = backend if backend == ds.backend else f"{backend} ({ds.backend})"
+            print(f"| {name} | {k} | {r['decode_ms']:.1f} | {r['decode_clips_s']:.1f} | {r['item_ms']:.1f} | "
+                  f"{r['clips_s']:.1f} | " + " | ".join(f"{x:.1f}" for x in loader)
+                  + f" | {r['device_ms_per_clip']:.1f} |", flush=True)
     return 0
 
 

@@ -118,16 +118,6 @@ def test_multi_scale_crop_params():
     assert len({(t, left) for t, left, h, w in boxes if (h, w) == (224, 224)}) == 13
 
 
-def test_pretrain_transform_shapes_and_range():
-    frames = torch.randint(0, 256, (8, 48, 64, 3), dtype=torch.uint8)  # smaller than the crop
-    out = VT.PretrainTransform(96)(frames)
-    assert out.shape == (3, 8, 96, 96) and out.dtype == torch.float32
-    lo, hi = (0 - MEAN) / STD, (1 - MEAN) / STD
-    assert (out >= lo - 1e-5).all() and (out <= hi + 1e-5).all()
-    const = torch.full((2, 40, 40, 3), 255, dtype=torch.uint8)
-    assert torch.allclose(VT.PretrainTransform(32)(const), ((1 - MEAN) / STD).expand(3, 2, 32, 32), atol=1e-5)
-
-
 def test_randaugment_consistent_over_frames():
     img = torch.randint(0, 256, (1, 40, 50, 3), dtype=torch.uint8).expand(6, -1, -1, -1).contiguous()
     tr = VT.TrainTransform(32, aa="rand-m9-n4-mstd0.5-inc1", reprob=0.0)
@@ -159,42 +149,46 @@ def test_eval_transform_crops():
 
 
 # ---------------------------------------------------------------------------------------------------- datasets
+def clips_of(batch):
+    from engine_for_pretraining import clips_to_device
+
+    return clips_to_device(batch, torch.device("cpu"))
+
+
 def test_pretrain_dataset_and_repeated_sampling(synthetic_dir):
     a = args_for(os.path.join(synthetic_dir, "train.csv"), num_sample=1)
     ds = D.build_pretraining_dataset(a)
     x = ds[0]
-    assert x.shape == (3, 8, 32, 32) and x.dtype == torch.float32
+    assert isinstance(x, VT.CropItem) and x.pixels.dtype == torch.uint8 and x.crops.shape == (1, 5)
+    assert x.pixels.shape[0] == 8 and x.pixels.shape[1:3] == tuple(x.crops[0, 2:4])  # just the crop is decoded
+    assert clips_of(D.multiple_samples_collate([x])).shape == (1, 3, 8, 32, 32)
     a.num_sample = 3
     ds = D.build_pretraining_dataset(a)
     item = ds[1]
-    assert isinstance(item, list) and len(item) == 3
+    assert item.crops.shape == (3, 5)
     batch = D.multiple_samples_collate([ds[0], ds[1]])
-    assert batch.shape == (6, 3, 8, 32, 32)
+    assert batch.crops[:, 0].tolist() == [0, 0, 0, 1, 1, 1]
+    clips = clips_of(batch)
+    assert clips.shape == (6, 3, 8, 32, 32) and clips.dtype == torch.float32
+    assert clips.min() >= 0 and clips.max() <= 1
 
 
 @pytest.mark.parametrize("num_sample", [1, 3])
-def test_pretrain_clips_same_whether_decoder_crops_or_not(synthetic_dir, video_dir, tmp_path, num_sample):
-    # PyAV decodes only the box holding the drawn crops, decord whole frames; a plain callable transform takes
-    # the original path (whole frames, then the transform). All three must give the same clips, bit for bit.
-    from video_transforms import PretrainTransform
-
+def test_pretrain_items_same_with_either_backend(synthetic_dir, video_dir, tmp_path, num_sample):
+    # PyAV decodes only the box holding the drawn crops, decord crops it from whole frames: same plan, same pixels.
     lst = tmp_path / "list.csv"
     lst.write_text(open(os.path.join(synthetic_dir, "train.csv")).read()
                    + f"{os.path.join(video_dir, 'vp9_80x64.webm')} 0\n{os.path.join(video_dir, 'h264_96x128.mp4')} 0\n")
-    base = PretrainTransform(32)
     items = {}
-    for name, kw in {"pyav": dict(video_backend="pyav"), "decord": dict(video_backend="decord"),
-                     "whole": dict(video_backend="pyav", transform=lambda f: base(f))}.items():
+    for backend in ("auto", "pyav", "decord"):
         ds = D.PretrainVideoDataset(str(lst), num_frames=8, sampling_rate=2, input_size=32, num_sample=num_sample,
-                                    **kw)
+                                    video_backend=backend)
         ds.seed = 3
-        items[name] = [ds[i] for i in range(len(ds))]
-    for i in range(len(items["pyav"])):
-        for name in ("decord", "whole"):
-            a, b = items["pyav"][i], items[name][i]
-            for x, y in zip(a if num_sample > 1 else [a], b if num_sample > 1 else [b]):
-                assert x.shape == (3, 8, 32, 32)
-                assert torch.equal(x, y), (i, name)
+        items[backend] = [ds[i] for i in range(len(ds))]
+    for i, x in enumerate(items["pyav"]):
+        for backend in ("auto", "decord"):
+            y = items[backend][i]
+            assert torch.equal(x.pixels, y.pixels) and torch.equal(x.crops, y.crops), (i, backend)
 
 
 def test_pyav_workers_after_main_process_decoded(synthetic_dir):
@@ -202,27 +196,12 @@ def test_pyav_workers_after_main_process_decoded(synthetic_dir):
     # parent must not be reused in the children (an inherited swscale context can hang there).
     a = args_for(os.path.join(synthetic_dir, "train.csv"), num_sample=2, video_backend="pyav", seed=0)
     ds = D.build_pretraining_dataset(a)
-    expected = [ds[i] for i in range(len(ds))]
+    expected = clips_of(D.multiple_samples_collate([ds[i] for i in range(len(ds))]))
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, collate_fn=D.multiple_samples_collate,
                                          timeout=120)
-    got = torch.cat(list(loader))
-    assert torch.equal(got, torch.stack([c for item in expected for c in item]))
-
-
-def test_uint8_clips_normalised_on_device_equal_float_clips(synthetic_dir):
-    # The pre-training program's default: uint8 clips out of the workers, normalised after the transfer.
-    from engine_for_pretraining import clips_to_device
-
-    a = args_for(os.path.join(synthetic_dir, "train.csv"), num_sample=2, seed=5)
-    as_float = D.build_pretraining_dataset(a)
-    a.clip_dtype = "uint8"
-    as_uint8 = D.build_pretraining_dataset(a)
-    loader = torch.utils.data.DataLoader(as_uint8, batch_size=3, num_workers=2,
-                                         collate_fn=D.multiple_samples_collate)
-    batch = next(iter(loader))
-    assert batch.dtype == torch.uint8 and batch.shape == (6, 3, 8, 32, 32)
-    expected = D.multiple_samples_collate([as_float[i] for i in range(3)])
-    assert torch.equal(clips_to_device(batch, torch.device("cpu")), expected)  # bit for bit
+    batches = list(loader)
+    assert all(b.pixels.dtype == torch.uint8 and b.pixels.is_shared() for b in batches)  # collated into shm
+    assert torch.equal(torch.cat([clips_of(b) for b in batches]), expected)  # bit for bit, whatever the padding
 
 
 def test_cls_dataset_items(synthetic_dir):
@@ -278,8 +257,8 @@ def test_broken_video_skipped_and_counted(tmp_path, video_dir, backend, caplog):
     random.seed(0)
     with caplog.at_level("WARNING"):
         for i in range(len(ds)):
-            assert ds[i].shape == (3, 8, 32, 32)
-        assert ds[0].shape == (3, 8, 32, 32)
+            assert clips_of(D.multiple_samples_collate([ds[i]])).shape == (1, 3, 8, 32, 32)
+        assert ds[0].pixels.shape[0] == 8
     assert ds.num_broken >= 3 and D.get_broken_count(ds) == ds.num_broken
     logged = [r.getMessage() for r in caplog.records if "broken video" in r.getMessage()]
     assert any("truncated.mp4" in m for m in logged) and any("missing.mp4" in m for m in logged)
@@ -295,7 +274,7 @@ def test_broken_video_skipped_and_counted(tmp_path, video_dir, backend, caplog):
 def test_mostly_broken_dataset_stops(tmp_path, video_dir):
     p = _broken_list(tmp_path, video_dir, n_good=0, n_bad=3)
     ds = D.PretrainVideoDataset(p, num_frames=8, input_size=32, max_retries=4)
-    with pytest.raises(RuntimeError, match="consecutive videos failed"):
+    with pytest.raises(ValueError, match="consecutive videos failed"):
         ds[0]
 
 
@@ -307,8 +286,9 @@ def test_dataloader_two_workers_epoch(tmp_path, video_dir, synthetic_dir):
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=D.multiple_samples_collate)
     seen = 0
     for batch in loader:
-        assert batch.shape[1:] == (3, 8, 32, 32) and torch.isfinite(batch).all()
-        seen += batch.shape[0]
+        clips = clips_of(batch)
+        assert clips.shape[1:] == (3, 8, 32, 32) and torch.isfinite(clips).all()
+        seen += clips.shape[0]
     assert seen == 2 * len(ds)
     assert ds.num_broken >= 1  # counted inside a worker, visible here
 

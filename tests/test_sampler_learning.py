@@ -20,30 +20,30 @@ sys.path.insert(0, str(ROOT))
 
 import modeling_pretrain  # noqa: E402,F401  (registers the models)
 import utils  # noqa: E402
-from datasets import PretrainVideoDataset  # noqa: E402
-from engine_for_pretraining import pretrain_losses  # noqa: E402
-from losses import unnormalize  # noqa: E402
+from datasets import PretrainVideoDataset, multiple_samples_collate  # noqa: E402
+from engine_for_pretraining import clips_to_device, pretrain_losses  # noqa: E402
 from masking_generator import motion_energy  # noqa: E402
 from tools.make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
+from video_transforms import normalize_clips  # noqa: E402
 
 STEPS, BATCH, SIZE, FRAMES = 300, 16, 64, 8
 
 
 def clips(list_path: str, copies: int) -> torch.Tensor:
+    """``[len * copies, 3, T, H, W]`` clips in ``[0, 1]``, as the training loop gets them."""
     ds = PretrainVideoDataset(list_path, num_frames=FRAMES, sampling_rate=2, input_size=SIZE, num_sample=copies)
     ds.seed = 0  # reproducible crops and flips
-    items = [ds[i] for i in range(len(ds))]
-    return torch.stack([c for item in items for c in (item if copies > 1 else [item])])
+    return clips_to_device(multiple_samples_collate([ds[i] for i in range(len(ds))]), torch.device("cpu"))
 
 
 def motion_mass(model: torch.nn.Module, videos: torch.Tensor) -> float:
     """Mean probability the sampler puts on each clip's top-20% tubelets by frame-difference energy."""
-    energy = motion_energy(unnormalize(videos), model.patch_size, model.tubelet_size)
+    energy = motion_energy(videos, model.patch_size, model.tubelet_size)
     top = torch.zeros_like(energy, dtype=torch.bool).scatter_(1, energy.topk(round(0.2 * energy.shape[1]), 1).indices,
                                                               True)
     model.eval()
     with torch.no_grad():
-        probs = model(videos).probs
+        probs = model(normalize_clips(videos)).probs
     model.train()
     return float((probs * top).sum(1).mean())
 
