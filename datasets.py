@@ -46,6 +46,7 @@ import torch
 from torch.utils.data import Dataset, get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
+from cli import UserError
 from video_io import BACKENDS, Region, VideoDecodeError, VideoReader, open_video, resolve_backend
 from video_transforms import Crop, CropBatch, CropItem, EvalTransform, PretrainTransform, TrainTransform
 
@@ -381,12 +382,12 @@ class _VideoDatasetBase(Dataset):
                 last_err = e
                 c.record_broken(self.videos.path(vid), f"{self.videos.path(vid)}: {type(e).__name__}: {e}")
             if c.broken >= 20 and c.broken > self.max_broken_ratio * c.loads:
-                raise RuntimeError(
+                raise UserError(
                     f"{c.broken} of {c.loads} video loads failed (> max_broken_ratio={self.max_broken_ratio}) "
                     f"in {self.videos.list_path}; last error: {last_err}. "
                     f"Run tools/check_dataset.py on the list.")
             vid = random.randrange(len(self.videos))
-        raise RuntimeError(f"{self.max_retries + 1} consecutive videos failed to decode from "
+        raise UserError(f"{self.max_retries + 1} consecutive videos failed to decode from "
                            f"{self.videos.list_path}; last error: {last_err}. The dataset looks broken: "
                            f"run tools/check_dataset.py on the list.")
 
@@ -749,30 +750,32 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
         for split, (fname, flag) in SPLIT_LISTS.items():
             add(flag, default=None, type=str, help=f"{split} list file, instead of DATA_PATH/{fname}")
     add("--data_root", default="", type=str, help="prefix for relative paths in the lists")
-    add("--data_set", default="Kinetics-400", choices=list(DATA_SETS), type=str)
-    add("--nb_classes", default=None, type=int, help="number of classes (default: from --data_set; "
-        "required for custom)")
-    add("--num_frames", default=16, type=int)
-    add("--sampling_rate", default=4, type=int)
+    add("--data_set", default="Kinetics-400", choices=list(DATA_SETS), type=str,
+        help="dataset: sets the class count, SSv2's segment sampling and no-flip rule")
+    add("--num_frames", default=16, type=int, help="frames per clip")
+    add("--sampling_rate", default=4, type=int, help="frame stride for dense sampling")
     add("--input_size", default=224, type=int, help="crop size fed to the model")
-    add("--short_side_size", default=224, type=int, help="eval: resize the short side to this")
-    add("--num_segments", default=1, type=int)
-    add("--sparse_sample", action="store_true", default=False,
-        help="segment (TSN/SSv2-style) sampling for non-SSV2 sets")
-    add("--test_num_segment", default=5, type=int)
-    add("--test_num_crop", default=3, type=int)
     add("--num_sample", default=1 if pretrain else 2, type=int, help="repeated sampling: clips per decode")
-    add("--aa", default="rand-m7-n4-mstd0.5-inc1", type=str, help="RandAugment policy ('none' to disable)")
-    add("--train_interpolation", default="bicubic", type=str, help="RandAugment resample filter")
-    add("--reprob", default=0.25, type=float, help="random erasing probability (tube)")
-    add("--remode", default="pixel", type=str)
-    add("--recount", default=1, type=int)
+    if not pretrain:  # classification, evaluation and fine-tuning augmentation
+        add("--nb_classes", default=None, type=int, help="number of classes (default: from --data_set; "
+            "required for custom)")
+        add("--short_side_size", default=224, type=int, help="eval: resize the short side to this")
+        add("--num_segments", default=1, type=int, help="segments for segment (TSN) sampling")
+        add("--sparse_sample", action="store_true", default=False,
+            help="segment (TSN/SSv2-style) sampling for non-SSV2 sets")
+        add("--test_num_segment", default=5, type=int, help="multi-view test: temporal views per video")
+        add("--test_num_crop", default=3, type=int, help="multi-view test: spatial crops per view")
+        add("--aa", default="rand-m7-n4-mstd0.5-inc1", type=str, help="RandAugment policy ('none' to disable)")
+        add("--train_interpolation", default="bicubic", type=str, help="RandAugment resample filter")
+        add("--reprob", default=0.25, type=float, help="random erasing probability (tube)")
+        add("--remode", default="pixel", type=str, help="random erasing fill mode (timm)")
+        add("--recount", default=1, type=int, help="random erasing count (timm)")
     add("--no_flip", action="store_true", default=False, help="disable horizontal flip (always off for SSV2)")
     add("--video_backend", default="auto", choices=list(BACKENDS), type=str,
         help="auto: PyAV when installed (exact frames, decodes only the crop region), else decord")
-    add("--num_workers", default=10, type=int)
+    add("--num_workers", default=10, type=int, help="DataLoader worker processes per training process")
     add("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
-    add("--no_pin_mem", action="store_false", dest="pin_mem")
+    add("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory in the DataLoader")
     add("--max_retries", default=10, type=int, help="broken videos: consecutive replacements before failing")
     add("--max_broken_ratio", default=0.5, type=float,
         help="stop when more than this fraction of video loads failed (after 20 failures)")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the models)
 import utils
-from cli import add_debug_arg, run_program
+from cli import HelpFormatter, add_debug_arg, run_program
 from preemption import GracefulStop, exit_preempted
 from resume import ResumableSampler, start_epoch_data, trim_log
 from datasets import add_data_args, build_pretraining_dataset, get_broken_count, multiple_samples_collate
@@ -33,58 +33,62 @@ from video_transforms import normalize_clips
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("AdaMAE pre-training", add_help=True,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--batch_size", default=64, type=int, help="clips per process per step (before --num_sample)")
-    g.add_argument("--epochs", default=800, type=int)
+    g.add_argument("--epochs", default=800, type=int, help="number of training epochs")
     g.add_argument("--accum_iter", "--update_freq", default=1, type=int, dest="accum_iter",
                    help="gradient accumulation: batches per optimizer step")
     g.add_argument("--save_ckpt_freq", default=50, type=int, help="keep checkpoint-{epoch}.pth every N epochs "
                    "(checkpoint-latest.pth is rewritten every epoch)")
-    g.add_argument("--print_freq", default=10, type=int)
+    g.add_argument("--print_freq", default=10, type=int, help="print the meters every N iterations")
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: bf16 on GPUs that support it, else fp16; fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="pretrain_videomae_base_patch16_224", type=str)
-    g.add_argument("--decoder_depth", default=4, type=int)
-    g.add_argument("--tubelet_size", default=2, type=int)
-    g.add_argument("--drop_path", default=0.0, type=float)
+    g.add_argument("--model", default="pretrain_videomae_base_patch16_224", type=str,
+                   help="model name in the timm registry (see README, Models)")
+    g.add_argument("--decoder_depth", default=4, type=int, help="decoder blocks (AdaMAE/VideoMAE: 4)")
+    g.add_argument("--tubelet_size", default=2, type=int, help="frames per token (tubelet depth)")
+    g.add_argument("--drop_path", default=0.0, type=float, help="stochastic depth rate")
     g.add_argument("--use_checkpoint", action="store_true", help="gradient checkpointing in every block")
     g.add_argument("--normalize_target", "--normlize_target", default=True, action=argparse.BooleanOptionalAction,
                    help="per-tubelet normalised pixel targets (paper); --no-normalize_target for raw pixels")
-    g.add_argument("--loss_type", default="mse", choices=["mse", "l1"])
+    g.add_argument("--loss_type", default="mse", choices=["mse", "l1"],
+                   help="reconstruction error per token (ablation d)")
     g.add_argument("--model_kwargs", default="{}", type=json.loads,
                    help="extra JSON keyword arguments for the model constructor, e.g. '{\"encoder_depth\": 4}'")
 
     g = p.add_argument_group("masking and sampler")
-    g.add_argument("--mask_type", default="adaptive", choices=list(MASK_TYPES) + ["learnable"])
-    g.add_argument("--mask_ratio", default=0.95, type=float)
+    g.add_argument("--mask_type", default="adaptive", choices=list(MASK_TYPES) + ["learnable"],
+                   help="adaptive = AdaMAE's learned sampler (alias learnable); tube/random/frame for ablations")
+    g.add_argument("--mask_ratio", default=0.95, type=float, help="fraction of tokens masked (AdaMAE: 0.95)")
     g.add_argument("--sampling_loss_weight", "--sampler_loss_weight", default=1e-4, type=float,
                    help="weight of the sampling (REINFORCE) loss; 1e-4 as in AdaMAE")
     g.add_argument("--sampler_temperature", "--softmax_temp", default=1.0, type=float,
                    help="divides the sampler's logits (AdaMAE's --softmax_temp was never applied: 1.0 is faithful)")
-    g.add_argument("--sampler_type", default="mha", choices=["mha", "mlp"])
-    g.add_argument("--sampler_depth", default=1, type=int)
+    g.add_argument("--sampler_type", default="mha", choices=["mha", "mlp"],
+                   help="token sampler body: mha (AdaMAE) or mlp (ablation f)")
+    g.add_argument("--sampler_depth", default=1, type=int, help="token sampler blocks (ablation f)")
     g.add_argument("--sampler_dim", default=None, type=int, help="sampler width (default: encoder width)")
-    g.add_argument("--sampler_heads", default=8, type=int)
+    g.add_argument("--sampler_heads", default=8, type=int, help="token sampler attention heads")
     g.add_argument("--sampler_detach_input", action="store_true",
                    help="stop the sampling loss from training the shared patch embedding")
 
     utils.add_optimizer_args(p, lr=1.5e-4, min_lr=1e-5, warmup_lr=0.0, warmup_epochs=40)
 
     g = p.add_argument_group("output and resume")
-    g.add_argument("--output_dir", default="", help="checkpoints and log.txt")
+    g.add_argument("--output_dir", default="", help="required: checkpoints, log.txt, args.json, TensorBoard")
     g.add_argument("--log_dir", default=None, help="TensorBoard logs (default: OUTPUT_DIR/tensorboard)")
     g.add_argument("--resume", default="", help="checkpoint to resume from")
     g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
                    help="resume from the newest checkpoint in --output_dir")
-    g.add_argument("--start_epoch", default=0, type=int)
+    g.add_argument("--start_epoch", default=0, type=int, help="first epoch (set by resuming; rarely needed by hand)")
     g.add_argument("--vis_freq", default=20, type=int,
                    help="every N epochs log the Video|Prediction|Error|CAT|Mask grid of fixed clips to TensorBoard "
                         "(0: never)")
-    g.add_argument("--vis_num_clips", default=4, type=int)
+    g.add_argument("--vis_num_clips", default=4, type=int, help="clips in the TensorBoard mask grid")
 
     add_data_args(p, pretrain=True)
     utils.add_distributed_args(p)
