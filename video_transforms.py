@@ -272,28 +272,28 @@ class CropBatch(NamedTuple):
 def resize_crops(batch: CropBatch, device: torch.device) -> torch.Tensor:
     """The clips of ``batch`` on ``device``: ``float32 [N, 3, T, out_h, out_w]`` in ``[0, 1]``.
 
-    Each crop is resized as the workers used to do it (bilinear, antialiased when shrinking) and flipped; the
-    float result is rounded to whole grey levels, which keeps every pixel within one level of the former uint8
-    resize (whose fixed-point weights differ from exact ones by up to a level; tested). Crops of one size are
-    gathered with one indexing op (the flip is a reversed column index) and resized with one ``interpolate``: a
-    multi-scale crop has only a few sizes, so a batch costs a few kernels. Only ``batch.crops`` is read on the
-    host, so nothing waits for the device.
+    Each crop is resized as the workers used to do it (bilinear, antialiased when shrinking), then flipped. On a
+    CPU that is the same uint8 resize, so the clips are exactly the former ones; GPUs resize in float (torch has
+    no uint8 antialiased resize there) and round to whole grey levels, which keeps every pixel within one level
+    of the uint8 resize (whose fixed-point weights differ from exact ones by up to a level; tested). Crops of one
+    size are stacked (one batched copy on a GPU) and resized with one ``interpolate``: a multi-scale crop has only
+    a few sizes, so a batch costs a few kernels. Only ``batch.crops`` is read on the host, so nothing waits for
+    the device.
     """
     pixels = batch.pixels.to(device, non_blocking=True)
     crops = batch.crops
     _, t, _, _, c = pixels.shape
     size = (batch.out_h, batch.out_w)
-    out = torch.empty(len(crops), t, c, *size, device=device)
+    out = torch.empty(len(crops), c, t, *size, device=device)
     for h, w in torch.unique(crops[:, 3:5], dim=0).tolist():
-        rows_of = ((crops[:, 3] == h) & (crops[:, 4] == w)).nonzero()[:, 0]
-        item, top, left, _, _, flip = crops[rows_of].T
-        ys = top[:, None] + torch.arange(h)
-        xs = left[:, None] + torch.where(flip[:, None].bool(), torch.arange(w - 1, -1, -1), torch.arange(w))
-        idx = [v.to(device, non_blocking=True) for v in (item[:, None, None], ys[:, :, None], xs[:, None, :])]
-        x = pixels[idx[0], :, idx[1], idx[2]]  # [G, h, w, T, 3]
-        x = x.permute(0, 3, 4, 1, 2).reshape(-1, c, h, w).float()
-        out[rows_of.to(device)] = resize(x, size).round_().view(-1, t, c, *size)
-    return out.transpose(1, 2).div_(255.0)
+        rows = ((crops[:, 3] == h) & (crops[:, 4] == w)).nonzero()[:, 0]
+        x = torch.stack([pixels[i, :, y:y + h, x0:x0 + w] for i, y, x0 in crops[rows, :3].tolist()])
+        x = x.view(-1, h, w, c).permute(0, 3, 1, 2)  # [G*T, 3, h, w], channels-last: the fast resize layout
+        y = resize(x if x.device.type == "cpu" else x.float(), size).float().round_().reshape(len(rows), t, c, *size)
+        flipped = crops[rows, 5].nonzero()[:, 0].to(device)
+        y[flipped] = y[flipped].flip(-1)
+        out[rows.to(device)] = y.transpose(1, 2)
+    return out.div_(255.0)
 
 
 class TrainTransform:

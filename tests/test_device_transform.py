@@ -1,5 +1,6 @@
 """Pre-training augmentation on the training device (``resize_crops``) against the workers' former CPU transform:
-the same frames, crops and flips from the same per-item seeds, and pixels within 1/255 (before normalisation)."""
+the same frames, crops and flips from the same per-item seeds; the same pixels on a CPU, within one grey level
+(1/255 before normalisation) on a GPU."""
 from __future__ import annotations
 
 import os
@@ -53,8 +54,7 @@ def test_device_transform_matches_former_cpu_transform(video_dir, tmp_path, num_
         top, left = min(c[0] for c in crops), min(c[1] for c in crops)
         assert item.crops.tolist() == [[t - top, x - left, h, w, int(f)] for t, x, h, w, f in crops], i
         flips += sum(c[4] for c in crops)
-        levels = (got[i * num_sample:(i + 1) * num_sample] - want).abs().max() * 255
-        assert levels < 1 + 1e-3, (i, float(levels))  # whole grey levels: at most one apart
+        assert torch.equal(got[i * num_sample:(i + 1) * num_sample], want), i  # on a CPU: the same uint8 resize
     assert 0 < flips < len(items) * num_sample  # both branches exercised
 
 
@@ -81,4 +81,4 @@ def test_device_transform_on_cuda_equals_cpu(video_dir, tmp_path):
     batch = D.multiple_samples_collate([ds[i] for i in range(len(ds))])
     cpu = clips_to_device(batch, torch.device("cpu"))
     cuda = clips_to_device(batch, torch.device("cuda")).cpu()
-    assert (cpu - cuda).abs().max() < 1e-4
+    assert (cpu - cuda).abs().max() * 255 < 1 + 1e-3  # float resize, rounded: within one grey level
