@@ -139,7 +139,7 @@ def format_row(r: dict) -> str:
                    f"{r['clips_per_s']:.1f} | {r['warmup_s']:.1f} | {r['peak_gib']:.2f} |")
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="pretrain_videomae_small_patch16_224")
     p.add_argument("--model_kwargs", default={}, type=json.loads,
@@ -163,7 +163,11 @@ def main() -> int:
     p.add_argument("--in_process", action="store_true", help="run every configuration in this process")
     p.add_argument("--jsonl", default=None, help="also append each row as a JSON line to this file")
     p.add_argument("--mask", help=argparse.SUPPRESS)  # set in the per-configuration child process
-    args = p.parse_args()
+    return p
+
+
+def main() -> int:
+    args = build_parser().parse_args()
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -207,7 +207,8 @@ main() {
     local model_args vid_args prep_args loader_args e2e_common rec_batch e2e_epochs
     local model_batches compile_batches compile_backend def_batch
     if ((SMOKE)); then
-        local tiny='{"encoder_embed_dim": 192, "encoder_depth": 2, "encoder_num_heads": 3, "decoder_embed_dim": 96, "decoder_num_heads": 3}'
+        local tiny='{"encoder_embed_dim": 192, "encoder_depth": 2, "encoder_num_heads": 3, '
+        tiny+='"decoder_embed_dim": 96, "decoder_num_heads": 3}'
         model_args=(--model pretrain_videomae_small_patch16_224 --model_kwargs "$tiny" --decoder_depth 1
                     --num_frames 8 --input_size 64 --device cpu --warmup 1 --steps 1)
         model_batches=(1 2) compile_batches=(1) compile_backend=aot_eager
@@ -224,7 +225,7 @@ main() {
         vid_args=(--n 16 --copies 40 --jobs "$CORES")
         prep_args=(-j "$CORES" --bench_videos 4 --bench_clips 5)
         loader_args=(--sampling_rate 4 --n 10 --loader_items 240)
-        e2e_common=()
+        e2e_common=()  # the program's defaults (empty: expanded with ${a[@]+...} for bash < 4.4 under set -u)
         # recommended: 16 x --num_sample 4 = 64 clips per step, as many as the default batch
         rec_batch=16 e2e_epochs=2 def_batch=${DEFAULT_BATCH:-?}
     fi
@@ -233,7 +234,8 @@ main() {
     if want model; then
         echo "## Model only (benchmarks/bench_pretrain_step.py, random clips, forward + losses + backward + AdamW)"
         echo
-        step model_eager 70 "$PY" benchmarks/bench_pretrain_step.py "${model_args[@]}" --batch_size "${model_batches[@]}" || true
+        step model_eager 70 "$PY" benchmarks/bench_pretrain_step.py "${model_args[@]}" \
+            --batch_size "${model_batches[@]}" || true
         show "$LOG/model_eager.md"
         echo
     fi
@@ -272,7 +274,7 @@ main() {
         local item
         for item in "${items[@]}"; do grep -h '^# ' "${item#*=}" | sed 's/^# /- /' || true; done
         echo
-        "$PY" benchmarks/gpu_suite_tools.py merge --label videos "${items[@]}"
+        "$PY" benchmarks/gpu_suite_tools.py merge --label videos "${items[@]}" || echo "(merging the tables failed)"
         echo
     fi
 
@@ -282,23 +284,26 @@ main() {
         local items=()
         if backend_ok "$DEFAULT_BACKEND"; then
             step e2e_defaults 60 "$PY" benchmarks/bench_pretrain.py --bench_epochs "$e2e_epochs" \
-                --data_path "$raw_list" "${e2e_common[@]}" || true
+                --data_path "$raw_list" ${e2e_common[@]+"${e2e_common[@]}"} || true
             items+=("program defaults: raw videos, $DEFAULT_BACKEND, batch $def_batch=$LOG/e2e_defaults.md")
         else
             note "e2e with the program's defaults: its default backend $DEFAULT_BACKEND is not installed"
         fi
         step e2e_raw_tuned 50 "$PY" benchmarks/bench_pretrain.py --bench_epochs "$e2e_epochs" --data_path "$raw_list" \
-            "${e2e_common[@]}" --video_backend "$best" --num_workers "$workers" --precision bf16 || true
+            ${e2e_common[@]+"${e2e_common[@]}"} --video_backend "$best" --num_workers "$workers" \
+            --precision bf16 || true
         items+=("raw videos, $best, bf16, batch $def_batch=$LOG/e2e_raw_tuned.md")
         if [[ -n $prep_list ]]; then
             step e2e_recommended 50 "$PY" benchmarks/bench_pretrain.py --bench_epochs "$e2e_epochs" \
-                --data_path "$prep_list" "${e2e_common[@]}" --video_backend "$best" --num_workers "$workers" \
-                --precision bf16 --batch_size "$rec_batch" --num_sample 4 || true
-            items+=("recommended: prepared videos, $best, bf16, batch $rec_batch x num_sample 4=$LOG/e2e_recommended.md")
+                --data_path "$prep_list" ${e2e_common[@]+"${e2e_common[@]}"} --video_backend "$best" \
+                --num_workers "$workers" --precision bf16 --batch_size "$rec_batch" --num_sample 4 || true
+            local rec="recommended: prepared videos, $best, bf16, batch $rec_batch x num_sample 4"
+            items+=("$rec=$LOG/e2e_recommended.md")
         else
             note "e2e with the recommended settings: no prepared videos"
         fi
-        "$PY" benchmarks/gpu_suite_tools.py merge --label setting --last_of epoch "${items[@]}"
+        "$PY" benchmarks/gpu_suite_tools.py merge --label setting --last_of epoch "${items[@]}" ||
+            echo "(merging the tables failed)"
         echo
     fi
 

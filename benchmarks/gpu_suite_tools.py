@@ -130,7 +130,7 @@ def merge(label: str, items: List[str], last_of: str | None = None) -> str:
             rows = [r for r in rows if len(r) > col and r[col] == last]
         body += [[name] + r for r in rows] or [[name, "no rows (see the log)"]]
     if header is None:
-        return ""
+        return "\n".join([f"| {label} | result |", "|---|---|"] + [f"| {r[0]} | {r[1]} |" for r in body])
     width = len(header) + 1
     out = ["| " + " | ".join([label] + header) + " |", "|---" * width + "|"]
     out += ["| " + " | ".join(r + [""] * (width - len(r))) + " |" for r in body]

@@ -1,8 +1,9 @@
 """benchmarks/gpu_suite.sh: its CPU smoke run works and prints well-formed markdown tables.
 
-The whole smoke run (every section) takes about two minutes on the 2-core dev machine, too long for the test suite;
-it runs only with GPU_SUITE_FULL_SMOKE=1. By default the model section (the quickest) runs, plus the paths for a
-missing package and for wheels carried in a folder, which need no videos.
+The whole smoke run (every section) takes 2-3 minutes on the 2-core dev machine, too long for the test suite; it runs
+only with GPU_SUITE_FULL_SMOKE=1. By default the smoke run of the model section (the quickest) runs, with PyAV and
+decord hidden and a wheel carried in WHEELS (as on the GPU host), and the GPU run's commands are generated with a
+stand-in Python and checked against the real argument parsers.
 """
 from __future__ import annotations
 
@@ -65,24 +66,6 @@ def test_merge_puts_a_label_column_first_and_keeps_the_last_epoch(tmp_path):
     assert rows[4][0] == "gone"
 
 
-def test_model_section_smoke(tmp_path):
-    res = _suite(tmp_path, "--sections", "model")
-    assert res.returncode == 0, res.stdout + res.stderr
-    tables = _check_tables(res.stdout)
-    model = next(t for t in tables if t[0][0] == "mask")
-    assert model[0][:3] == ["mask", "batch", "compile"]
-    assert [(r[0], r[1]) for r in model[2:]] == [("adaptive:0.95", "1"), ("tube:0.9", "1"),
-                                                ("adaptive:0.95", "2"), ("tube:0.9", "2")]
-    for r in model[2:]:
-        assert float(r[4]) > 0 and float(r[6]) > 0, r  # step ms, clips/s
-    timings = next(t for t in tables if t[0][0] == "section")
-    assert [r[0] for r in timings[2:]] == ["probe", "model_eager"]
-    assert all(r[3] == "ok" for r in timings[2:])
-    # the report is kept under $OUT, with every command's output
-    assert (tmp_path / "out" / "gpu_suite.md").read_text() == res.stdout
-    assert (tmp_path / "out" / "gpu_suite_logs" / "model_eager.md").exists()
-
-
 def _fake_wheel(folder: Path, name: str, version: str) -> None:
     """A minimal pure-Python wheel, enough for pip to install it."""
     dist = f"{name}-{version}.dist-info"
@@ -93,7 +76,9 @@ def _fake_wheel(folder: Path, name: str, version: str) -> None:
         z.writestr(f"{dist}/RECORD", "")
 
 
-def test_missing_packages_are_reported_and_wheels_installed(tmp_path):
+def test_model_section_smoke_without_video_packages(tmp_path):
+    """As on the GPU host: no PyAV, no decord (a wheel for decord carried in WHEELS). The model section runs, the
+    video sections are skipped and say why, and the markdown is well formed and kept under $OUT."""
     hidden = tmp_path / "hidden"  # shadows the installed packages, as on a host without them
     for pkg in ("av", "decord"):
         (hidden / pkg).mkdir(parents=True)
@@ -101,23 +86,27 @@ def test_missing_packages_are_reported_and_wheels_installed(tmp_path):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _fake_wheel(wheels, "decord", "99.0")  # installed ahead of the hidden one
-    res = _suite(tmp_path, "--sections", "loader,e2e",
-                 env={"PYTHONPATH": str(hidden), "WHEELS": str(wheels)})
+    res = _suite(tmp_path, "--sections", "model,loader,e2e", env={"PYTHONPATH": str(hidden), "WHEELS": str(wheels)})
     out = res.stdout
     assert res.returncode == 0, out + res.stderr  # skipped for a missing package is not a failure
     assert "WHEELS: installed decord" in out and "WHEELS: no av wheel" in out
     assert "PyAV missing, decord 99.0" in out
     assert "PyAV is not installed" in out and "decord is not installed" not in out
     assert "loader and whole-iteration tables skipped" in out
-    _check_tables(out)
 
-
-def test_no_gpu_without_smoke_says_so(tmp_path):
-    env = {**os.environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--sections", "model"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stdout + res.stderr
-    assert "--cpu-smoke" in res.stdout
+    tables = _check_tables(out)
+    model = next(t for t in tables if t[0][0] == "mask")
+    assert model[0][:3] == ["mask", "batch", "compile"]
+    assert [(r[0], r[1]) for r in model[2:]] == [("adaptive:0.95", "1"), ("tube:0.9", "1"),
+                                                ("adaptive:0.95", "2"), ("tube:0.9", "2")]
+    for r in model[2:]:
+        assert float(r[4]) > 0 and float(r[6]) > 0, r  # step ms, clips/s
+    timings = next(t for t in tables if t[0][0] == "section")
+    assert [r[0] for r in timings[2:]] == ["probe", "model_eager"]
+    assert all(r[3] == "ok" for r in timings[2:])
+    # the report is kept under $OUT, with every command's output
+    assert (tmp_path / "out" / "gpu_suite.md").read_text() == out
+    assert (tmp_path / "out" / "gpu_suite_logs" / "model_eager.md").exists()
 
 
 def test_bad_arguments_are_usage_errors():
@@ -127,8 +116,57 @@ def test_bad_arguments_are_usage_errors():
         assert res.returncode == 2 and "gpu_suite.sh:" in res.stderr, res.stderr
 
 
+FAKE_PYTHON = r"""#!/usr/bin/env bash
+# Stands in for Python on a 16-core CUDA host: logs each command, fakes the probe, runs only the table merger.
+printf '%s\0' "$@" >> "$FAKE_LOG"; printf '\n\0' >> "$FAKE_LOG"
+if [[ $1 == benchmarks/gpu_suite_tools.py && $2 == probe ]]; then
+    printf '%s\n' PY_VERSION=3.12.3 CORES=16 TORCH=2.9.0 TIMM=1.0 AV=19.0.2 DECORD=0.6.0 TQDM=4.67 CUDA=1 \
+        "GPU='NVIDIA H200'" DEFAULT_BACKEND=auto DEFAULT_BATCH=64 BACKENDS=auto,decord,pyav > "$4"
+elif [[ $1 == benchmarks/gpu_suite_tools.py && $2 == merge ]]; then
+    exec "$REAL_PYTHON" "$@"
+fi
+"""
+
+
+def test_gpu_run_commands_parse(tmp_path):
+    """The GPU run's commands (not taken by the smoke run), checked against the real argument parsers."""
+    fake, log = tmp_path / "python", tmp_path / "commands"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_LOG": str(log), "REAL_PYTHON": sys.executable}
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    cmds = [c.split("\0")[:-1] for c in log.read_text().split("\n\0") if c]
+    by_script: Dict[str, List[List[str]]] = {}
+    for c in cmds:
+        by_script.setdefault(c[0], []).append(c[1:])
+    assert len(by_script["benchmarks/bench_pretrain_step.py"]) == 2  # eager, compiled
+    assert len(by_script["benchmarks/bench_dataloader.py"]) == 2  # raw, prepared
+    assert len(by_script["benchmarks/bench_pretrain.py"]) == 3  # defaults, raw tuned, recommended
+
+    from bench_pretrain_step import build_parser
+    eager, compiled = (build_parser().parse_args(a) for a in by_script["benchmarks/bench_pretrain_step.py"])
+    assert eager.model == compiled.model == "pretrain_videomae_base_patch16_224"
+    assert eager.batch_size == [16, 64] and compiled.batch_size == [64, 16] and compiled.compile
+    assert eager.masks == ["adaptive:0.95", "tube:0.9"] and eager.precision == "bf16"
+
+    sys.path.insert(0, str(REPO))
+    import run_mae_pretraining
+
+    parsed = []
+    for a in by_script["benchmarks/bench_pretrain.py"]:
+        assert a[:2] == ["--bench_epochs", "2"]
+        parsed.append(run_mae_pretraining.get_args_parser().parse_args(a[2:] + ["--output_dir", str(tmp_path)]))
+    defaults, raw, rec = parsed
+    assert (defaults.batch_size, defaults.num_sample) == (64, 1)
+    assert (raw.num_workers, raw.precision, raw.batch_size) == (15, "bf16", 64)
+    assert (rec.num_workers, rec.batch_size, rec.num_sample) == (15, 16, 4) and "prepared" in rec.data_path
+    assert "| recommended: prepared videos, auto, bf16, batch 16 x num_sample 4 |" in res.stdout
+
+
 @pytest.mark.skipif(os.environ.get("GPU_SUITE_FULL_SMOKE") != "1",
-                    reason="about 2 minutes on 2 cores; set GPU_SUITE_FULL_SMOKE=1")
+                    reason="2-3 minutes on 2 cores; set GPU_SUITE_FULL_SMOKE=1")
 def test_full_smoke(tmp_path):
     res = _suite(tmp_path, timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr
