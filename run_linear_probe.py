@@ -33,7 +33,8 @@ from preemption import GracefulStop, exit_preempted
 from resume import ResumableSampler, start_epoch_data, trim_log
 
 # MAE linear probe (He et al. 2022, Table 10 / A.2): LARS, base lr 0.1, wd 0, batch 16384, 90 epochs, 10 warm-up.
-# V-JEPA attentive probe (Bardes et al. 2024, Appendix, evaluation): AdamW, lr 1e-3, wd 0.01, 20 epochs.
+# V-JEPA attentive probe (Bardes et al. 2024; configs/evals/vitl16_k400_16x8x3.yaml): AdamW, lr 1e-3 at a total
+# batch of 256 (64 x 4), wd 0.01, 20 epochs, no warm-up, decaying to 0.
 PROBE_DEFAULTS: dict[str, dict[str, Any]] = {
     "linear": dict(opt="lars", lr=0.1, weight_decay=0.0, epochs=90, warmup_epochs=10, batch_size=256),
     "attentive": dict(opt="adamw", lr=1e-3, weight_decay=0.01, epochs=20, warmup_epochs=0, batch_size=64),
