@@ -103,6 +103,9 @@ def _load_frozen_encoder(checkpoint: str, model_key: str, random_init: bool, see
     enc = model.encoder if pretrain else model
     target = enc.state_dict()
     sd = {k: v for k, v in state.items() if k in target}
+    if not pretrain and getattr(model, "fc_norm", None) is not None and "fc_norm.weight" not in sd:
+        model.fc_norm = None  # an encoder-only folder (VideoMAEModel) has no fc_norm: the embedding is the plain mean
+        target = enc.state_dict()
     missing = [k for k in target if k not in sd and not k.startswith(_OPTIONAL_KEYS)]
     shapes = [f"{k}: checkpoint {list(v.shape)} vs model {list(target[k].shape)}" for k, v in sd.items()
               if tuple(v.shape) != tuple(target[k].shape) and not k.startswith("head.")]

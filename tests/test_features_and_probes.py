@@ -205,3 +205,26 @@ def test_user_errors_exit_2(tiny_checkpoint, video_list, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             run_program(xf.main, xf.get_args_parser(), argv)
         assert e.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_classifier_embedding_is_what_its_head_reads(tmp_path):
+    """A fine-tuned classifier embeds as its own forward_features (mean, then its trained fc_norm); its
+    encoder-only HF export (no fc_norm in VideoMAEModel) embeds as the plain mean of the same tokens."""
+    import run_class_finetuning
+    from tools.export_hf import export
+    args = run_class_finetuning.get_args_parser().parse_args(
+        ["--model", "vit_small_patch16_224", "--data_set", "custom", "--nb_classes", "3", "--num_frames", "4",
+         "--input_size", "32", "--model_kwargs", '{"embed_dim": 32, "depth": 2, "num_heads": 2}',
+         "--output_dir", str(tmp_path)])
+    model = run_class_finetuning.build_model(args).eval()
+    with torch.no_grad():
+        model.fc_norm.weight.uniform_(0.5, 1.5)
+        model.fc_norm.bias.normal_()
+    (path,) = utils.save_checkpoint(args, 0, model, None, None, 0, tag="best", extra={"kind": "finetune"})
+    clip = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    enc = load_frozen_encoder(path)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(clip), model.forward_features(clip), rtol=0, atol=1e-6)
+        export(path, str(tmp_path / "hf"), encoder_only=True, verify=False)
+        torch.testing.assert_close(load_frozen_encoder(str(tmp_path / "hf"))(clip), enc.tokens(clip).mean(1),
+                                   rtol=0, atol=1e-6)
