@@ -51,13 +51,18 @@ def pretrain_cmd(data: Path, out: Path, port: int) -> list[str]:
             "--print_freq", "1", "--vis_freq", "0"]
 
 
-def finetune_cmd(data: Path, out: Path) -> list[str]:
-    return [sys.executable, "run_class_finetuning.py", "--data_path", str(data), "--data_set", "custom",
+def finetune_cmd(data: Path, out: Path, port: int | None = None) -> list[str]:
+    """One process, or with ``port`` two under torchrun (then 1 video x 2 samples per rank: 8 steps per epoch)."""
+    launch = [sys.executable] if port is None else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+                                                    "2", "--master_port", str(port)]
+    batch = ["--batch_size", "2", "--num_sample", "1"] if port is None else \
+        ["--batch_size", "1", "--num_sample", "2", "--dist_eval"]
+    return [*launch, "run_class_finetuning.py", "--data_path", str(data), "--data_set", "custom",
             "--nb_classes", "4", "--output_dir", str(out), "--model", "vit_small_patch16_224", "--model_kwargs",
             TINY_VIT, "--num_frames", "4", "--sampling_rate", "2", "--input_size", "32", "--short_side_size", "32",
-            "--batch_size", "2", "--num_sample", "1", "--epochs", "2", "--warmup_epochs", "1", "--lr", "1e-2",
-            "--num_workers", "1", "--device", "cpu", "--print_freq", "1", "--test_num_segment", "1",
-            "--test_num_crop", "1", "--model_ema", "--model_ema_decay", "0.9"]
+            *batch, "--epochs", "2", "--warmup_epochs", "1", "--lr", "1e-2", "--num_workers", "1", "--device",
+            "cpu", "--print_freq", "1", "--test_num_segment", "1", "--test_num_crop", "1", "--model_ema",
+            "--model_ema_decay", "0.9"]
 
 
 def run_and_signal(cmd: list[str], *steps: tuple[str, object], env: dict | None = None) -> tuple[int, str]:
@@ -72,6 +77,14 @@ def run_and_signal(cmd: list[str], *steps: tuple[str, object], env: dict | None 
             todo.pop(0)[1](proc)
     assert not todo, "".join(lines[-30:])
     return proc.wait(timeout=300), "".join(lines)
+
+
+def sigterm_rank(launcher: subprocess.Popen, index: int) -> None:
+    """SIGTERM to one of torchrun's two rank processes (as SLURM signals the processes of a job)."""
+    ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True,
+                           text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    os.kill(int(ranks[index]), signal.SIGTERM)
 
 
 def sigint(proc: subprocess.Popen) -> None:
@@ -109,13 +122,9 @@ def test_sigterm_to_one_rank_of_torchrun_pretraining_stops_all_and_resumes_bit_e
     subprocess.run(pretrain_cmd(data, full, _free_port()), cwd=ROOT, env=ENV, check=True, capture_output=True,
                    timeout=300)
 
-    def sigterm_rank1(proc: subprocess.Popen) -> None:
-        ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
-                               text=True).stdout.split()
-        assert len(ranks) == 2, ranks
-        os.kill(int(ranks[1]), signal.SIGTERM)  # only one rank gets it: both must stop at the same step
-
-    rc, out = run_and_signal(pretrain_cmd(data, cut, _free_port()), (r"Epoch: \[0\]\s+\[\s*1/8\]", sigterm_rank1))
+    # Only one rank gets the signal: both must stop at the same step.
+    rc, out = run_and_signal(pretrain_cmd(data, cut, _free_port()),
+                             (r"Epoch: \[0\]\s+\[\s*1/8\]", lambda p: sigterm_rank(p, 1)))
     # torchrun exits 1 and names the first rank's PREEMPTED_EXIT_CODE; it terminates the ranks still shutting down.
     codes = re.findall(r"exitcode  : (-?\d+)", out)
     assert rc == 1 and str(PREEMPTED_EXIT_CODE) in codes and set(codes) <= {str(PREEMPTED_EXIT_CODE), "-15"}, \
@@ -133,16 +142,20 @@ def test_sigterm_to_one_rank_of_torchrun_pretraining_stops_all_and_resumes_bit_e
     assert_same_run(full, cut)
 
 
-def test_sigint_during_finetuning_with_workers_saves_exits_75_and_resumes_bit_exact(data, tmp_path):
+def test_sigterm_to_torchrun_finetuning_with_workers_resumes_bit_exact(data, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
-    subprocess.run(finetune_cmd(data, full), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
-    rc, out = run_and_signal(finetune_cmd(data, cut), (r"Epoch: \[1\]\s+\[\s*1/8\]", sigint))
-    assert rc == PREEMPTED_EXIT_CODE, out[-3000:]
-    assert "Traceback" not in out and "KeyboardInterrupt" not in out
-    assert re.search(r"Stopped by SIGINT in epoch 1 after step \d of 8; saved checkpoint \S+checkpoint-latest", out)
+    subprocess.run(finetune_cmd(data, full, _free_port()), cwd=ROOT, env=ENV, check=True, capture_output=True,
+                   timeout=300)
+    rc, out = run_and_signal(finetune_cmd(data, cut, _free_port()),
+                             (r"Epoch: \[1\]\s+\[\s*1/8\]", lambda p: sigterm_rank(p, 0)))
+    assert rc == 1 and f"exitcode  : {PREEMPTED_EXIT_CODE}" in out, out[-3000:]
+    assert not re.search(r"(run_class_finetuning|engine_for_finetuning|utils)\.py\", line", out)  # no trace of ours
+    assert re.search(r"Stopped by (SIGTERM|a signal on another rank) in epoch 1 after step \d of 8; saved checkpoint "
+                     r"\S+checkpoint-latest", out), out[-3000:]
     assert [r["epoch"] for r in log_records(cut)] == [0]
 
-    res = subprocess.run(finetune_cmd(data, cut), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(finetune_cmd(data, cut, _free_port()), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert_same_run(full, cut)
     a, b = (json.loads((d / "test_results.json").read_text()) for d in (full, cut))
