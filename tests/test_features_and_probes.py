@@ -127,12 +127,18 @@ def probe_flags(out: Path, *extra: str) -> list[str]:
             "cpu", "--print_freq", "100", "--data_set", "custom", "--nb_classes", "4", "--no-auto_resume", *extra]
 
 
-def test_linear_probe_on_cached_features(tiny_checkpoint, synthetic_dir, tmp_path):
+@pytest.fixture(scope="module")
+def cached_features(tiny_checkpoint, synthetic_dir, tmp_path_factory) -> str:
+    feats = tmp_path_factory.mktemp("feats")
     for split in ("train", "val", "test"):
-        xf.extract(extract_args(tiny_checkpoint, os.path.join(synthetic_dir, f"{split}.csv"),
-                                tmp_path / "feats" / split, "--batch_size", "8"))
+        xf.extract(extract_args(tiny_checkpoint, os.path.join(synthetic_dir, f"{split}.csv"), feats / split,
+                                "--batch_size", "8"))
+    return str(feats)
+
+
+def test_linear_probe_on_cached_features(cached_features, tmp_path):
     args = run_linear_probe.get_args_parser().parse_args(
-        probe_flags(tmp_path / "out", "--probe", "linear", "--features", str(tmp_path / "feats")))
+        probe_flags(tmp_path / "out", "--probe", "linear", "--features", cached_features))
     results = run_linear_probe.main(args)
     assert args.opt == "lars" and args.weight_decay == 0.0  # MAE's recipe by default
     saved = json.loads((tmp_path / "out" / "test_results.json").read_text())
@@ -228,3 +234,37 @@ def test_classifier_embedding_is_what_its_head_reads(tmp_path):
         export(path, str(tmp_path / "hf"), encoder_only=True, verify=False)
         torch.testing.assert_close(load_frozen_encoder(str(tmp_path / "hf"))(clip), enc.tokens(clip).mean(1),
                                    rtol=0, atol=1e-6)
+
+
+def test_probe_resumes_exactly_after_a_stop_mid_epoch(cached_features, tmp_path, monkeypatch):
+    """A stop request after step 1 of epoch 0 saves a mid-epoch checkpoint and exits 75; rerunning the same command
+    finishes the run with the same probe weights and test results as a run never interrupted."""
+    from preemption import GracefulStop
+
+    class StopAfterOneStep(GracefulStop):
+        def __init__(self) -> None:
+            super().__init__(install=False)
+            self.polls = 0
+
+        def poll(self) -> bool:
+            self.polls += 1
+            return self.polls == 1
+
+    def run(out: Path) -> None:
+        flags = [f for f in probe_flags(out, "--features", cached_features, "--epochs", "2")
+                 if f != "--no-auto_resume"]
+        run_linear_probe.main(run_linear_probe.get_args_parser().parse_args(flags))
+
+    run(tmp_path / "straight")
+    monkeypatch.setattr(run_linear_probe, "GracefulStop", StopAfterOneStep)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path / "stopped")
+    assert e.value.code == 75
+    ckpt = torch.load(tmp_path / "stopped" / "checkpoint-latest.pth", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"]) == (0, 1)
+    monkeypatch.setattr(run_linear_probe, "GracefulStop", GracefulStop)
+    run(tmp_path / "stopped")
+    a, b = (torch.load(tmp_path / d / "checkpoint-1.pth", weights_only=False)["model"] for d in ("straight", "stopped"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    results = [json.loads((tmp_path / d / "test_results.json").read_text()) for d in ("straight", "stopped")]
+    assert results[0]["predictions"] == results[1]["predictions"]
