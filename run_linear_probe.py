@@ -42,7 +42,10 @@ PROBE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser("Frozen-encoder probes", formatter_class=HelpFormatter)
+    per_probe = "; ".join(f"{k}: " + ", ".join(f"--{n} {v}" for n, v in d.items()) for k, d in PROBE_DEFAULTS.items())
+    p = argparse.ArgumentParser("Frozen-encoder probes", formatter_class=HelpFormatter,
+                                epilog=f"Defaults per --probe (the flags shown with default None): {per_probe}. "
+                                       f"Clip flags shown with None default to the checkpoint's saved args.")
     g = p.add_argument_group("probe")
     g.add_argument("--probe", default="linear", choices=PROBES,
                    help="linear: BatchNorm (no affine) + Linear on mean-pooled features; attentive: one learned "
