@@ -19,9 +19,10 @@ class UserError(ValueError):
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
+    from checkpoint_loading import CheckpointMismatchError
     from utils import CheckpointError
     # ValueError: bad values from the command line or the lists (datasets raise ValueError("file:line: ...")).
-    return (UserError, CheckpointError, ValueError, FileNotFoundError)
+    return (UserError, CheckpointError, CheckpointMismatchError, ValueError, FileNotFoundError)
 
 
 def one_line(exc: BaseException) -> str:

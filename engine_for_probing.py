@@ -30,7 +30,7 @@ import hf_interop
 import utils
 from cli import UserError
 from checkpoint_loading import CheckpointMismatchError, read_checkpoint, select_state_dict
-from tools.export_hf import ExportError, _our_tokens, build_our_model
+from tools.export_hf import ExportError, encoder_tokens, build_our_model
 
 __all__ = ["FrozenEncoder", "load_frozen_encoder", "LinearProbe", "AttentiveProbe", "PROBES", "build_probe",
            "ProbedEncoder", "FeatureDataset"]
@@ -60,7 +60,7 @@ class FrozenEncoder(nn.Module):
         return super().train(False)  # frozen means no dropout / drop-path either, whatever the caller's mode
 
     def tokens(self, clip: torch.Tensor) -> torch.Tensor:
-        return _our_tokens(self.model, self.kind, clip)
+        return encoder_tokens(self.model, self.kind, clip)
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         x = tokens.mean(1)

@@ -741,9 +741,13 @@ def _atomic_write(path: Path, write_fn: Callable[[io.BufferedWriter], None]) -> 
     _fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write a file via temp file + fsync + rename (results, rewritten logs, feature shards): never half-written."""
+    _atomic_write(Path(path), lambda f: f.write(data))
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write a text file via temp file + fsync + rename (results, rewritten logs): never half-written."""
-    _atomic_write(Path(path), lambda f: f.write(text.encode("utf-8")))
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:

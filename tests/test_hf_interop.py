@@ -195,7 +195,7 @@ def test_encoder_only_export_matches_transformers(tmp_path, adaptive_run, transf
     hf = load_hf(transformers, result.out_dir, "VideoMAEModel")
     x = clip(3)
     with torch.no_grad():
-        diff = rel(export_hf._our_tokens(model, "pretrain", x), hf(pixel_values=x.permute(0, 2, 1, 3, 4))
+        diff = rel(export_hf.encoder_tokens(model, "pretrain", x), hf(pixel_values=x.permute(0, 2, 1, 3, 4))
                    .last_hidden_state)
     assert diff < 1e-6 and result.parity["relative"] < 1e-6
 

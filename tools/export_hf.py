@@ -275,7 +275,7 @@ Files: {', '.join(result.files)}.{' The AdaMAE sampler weights are in `' + hf_in
 # Export
 # ------------------------------------------------------------------------------------------------------------
 
-def _our_tokens(model: nn.Module, kind: str, clip: torch.Tensor) -> torch.Tensor:
+def encoder_tokens(model: nn.Module, kind: str, clip: torch.Tensor) -> torch.Tensor:
     """Our encoder's output tokens for all positions, as HF's ``VideoMAEModel.last_hidden_state`` gives them
     (final LayerNorm only when the model has one before pooling)."""
     if kind == "pretrain":
@@ -303,7 +303,7 @@ def _verify(out_dir: str, arch: str, model: nn.Module, kind: str) -> dict[str, f
     hf_clip = clip.permute(0, 2, 1, 3, 4)  # HF takes [B, T, C, H, W]
     with torch.no_grad():
         if arch == "VideoMAEModel":
-            ours, theirs = _our_tokens(model, kind, clip), hf(pixel_values=hf_clip).last_hidden_state
+            ours, theirs = encoder_tokens(model, kind, clip), hf(pixel_values=hf_clip).last_hidden_state
         elif arch == "VideoMAEForPreTraining":
             from masking_generator import MaskGenerator
             mask = MaskGenerator("tube", pe.grid_size, 0.75)(1, clip.device)

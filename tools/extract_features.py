@@ -125,7 +125,7 @@ def clip_settings(args: argparse.Namespace, encoder: FrozenEncoder) -> dict[str,
 def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     from safetensors.torch import save
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    utils._atomic_write(path, lambda f: f.write(data))  # noqa: SLF001 (the project's one atomic writer)
+    utils.atomic_write_bytes(path, data)
 
 
 def _read_shard(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
