@@ -94,3 +94,25 @@ def run_launcher(script: str, tmp_path, program: str, env: dict | None = None) -
     argv = json.loads(record.read_text())
     assert program in argv, argv
     return argv
+
+
+def run_main(module, argv: list[str]):
+    """Run a program's ``main`` through its command-line entry (``cli.run_program``) in this process: the exit
+    status and what it printed, as a ``subprocess.CompletedProcess``, without a new interpreter's start-up."""
+    import contextlib
+    import io
+    import subprocess
+    import traceback
+
+    from cli import run_program
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            run_program(module.main, module.get_args_parser(), list(argv))
+        except SystemExit as e:
+            code = e.code
+        except Exception:  # noqa: BLE001 - --debug re-raises: report it as a process would
+            err.write(traceback.format_exc())
+            code = 1
+    return subprocess.CompletedProcess([module.__name__, *argv], code, out.getvalue(), err.getvalue())

@@ -18,6 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from conftest import run_main  # noqa: E402
 from preemption import PREEMPTED_EXIT_CODE  # noqa: E402
 from tools.make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
 
@@ -171,17 +172,19 @@ def test_second_signal_exits_at_once_without_saving(data, tmp_path):
 
 
 def test_auto_resume_refuses_flag_drift_and_accepts_harmless_flags(data, tmp_path):
-    base = [sys.executable, "run_mae_pretraining.py", "--data_path", str(data / "train.csv"), "--output_dir",
-            str(tmp_path), "--model", "pretrain_videomae_small_patch16_224", "--model_kwargs", TINY_MAE,
-            "--decoder_depth", "1", "--num_frames", "4", "--sampling_rate", "2", "--input_size", "32",
-            "--batch_size", "8", "--epochs", "1", "--mask_ratio", "0.75", "--num_workers", "0", "--device", "cpu"]
-    subprocess.run(base, cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    import run_mae_pretraining
+
+    base = ["--data_path", str(data / "train.csv"), "--output_dir", str(tmp_path), "--model",
+            "pretrain_videomae_small_patch16_224", "--model_kwargs", TINY_MAE, "--decoder_depth", "1", "--num_frames",
+            "4", "--sampling_rate", "2", "--input_size", "32", "--batch_size", "8", "--epochs", "1", "--mask_ratio",
+            "0.75", "--num_workers", "0", "--device", "cpu"]
+    assert run_main(run_mae_pretraining, base).returncode == 0
 
     for extra, expected in ((["--mask_ratio", "0.5"], ["--mask_ratio: 0.75 -> 0.5"]),
                             (["--mask_type", "tube", "--lr", "3e-4"],
                              ["--mask_type: 'adaptive' -> 'tube'", "--lr: 0.00015 -> 0.0003"]),
                             (["--batch_size", "4"], ["--batch_size x accum_iter x processes: 8 -> 4"])):
-        res = subprocess.run(base + extra, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        res = run_main(run_mae_pretraining, base + extra)
         assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
         assert "Traceback" not in res.stderr
         for text in expected:
@@ -190,8 +193,8 @@ def test_auto_resume_refuses_flag_drift_and_accepts_harmless_flags(data, tmp_pat
 
     # Print frequency, workers and the same list under another name are not part of the run's definition.
     (tmp_path / "same.csv").symlink_to(data / "train.csv")
-    harmless = base + ["--print_freq", "3", "--num_workers", "1", "--data_path", str(tmp_path / "same.csv")]
-    res = subprocess.run(harmless, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    res = run_main(run_mae_pretraining, base + ["--print_freq", "3", "--num_workers", "1", "--data_path",
+                                                str(tmp_path / "same.csv")])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Resumed from" in res.stdout
 

@@ -2,13 +2,10 @@
 documents every flag with its default, and each program lists only its own flags."""
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
@@ -18,7 +15,7 @@ sys.path.insert(0, str(ROOT))
 
 import run_class_finetuning  # noqa: E402
 import run_mae_pretraining  # noqa: E402
-from cli import run_program  # noqa: E402
+from conftest import run_main  # noqa: E402
 
 TINY_VIT = json.dumps(dict(embed_dim=64, depth=2, num_heads=4))
 TINY_MAE = json.dumps(dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=32,
@@ -29,21 +26,11 @@ PROGRAMS = {"run_mae_pretraining.py": run_mae_pretraining, "run_class_finetuning
 
 
 def run(program: str, *argv: str, subprocess_: bool = False) -> subprocess.CompletedProcess:
-    """Run a program's entry point (in this process unless ``subprocess_``) and collect its exit status/output."""
+    """Run a program (in this process unless ``subprocess_``) and collect its exit status and output."""
     if subprocess_:
         return subprocess.run([sys.executable, program, *argv], cwd=ROOT, capture_output=True, text=True,
                               timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    module = PROGRAMS[program]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            run_program(module.main, module.get_args_parser(), list(argv))
-        except SystemExit as e:
-            code = e.code
-        except Exception:  # noqa: BLE001 - --debug re-raises: report it like a process would
-            err.write(traceback.format_exc())
-            code = 1
-    return subprocess.CompletedProcess([program, *argv], code, out.getvalue(), err.getvalue())
+    return run_main(PROGRAMS[program], list(argv))
 
 
 def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> None:
