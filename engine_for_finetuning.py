@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 import utils
+import metric_logging
 from utils import NonFiniteLossError
 
 __all__ = ["train_one_epoch", "evaluate", "ShardSampler", "run_test_views", "merge_views", "merge_view_files",
@@ -38,9 +39,9 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
                     data_loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
                     loss_scaler: utils.LossScaler | None, args: Any, start_step: int,
                     lr_schedule: np.ndarray, wd_schedule: np.ndarray, model_ema: Any = None,
-                    mixup_fn: Callable | None = None, log_writer: utils.TensorboardLogger | None = None,
+                    mixup_fn: Callable | None = None, log_writer: metric_logging.TensorboardLogger | None = None,
                     deepspeed_engine: bool = False, steps_per_epoch: int | None = None, first_step: int = 0,
-                    metric_logger: utils.MetricLogger | None = None, stop: Any = None
+                    metric_logger: metric_logging.MetricLogger | None = None, stop: Any = None
                     ) -> tuple[dict[str, float] | None, int]:
     """One epoch of supervised fine-tuning; returns ``(averaged meters, optimizer steps done)``.
 
@@ -57,7 +58,7 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
     print_freq = int(getattr(args, "print_freq", 10))
     if steps_per_epoch is None:
         steps_per_epoch = len(data_loader) // accum  # type: ignore[arg-type]
-    metric_logger = metric_logger if metric_logger is not None else utils.MetricLogger(delimiter="  ")
+    metric_logger = metric_logger if metric_logger is not None else metric_logging.MetricLogger(delimiter="  ")
     watch = utils.NonFiniteLossWatch(epoch, steps_per_epoch, start_step, device)
     epoch_iter = utils.ScheduledEpoch(data_loader, metric_logger, optimizer, lr_schedule, wd_schedule,
                                       start_step=start_step, steps_per_epoch=steps_per_epoch, accum=accum,
@@ -225,7 +226,7 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, prec
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 correct, top-5 correct, clips
     unevaluated: list[dict[str, Any]] = []
-    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger = metric_logging.MetricLogger(delimiter="  ")
     for batch in metric_logger.log_every(data_loader, print_freq, header):
         samples, target = batch[0], torch.as_tensor(batch[1])
         valid, bad = _batch_validity(batch, len(target))
@@ -286,7 +287,7 @@ def run_test_views(data_loader: Iterable, model: nn.Module, device: torch.device
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     scored = failed = 0
-    metric_logger = utils.MetricLogger(delimiter="  ")
+    metric_logger = metric_logging.MetricLogger(delimiter="  ")
     with open(out_path, "w", encoding="utf-8") as f:
         for batch in metric_logger.log_every(data_loader, print_freq, "Test:"):
             samples, labels, video_ids, segments, crops = batch[:5]

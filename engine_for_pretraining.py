@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import utils
+import metric_logging
 from losses import gather_tokens, masked_indices, pixel_targets01, reconstruction_error, sampling_loss
 from masking_generator import motion_coverage, motion_energy, sampler_health
 from video_transforms import CropBatch, normalize_clips, resize_crops
@@ -72,9 +73,9 @@ def pretrain_losses(model: nn.Module, videos: torch.Tensor, patch_size: int, tub
 def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.optim.Optimizer,
                     device: torch.device, epoch: int, loss_scaler: utils.LossScaler, args: Any,
                     start_step: int, lr_schedule: np.ndarray, wd_schedule: np.ndarray,
-                    log_writer: utils.TensorboardLogger | None = None,
+                    log_writer: metric_logging.TensorboardLogger | None = None,
                     broken_count: Any = None, steps_per_epoch: int | None = None, first_step: int = 0,
-                    metric_logger: utils.MetricLogger | None = None, stop: Any = None
+                    metric_logger: metric_logging.MetricLogger | None = None, stop: Any = None
                     ) -> tuple[dict[str, float] | None, int]:
     """One epoch of pre-training; returns ``(averaged meters, optimizer steps done)``.
 
@@ -92,7 +93,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
     print_freq = int(getattr(args, "print_freq", 10))
     if steps_per_epoch is None:
         steps_per_epoch = len(data_loader) // accum  # type: ignore[arg-type]
-    metric_logger = metric_logger if metric_logger is not None else utils.MetricLogger(delimiter="  ")
+    metric_logger = metric_logger if metric_logger is not None else metric_logging.MetricLogger(delimiter="  ")
     watch = utils.NonFiniteLossWatch(epoch, steps_per_epoch, start_step, device)
     epoch_iter = utils.ScheduledEpoch(data_loader, metric_logger, optimizer, lr_schedule, wd_schedule,
                                       start_step=start_step, steps_per_epoch=steps_per_epoch, accum=accum,

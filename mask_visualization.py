@@ -383,7 +383,7 @@ def log_mask_images(log_writer: Any, model: nn.Module, videos: torch.Tensor, ste
     ImageNet-normalised batch ``[B, 3, T, H, W]``) as one image at ``step``, so TensorBoard's step slider shows the
     sampler's mask evolving over pre-training.
 
-    ``log_writer`` is a ``utils.TensorboardLogger`` (a no-op off rank 0: nothing is computed there) or a
+    ``log_writer`` is a ``metric_logging.TensorboardLogger`` (a no-op off rank 0: nothing is computed there) or a
     ``SummaryWriter``. ``model`` may be DDP / compiled: the bare module is run (no collectives, so calling this
     on rank 0 only is safe), in eval mode and without gradients, and every submodule's train/eval flag is
     restored. The mask is drawn from ``seed`` with a private generator, so the training RNG stream is unchanged

@@ -149,7 +149,7 @@ def start_epoch_data(epoch: int, info: Any, args: argparse.Namespace, sampler: R
                      dataset: Any) -> tuple[int, Any]:
     """Position the data for ``epoch`` and return ``(first optimizer step, the epoch's meters)``: step 0 and fresh
     meters, or, for the epoch a mid-epoch checkpoint stopped in, that step and the interrupted run's meters."""
-    from utils import MetricLogger
+    from metric_logging import MetricLogger
 
     first = info.step_in_epoch if info.step_in_epoch and epoch == info.start_epoch else 0
     sampler.set_epoch(epoch, skip=first * max(1, args.accum_iter) * args.batch_size)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 import modeling_finetune  # noqa: F401  (registers the models)
 import utils
+import metric_logging
 from checkpoint_loading import load_pretrained_encoder
 from cli import HelpFormatter, add_debug_arg, run_program
 from datasets import add_data_args, build_dataset, get_broken_count, multiple_samples_collate
@@ -247,7 +248,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
     if not args.eval:
         trim_log(args.output_dir, args.start_epoch)
-    log_writer = utils.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) \
+    log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) \
         if args.log_dir and not args.eval else None
     protocol = (f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop} (frames x segments x crops), "
                 f"crop {args.input_size} from short side {args.short_side_size}")
@@ -332,7 +333,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if best_acc1 >= 0:
                 print(f"Max accuracy: {best_acc1:.2f}%")
             log_stats["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
-        utils.write_log_line(args.output_dir, log_stats)
+        metric_logging.write_log_line(args.output_dir, log_stats)
         if log_writer is not None:
             log_writer.flush()
         if epoch + 1 < args.epochs and stop.sync():
@@ -370,7 +371,7 @@ def _log_final(args: argparse.Namespace, results: dict[str, Any]) -> None:
         if results.get(key):
             line.update({f"{key}_{k}": results[key][k] for k in ("acc1", "acc5", "num_clips", "unevaluated")})
     if line:
-        utils.write_log_line(args.output_dir, line)
+        metric_logging.write_log_line(args.output_dir, line)
 
 
 if __name__ == "__main__":

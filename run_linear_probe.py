@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import utils
+import metric_logging
 from cli import HelpFormatter, UserError, add_debug_arg, run_program
 from datasets import add_data_args, build_dataset
 from engine_for_finetuning import ShardSampler, evaluate, final_test, train_one_epoch
@@ -186,7 +187,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
     trim_log(args.output_dir, args.start_epoch)
-    log_writer = utils.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) if args.log_dir else None
+    log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) \
+        if args.log_dir else None
 
     results: dict[str, Any] = {}
     best_acc1 = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
@@ -216,7 +218,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if val["num_clips"] and val["acc1"] > best_acc1:
                 best_acc1 = val["acc1"]
             log_stats["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
-        utils.write_log_line(args.output_dir, log_stats)
+        metric_logging.write_log_line(args.output_dir, log_stats)
         if epoch + 1 < args.epochs and stop.sync():
             exit_preempted(stop, f"at the end of epoch {epoch}", written[-1] if written else None)
     stop.restore()
@@ -233,7 +235,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if results.get("val"):
         final.update({f"val_{k}": results["val"][k] for k in ("acc1", "acc5", "num_clips", "unevaluated")})
     if final:
-        utils.write_log_line(args.output_dir, final)
+        metric_logging.write_log_line(args.output_dir, final)
     if log_writer is not None:
         log_writer.close()
     utils.cleanup()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the models)
 import utils
+import metric_logging
 from cli import HelpFormatter, add_debug_arg, run_program
 from preemption import GracefulStop, exit_preempted
 from resume import ResumableSampler, start_epoch_data, trim_log
@@ -153,7 +154,8 @@ def main(args: argparse.Namespace) -> dict:
     if args.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
-    log_writer = utils.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) if args.log_dir else None
+    log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) \
+        if args.log_dir else None
     vis_clips = None
     if log_writer is not None and log_writer.writer is not None and args.vis_freq > 0:
         # Fixed clips (the dataset's augmentation is seeded per index and epoch) so the grid shows the mask evolving.
@@ -182,7 +184,7 @@ def main(args: argparse.Namespace) -> dict:
                            written[0] if written else None)
         written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler,
                                         global_step=(epoch + 1) * steps_per_epoch, extra=ckpt_extra)
-        utils.write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
+        metric_logging.write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                                                "n_parameters": n_params})
         if vis_clips is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
             first_clips = clips_to_device(vis_clips, device)[::max(1, args.num_sample)]  # one clip per video

@@ -18,6 +18,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+import metric_logging  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -432,8 +433,8 @@ def test_print_silenced_on_non_master(capsys):
 # ------------------------------------------------------------------------------------------------ logging
 
 def test_metric_logger_lazy_tensors_and_output(capsys):
-    ml = utils.MetricLogger(delimiter="  ")
-    ml.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
+    ml = metric_logging.MetricLogger(delimiter="  ")
+    ml.add_meter("lr", metric_logging.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     seen = []
     for i, batch in enumerate(ml.log_every(range(5), print_freq=2, header="Epoch: [0]")):
         seen.append(batch)
@@ -453,7 +454,7 @@ def test_metric_logger_lazy_tensors_and_output(capsys):
 
 
 def test_metric_logger_iterable_without_len(capsys):
-    ml = utils.MetricLogger()
+    ml = metric_logging.MetricLogger()
     assert list(ml.log_every(iter(range(3)), print_freq=1, header="x")) == [0, 1, 2]
     assert "[2]" in capsys.readouterr().out
 
@@ -465,14 +466,14 @@ def test_metric_logger_warns_when_input_bound(capsys):
             yield i
 
     for wait, work, warned in ((0.03, 0.0, True), (0.0, 0.03, False)):
-        for _ in utils.MetricLogger().log_every(slow_data(4, wait), print_freq=10, header="Epoch: [0]"):
+        for _ in metric_logging.MetricLogger().log_every(slow_data(4, wait), print_freq=10, header="Epoch: [0]"):
             time.sleep(work)
         out = capsys.readouterr().out
         assert ("waiting for data" in out) == warned, out
 
 
 def test_tensorboard_logger_writes_events(tmp_path):
-    tb = utils.TensorboardLogger(tmp_path / "tb")
+    tb = metric_logging.TensorboardLogger(tmp_path / "tb")
     for step in range(3):
         tb.set_step(step)
         tb.update(head="loss", loss=torch.tensor(1.0 / (step + 1)), lr=1e-3, skipped=None)
@@ -490,10 +491,10 @@ def test_tensorboard_logger_writes_events(tmp_path):
 
 
 def test_write_log_line(tmp_path):
-    utils.write_log_line(tmp_path, {"epoch": 0, "train_loss": torch.tensor(0.5), "n": np.int64(3)})
-    utils.write_log_line(tmp_path, {"epoch": 1, "train_loss": float("nan")})
+    metric_logging.write_log_line(tmp_path, {"epoch": 0, "train_loss": torch.tensor(0.5), "n": np.int64(3)})
+    metric_logging.write_log_line(tmp_path, {"epoch": 1, "train_loss": float("nan")})
     lines = (tmp_path / "log.txt").read_text().splitlines()
     assert [json.loads(s) for s in lines] == [{"epoch": 0, "train_loss": 0.5, "n": 3},
                                               {"epoch": 1, "train_loss": "nan"}]
-    utils.write_log_line(None, {"epoch": 2})  # no output dir: silently nothing
+    metric_logging.write_log_line(None, {"epoch": 2})  # no output dir: silently nothing
     assert os.path.getsize(tmp_path / "log.txt") > 0

@@ -20,7 +20,7 @@ import mask_visualization as mv  # noqa: E402
 import modeling_pretrain  # noqa: E402,F401
 import run_mae_vis  # noqa: E402
 from losses import gather_tokens, masked_indices, pixel_targets, unnormalize  # noqa: E402
-from utils import TensorboardLogger  # noqa: E402
+from metric_logging import TensorboardLogger  # noqa: E402
 
 TINY = dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=32, decoder_num_heads=4)
 FRAMES, SIZE, RATIO, TUBELET, PATCH = 8, 32, 0.75, 2, 16

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import utils  # noqa: E402
+import metric_logging  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
     assert isinstance(t, torch.Tensor) and torch.allclose(t, torch.tensor([0.5, 1.0])), t
 
     # MetricLogger: rank 0 logs 1 and 3, rank 1 logs 5 -> global average over 3 samples is 3
-    ml = utils.MetricLogger()
+    ml = metric_logging.MetricLogger()
     for v in ([1.0, 3.0] if rank == 0 else [5.0]):
         ml.update(loss=torch.tensor(v))
     ml.synchronize_between_processes()
