@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch.utils.data import Sampler
 
 import utils
+import optim_factory
 import metric_logging
 from utils import NonFiniteLossError
 
@@ -100,7 +101,7 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
         stats: dict[str, Any] = dict(loss=loss.detach(), grad_norm=grad_norm)
         if mixup_fn is None:
             stats["class_acc"] = (output.detach().argmax(-1) == hard_targets).float().mean()
-        lr_stats = utils.get_lr_stats(optimizer)
+        lr_stats = optim_factory.get_lr_stats(optimizer)
         metric_logger.update(**stats, lr=lr_stats["lr"], min_lr=lr_stats["min_lr"],
                              weight_decay=lr_stats["weight_decay"])
         if it % print_freq == 0:

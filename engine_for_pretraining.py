@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import utils
+import optim_factory
 import metric_logging
 from losses import gather_tokens, masked_indices, pixel_targets01, reconstruction_error, sampling_loss
 from masking_generator import motion_coverage, motion_energy, sampler_health
@@ -120,7 +121,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optimizer: torch.op
                 energy = motion_energy(videos, patch, tubelet)
                 stats.update(sampler_entropy=entropy, sampler_max_prob=max_prob,
                              motion_coverage=motion_coverage(out.mask, energy))
-        lr_stats = utils.get_lr_stats(optimizer)
+        lr_stats = optim_factory.get_lr_stats(optimizer)
         metric_logger.update(**stats, lr=lr_stats["lr"], weight_decay=lr_stats["weight_decay"])
         if it % print_freq == 0:
             watch.check()

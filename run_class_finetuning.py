@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 import modeling_finetune  # noqa: F401  (registers the models)
 import utils
+import optim_factory
 import metric_logging
 from checkpoint_loading import load_pretrained_encoder
 from cli import HelpFormatter, add_debug_arg, run_program
@@ -81,7 +82,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_ema_decay", default=0.9999, type=float, help="EMA decay per optimizer step")
     g.add_argument("--model_ema_force_cpu", action="store_true", help="keep the EMA copy on the CPU")
 
-    g = utils.add_optimizer_args(p, lr=1e-3, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=5)
+    g = optim_factory.add_optimizer_args(p, lr=1e-3, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=5)
     g.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay (1.0 = off)")
 
     g = p.add_argument_group("regularisation")
@@ -217,17 +218,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         print(f"Model EMA: decay {args.model_ema_decay}")
 
     total_batch = args.batch_size * accum * world
-    utils.scale_lr(args, total_batch)
+    optim_factory.scale_lr(args, total_batch)
     print(f"{len(dataset_train or [])} training videos, {steps_per_epoch} optimizer steps per epoch, clips per step "
           f"{total_batch * max(1, args.num_sample)} (num_sample {args.num_sample})")
 
-    optimizer = utils.create_optimizer(args, model_without_ddp)
+    optimizer = optim_factory.create_optimizer(args, model_without_ddp)
     loss_scaler = utils.LossScaler(args.precision, device.type)
-    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, max(steps_per_epoch, 1),
+    lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, max(steps_per_epoch, 1),
                                          args.warmup_epochs, start_warmup_value=args.warmup_lr,
                                          warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, max(steps_per_epoch, 1))
+    wd_schedule = optim_factory.cosine_scheduler(args.weight_decay, wd_end, args.epochs, max(steps_per_epoch, 1))
     criterion = build_criterion(args, mixup_fn is not None)
     print(f"criterion = {criterion}; mixup {'on' if mixup_fn is not None else 'off'}")
 

@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import utils
+import optim_factory
 import metric_logging
 from cli import HelpFormatter, UserError, add_debug_arg, run_program
 from datasets import add_data_args, build_dataset
@@ -78,7 +79,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist_eval", action="store_true", help="shard validation and test over all processes")
     g.add_argument("--skip_final_test", action="store_true", help="no test after training")
 
-    utils.add_optimizer_args(p, lr=0.0, min_lr=0.0, warmup_lr=0.0, warmup_epochs=0)
+    optim_factory.add_optimizer_args(p, lr=0.0, min_lr=0.0, warmup_lr=0.0, warmup_epochs=0)
     p.set_defaults(opt=None, lr=None, weight_decay=None, warmup_epochs=None)  # per probe, see PROBE_DEFAULTS
     add_data_args(p, pretrain=False)
     # probes see plain crops (no RandAugment, erasing or mixup) and one clip per decode; the clip shape is the
@@ -171,13 +172,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         f"x update_freq {accum} x {world} processes; lower --batch_size")
     args.num_training_steps_per_epoch = steps_per_epoch
 
-    utils.scale_lr(args, args.batch_size * accum * world)
-    optimizer = utils.create_optimizer(args, probe, layer_decay=1.0)
+    optim_factory.scale_lr(args, args.batch_size * accum * world)
+    optimizer = optim_factory.create_optimizer(args, probe, layer_decay=1.0)
     loss_scaler = utils.LossScaler(args.precision, device.type)
-    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
+    lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
                                          start_warmup_value=args.warmup_lr, warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+    wd_schedule = optim_factory.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
     criterion = torch.nn.CrossEntropyLoss()
     utils.record_args(args, ("probe", "checkpoint", "features", "data_path", "nb_classes", "batch_size", "epochs",
                              "opt", "lr", "weight_decay", "output_dir"))

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the models)
 import utils
+import optim_factory
 import metric_logging
 from cli import HelpFormatter, add_debug_arg, run_program
 from preemption import GracefulStop, exit_preempted
@@ -77,7 +78,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler_detach_input", action="store_true",
                    help="stop the sampling loss from training the shared patch embedding")
 
-    utils.add_optimizer_args(p, lr=1.5e-4, min_lr=1e-5, warmup_lr=0.0, warmup_epochs=40)
+    optim_factory.add_optimizer_args(p, lr=1.5e-4, min_lr=1e-5, warmup_lr=0.0, warmup_epochs=40)
 
     g = p.add_argument_group("output and resume")
     g.add_argument("--output_dir", default="", help="required: checkpoints, log.txt, args.json, TensorBoard")
@@ -133,16 +134,16 @@ def main(args: argparse.Namespace) -> dict:
           f"({model.num_visible} of {model.num_patches} tokens visible)")
 
     total_batch = args.batch_size * accum * world
-    utils.scale_lr(args, total_batch)
+    optim_factory.scale_lr(args, total_batch)
     print(f"{len(dataset)} videos, {steps_per_epoch} optimizer steps per epoch, clips per step "
           f"{total_batch * max(1, args.num_sample)} (num_sample {args.num_sample})")
 
-    optimizer = utils.create_optimizer(args, model_without_ddp)
+    optimizer = optim_factory.create_optimizer(args, model_without_ddp)
     loss_scaler = utils.LossScaler(args.precision, device.type)
-    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
+    lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
                                          start_warmup_value=args.warmup_lr, warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+    wd_schedule = optim_factory.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
     utils.record_args(args, ("model", "mask_type", "mask_ratio", "data_path", "batch_size", "epochs", "lr",
                              "num_frames", "input_size", "output_dir"))
     resumed = utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import modeling_pretrain  # noqa: E402,F401  (registers the models)
-import utils  # noqa: E402
+import optim_factory  # noqa: E402
 from datasets import PretrainVideoDataset, multiple_samples_collate  # noqa: E402
 from engine_for_pretraining import clips_to_device, pretrain_losses  # noqa: E402
 from masking_generator import motion_energy  # noqa: E402
@@ -60,13 +60,13 @@ def test_sampler_learns_to_sample_the_moving_object(tmp_path):
                               encoder_num_heads=3, decoder_embed_dim=96, decoder_num_heads=3, decoder_depth=2)
     args = argparse.Namespace(opt="adamw", lr=2e-3, weight_decay=0.05, opt_eps=1e-8, opt_betas=[0.9, 0.95],
                               momentum=0.9)
-    optimizer = utils.create_optimizer(args, model, verbose=False)
-    lr = utils.cosine_scheduler(2e-3, 1e-4, 1, STEPS, warmup_steps=30)
+    optimizer = optim_factory.create_optimizer(args, model, verbose=False)
+    lr = optim_factory.cosine_scheduler(2e-3, 1e-4, 1, STEPS, warmup_steps=30)
 
     before = motion_mass(model, held_out)
     gen = torch.Generator().manual_seed(0)
     for step in range(STEPS):
-        utils.apply_schedule(optimizer, lr=float(lr[step]))
+        optim_factory.apply_schedule(optimizer, lr=float(lr[step]))
         batch = train[torch.randint(0, len(train), (BATCH,), generator=gen)]
         out = pretrain_losses(model, batch, model.patch_size, model.tubelet_size, normalize_target=False,
                               sampling_loss_weight=1e-2)

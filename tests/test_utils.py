@@ -18,6 +18,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+import optim_factory  # noqa: E402
 import metric_logging  # noqa: E402
 
 
@@ -76,7 +77,7 @@ def _videomae_reference(base, final, epochs, niter, warmup_epochs, start_warmup)
 
 
 def test_cosine_scheduler_matches_videomae_semantics():
-    s = utils.cosine_scheduler(1e-3, 1e-6, epochs=5, niter_per_ep=7, warmup_epochs=2, start_warmup_value=1e-7)
+    s = optim_factory.cosine_scheduler(1e-3, 1e-6, epochs=5, niter_per_ep=7, warmup_epochs=2, start_warmup_value=1e-7)
     ref = _videomae_reference(1e-3, 1e-6, 5, 7, 2, 1e-7)
     assert s.shape == (35,)
     np.testing.assert_allclose(s, ref, rtol=1e-12)
@@ -86,37 +87,37 @@ def test_cosine_scheduler_matches_videomae_semantics():
 
 def test_cosine_scheduler_edge_cases():
     # warmup_steps with warmup_epochs == 0 used to fail an assertion in VideoMAE
-    s = utils.cosine_scheduler(1.0, 0.0, epochs=2, niter_per_ep=5, warmup_epochs=0, warmup_steps=3)
+    s = optim_factory.cosine_scheduler(1.0, 0.0, epochs=2, niter_per_ep=5, warmup_epochs=0, warmup_steps=3)
     assert len(s) == 10 and s[0] == 0.0 and s[2] == pytest.approx(1.0) and s[3] == pytest.approx(1.0)
     # warm-up longer than the run is clamped
-    s = utils.cosine_scheduler(1.0, 0.0, epochs=1, niter_per_ep=4, warmup_epochs=3)
+    s = optim_factory.cosine_scheduler(1.0, 0.0, epochs=1, niter_per_ep=4, warmup_epochs=3)
     assert len(s) == 4 and s[-1] == pytest.approx(1.0)
     # zero-length runs and a one-step warm-up
-    assert len(utils.cosine_scheduler(1.0, 0.0, epochs=0, niter_per_ep=4)) == 0
-    assert len(utils.cosine_scheduler(1.0, 0.0, epochs=3, niter_per_ep=0, warmup_epochs=1)) == 0
-    s = utils.cosine_scheduler(1.0, 0.5, epochs=1, niter_per_ep=3, warmup_steps=1, start_warmup_value=0.1)
+    assert len(optim_factory.cosine_scheduler(1.0, 0.0, epochs=0, niter_per_ep=4)) == 0
+    assert len(optim_factory.cosine_scheduler(1.0, 0.0, epochs=3, niter_per_ep=0, warmup_epochs=1)) == 0
+    s = optim_factory.cosine_scheduler(1.0, 0.5, epochs=1, niter_per_ep=3, warmup_steps=1, start_warmup_value=0.1)
     assert s[0] == pytest.approx(0.1) and s[1] == pytest.approx(1.0)
     # constant schedule (weight decay with weight_decay_end == weight_decay)
-    np.testing.assert_allclose(utils.cosine_scheduler(0.05, 0.05, 2, 3), 0.05)
+    np.testing.assert_allclose(optim_factory.cosine_scheduler(0.05, 0.05, 2, 3), 0.05)
 
 
 def test_scale_lr_prints_and_is_idempotent(capsys):
     args = argparse.Namespace(lr=1.5e-4, min_lr=1e-5, warmup_lr=1e-6, batch_size=32, update_freq=2)
-    assert utils.scale_lr(args, total_batch=512) == pytest.approx(3e-4)
+    assert optim_factory.scale_lr(args, total_batch=512) == pytest.approx(3e-4)
     assert args.min_lr == pytest.approx(2e-5) and args.warmup_lr == pytest.approx(2e-6)
     out = capsys.readouterr().out
     assert "base lr 1.500e-04" in out and "512" in out and "3.000e-04" in out
-    utils.scale_lr(args, total_batch=512)  # second call re-derives from the stored base value
+    optim_factory.scale_lr(args, total_batch=512)  # second call re-derives from the stored base value
     assert args.lr == pytest.approx(3e-4)
     args2 = argparse.Namespace(lr=1e-3, batch_size=8, update_freq=4)  # total = bs * world * update_freq
-    assert utils.scale_lr(args2) == pytest.approx(1e-3 * 32 / 256)
+    assert optim_factory.scale_lr(args2) == pytest.approx(1e-3 * 32 / 256)
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
 
 def test_param_groups_no_weight_decay_for_bias_norm_and_skip_list():
     model = TinyViT()
-    opt = utils.create_optimizer(_opt_args(), model, verbose=False)
+    opt = optim_factory.create_optimizer(_opt_args(), model, verbose=False)
     assert isinstance(opt, torch.optim.AdamW)
     groups = _group_of(opt, model)
     for name in ("pos_embed", "patch_embed.bias", "blocks.0.0.weight", "blocks.0.1.bias", "norm.weight",
@@ -139,23 +140,23 @@ def test_skip_list_matches_dotted_suffix_and_zero_weight_decay_keeps_lr_scale():
             return {"pos_embed", "mask_token"}
 
     model = Wrapper()
-    groups = _group_of(utils.create_optimizer(_opt_args(), model, verbose=False), model)
+    groups = _group_of(optim_factory.create_optimizer(_opt_args(), model, verbose=False), model)
     assert groups["encoder.pos_embed"]["weight_decay"] == 0.0
     assert groups["mask_token"]["weight_decay"] == 0.0
     assert groups["encoder.head.weight"]["weight_decay"] == 0.05
     # an explicit skip list replaces no_weight_decay()
-    opt = utils.create_optimizer(_opt_args(), model, skip_list=["head.weight"], verbose=False)
+    opt = optim_factory.create_optimizer(_opt_args(), model, skip_list=["head.weight"], verbose=False)
     groups = _group_of(opt, model)
     assert groups["encoder.head.weight"]["weight_decay"] == 0.0
     assert groups["mask_token"]["weight_decay"] == 0.05
     # weight_decay == 0 still yields groups with lr_scale (VideoMAE raised KeyError there)
-    opt = utils.create_optimizer(_opt_args(weight_decay=0.0), model, verbose=False)
+    opt = optim_factory.create_optimizer(_opt_args(weight_decay=0.0), model, verbose=False)
     assert all("lr_scale" in g and g["weight_decay"] == 0.0 for g in opt.param_groups)
 
 
 def test_layer_decay_lr_scales(capsys):
     model = TinyViT(depth=2)
-    opt = utils.create_optimizer(_opt_args(), model, layer_decay=0.5)
+    opt = optim_factory.create_optimizer(_opt_args(), model, layer_decay=0.5)
     assert "lr_scale" in capsys.readouterr().out  # the group summary is printed
     groups = _group_of(opt, model)
     # depth 2 -> layers: stem 0, blocks 1..2, norm/head 3 = max  (VideoMAE's get_num_layer_for_vit)
@@ -168,13 +169,13 @@ def test_layer_decay_lr_scales(capsys):
     assert groups["pos_embed"]["weight_decay"] == 0.0 and groups["blocks.0.1.bias"]["weight_decay"] == 0.0
     assert groups["blocks.0.1.weight"]["weight_decay"] == 0.05
     # per-step schedule application
-    utils.apply_schedule(opt, lr=2e-3, weight_decay=0.1)
+    optim_factory.apply_schedule(opt, lr=2e-3, weight_decay=0.1)
     assert groups["patch_embed.weight"]["lr"] == pytest.approx(2e-3 * 0.125)
     assert groups["patch_embed.weight"]["weight_decay"] == 0.1 and groups["pos_embed"]["weight_decay"] == 0.0
-    utils.apply_schedule(opt, weight_decay=0.0)  # decaying to zero must not lose track of decaying groups
-    utils.apply_schedule(opt, weight_decay=0.2)
+    optim_factory.apply_schedule(opt, weight_decay=0.0)  # decaying to zero must not lose track of decaying groups
+    optim_factory.apply_schedule(opt, weight_decay=0.2)
     assert groups["patch_embed.weight"]["weight_decay"] == 0.2 and groups["pos_embed"]["weight_decay"] == 0.0
-    stats = utils.get_lr_stats(opt)
+    stats = optim_factory.get_lr_stats(opt)
     assert stats["lr"] == pytest.approx(2e-3) and stats["min_lr"] == pytest.approx(2e-3 * 0.125)
 
 
