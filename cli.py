@@ -42,9 +42,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if isinstance(action, (argparse._HelpAction, argparse.BooleanOptionalAction)) or "default:" in text:
-            return super()._get_help_string(action) or "" if not isinstance(action, argparse._HelpAction) else text
-        if action.option_strings and action.nargs == 0:  # store_true / store_false / store_const
+        if isinstance(action, argparse._HelpAction) or "default:" in text:  # says its own default
+            return text
+        if action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction):  # store_true/false/const
             return f"{text} (default: {'on' if action.default == action.const else 'off'})"
         return super()._get_help_string(action) or ""
 

@@ -192,11 +192,7 @@ def unique_unevaluated(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, A
 
 def _gather_unevaluated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The union of every rank's entries (collective when a process group exists)."""
-    if not utils.is_dist_avail_and_initialized():
-        return unique_unevaluated(entries)
-    per_rank: list[Any] = [None] * utils.get_world_size()
-    torch.distributed.all_gather_object(per_rank, entries)
-    return unique_unevaluated(e for rank_entries in per_rank for e in rank_entries)
+    return unique_unevaluated(e for rank_entries in utils.all_gather_objects(entries) for e in rank_entries)
 
 
 def describe_unevaluated(entries: Sequence[Mapping[str, Any]], limit: int = 5) -> str:

@@ -93,12 +93,7 @@ def deepspeed_save(args: argparse.Namespace, engine: Any, epoch: int, global_ste
     if model_ema is not None:
         client_state["model_ema"] = utils.get_model_state_dict(model_ema.module)
     if step_in_epoch is not None:
-        states: list[Any] = [None] * utils.get_world_size()
-        if utils.is_dist_avail_and_initialized():
-            torch.distributed.all_gather_object(states, rank_state)
-        else:
-            states = [rank_state]
-        client_state.update(step_in_epoch=int(step_in_epoch), rank_state=states)
+        client_state.update(step_in_epoch=int(step_in_epoch), rank_state=utils.all_gather_objects(rank_state))
         tag = f"{epoch}-step{step_in_epoch}"
     name = f"checkpoint-{tag if tag is not None else epoch}"
     engine.save_checkpoint(args.output_dir, tag=name, client_state=client_state, save_latest=tag is None

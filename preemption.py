@@ -95,6 +95,11 @@ class GracefulStop:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())
 
+    def barrier(self) -> None:
+        """All ranks meet (on the CPU group): e.g. none leaves before rank 0 has written the checkpoint."""
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier(group=self._group)
+
     def restore(self) -> None:
         """Put back the previous handlers (for in-process callers such as tests)."""
         if self._pending is not None:
@@ -125,6 +130,6 @@ def exit_preempted(stop: GracefulStop, where: str, checkpoint: str | None) -> No
     if dist.is_available() and dist.is_initialized():
         # No rank leaves before rank 0 has written the checkpoint: a launcher such as torchrun terminates the
         # others as soon as one exits. The handlers stay installed until the process ends, for the same reason.
-        dist.barrier(group=stop._group)
+        stop.barrier()
         dist.destroy_process_group()
     raise SystemExit(PREEMPTED_EXIT_CODE)

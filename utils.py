@@ -316,6 +316,15 @@ def all_reduce_mean(x: Union[torch.Tensor, float, int]) -> Union[torch.Tensor, f
     return float(t.item()) / get_world_size()
 
 
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` without a process group). Collective."""
+    if not is_dist_avail_and_initialized():
+        return [obj]
+    gathered: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def setup_seed(seed: int) -> int:
     """Seed torch, numpy and random with ``seed + rank`` (else all ranks draw the same augmentations)."""
     s = int(seed) + get_rank()
@@ -691,12 +700,7 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.
             f"refusing to save epoch {epoch}: {len(bad)} weight tensor(s) contain NaN/Inf (first: "
             f"{', '.join(bad[:5])}); the run has diverged, resume from the previous checkpoint instead")
 
-    mine = {"rng": _rng_state(), "state": dict(rank_state) if rank_state else None}
-    if is_dist_avail_and_initialized():
-        gathered: list[Any] = [None] * get_world_size()
-        dist.all_gather_object(gathered, mine)
-    else:
-        gathered = [mine]
+    gathered = all_gather_objects({"rng": _rng_state(), "state": dict(rank_state) if rank_state else None})
     if not is_main_process():
         return []
     rng_states = [g["rng"] for g in gathered]
