@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 import hf_interop
 import utils
+from timm.utils import unwrap_model
+import checkpointing
 
 __all__ = ["CheckpointMismatchError", "LoadReport", "read_checkpoint", "read_model_checkpoint", "select_state_dict",
            "convert_state_dict", "interpolate_pos_embed", "load_pretrained_encoder", "DROPPED_PREFIXES"]
@@ -93,7 +95,7 @@ def _read_hf_folder(path: str) -> dict[str, Any]:
     try:
         ckpt = hf_interop.read_hf_folder(path)
     except (OSError, ValueError, KeyError) as e:  # safetensors / JSON decode errors included
-        raise utils.CheckpointError(f"Hugging Face folder {path} is unreadable: {e}") from e
+        raise checkpointing.CheckpointError(f"Hugging Face folder {path} is unreadable: {e}") from e
     ckpt["hf_note"] = (f"Hugging Face VideoMAE folder ({ckpt['hf_architecture']}), keys mapped to ours"
                        + (", AdaMAE sampler from " + hf_interop.SAMPLER_FILE
                           if any("get_token_probs." in k for k in ckpt["model"]) else ""))
@@ -103,7 +105,7 @@ def _read_hf_folder(path: str) -> dict[str, Any]:
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read a checkpoint file or URL, or a Hugging Face VideoMAE folder (as our layout); a DeepSpeed checkpoint
     folder (or its parent with ``latest``) is resolved to its ``mp_rank_00_model_states.pt``. A missing file
-    raises FileNotFoundError, a truncated / unreadable one ``utils.CheckpointError`` naming it."""
+    raises FileNotFoundError, a truncated / unreadable one ``checkpointing.CheckpointError`` naming it."""
     path = str(path)
     if os.path.isdir(path) and hf_interop.is_hf_folder(path):
         return _read_hf_folder(path)
@@ -126,7 +128,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception:  # noqa: BLE001 - let utils word it exactly as --resume does ("... is truncated or unreadable")
-        utils.load_checkpoint_file(path)
+        checkpointing.load_checkpoint_file(path)
         raise
     if not isinstance(ckpt, Mapping):
         raise CheckpointMismatchError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
@@ -134,12 +136,12 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_model_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """One of our checkpoints (``utils.load_checkpoint_file``: weights under ``model``) or a Hugging Face VideoMAE
+    """One of our checkpoints (``checkpointing.load_checkpoint_file``: weights under ``model``) or a Hugging Face VideoMAE
     folder read as one (pre-training layout when it has a decoder); what ``run_mae_vis.py`` loads."""
     path = str(path)
     if os.path.isdir(path) and hf_interop.is_hf_folder(path):
         return _read_hf_folder(path)
-    return utils.load_checkpoint_file(path)
+    return checkpointing.load_checkpoint_file(path)
 
 
 def select_state_dict(ckpt: Mapping[str, Any], model_key: str = "model|module") -> tuple[dict[str, Any], str]:
@@ -234,7 +236,7 @@ def load_pretrained_encoder(model: nn.Module, path_or_state: str | os.PathLike |
     checkpoint's stored args, or inferred), or, with ``require_head``, when no classifier head was loaded (the
     file is a pre-training checkpoint: evaluating it would give chance accuracy).
     """
-    model = utils.unwrap_model(model)
+    model = unwrap_model(model)
     report = LoadReport()
     if isinstance(path_or_state, (str, os.PathLike)):
         ckpt = read_checkpoint(path_or_state)

@@ -14,13 +14,18 @@ from typing import Any, Callable, NoReturn
 USAGE_EXIT_CODE = 2
 
 
+def has_option(parser: argparse.ArgumentParser, option: str) -> bool:
+    """Whether ``parser`` already defines ``option`` (flag groups shared by several programs skip those)."""
+    return option in parser._option_string_actions  # noqa: SLF001 - argparse has no public lookup
+
+
 class UserError(ValueError):
     """A mistake the user can fix (a flag, a list line, a checkpoint, a folder); printed as one line."""
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from checkpoint_loading import CheckpointMismatchError
-    from utils import CheckpointError
+    from checkpointing import CheckpointError
     # ValueError: bad values from the command line or the lists (datasets raise ValueError("file:line: ...")).
     return (UserError, CheckpointError, CheckpointMismatchError, ValueError, FileNotFoundError)
 

@@ -24,10 +24,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Sampler
 
-import utils
+from timm.utils import unwrap_model
+import distributed
+from precision import LossScaler, NonFiniteLossWatch, autocast
+import training
 import optim_factory
 import metric_logging
-from utils import NonFiniteLossError
+from precision import NonFiniteLossError
 
 __all__ = ["train_one_epoch", "evaluate", "ShardSampler", "run_test_views", "merge_views", "merge_view_files",
            "final_test", "view_file", "unique_unevaluated", "describe_unevaluated", "NonFiniteLossError"]
@@ -38,7 +41,7 @@ __all__ = ["train_one_epoch", "evaluate", "ShardSampler", "run_test_views", "mer
 # ----------------------------------------------------------------------------------------------------------------
 def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                     data_loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                    loss_scaler: utils.LossScaler | None, args: Any, start_step: int,
+                    loss_scaler: LossScaler | None, args: Any, start_step: int,
                     lr_schedule: np.ndarray, wd_schedule: np.ndarray, model_ema: Any = None,
                     mixup_fn: Callable | None = None, log_writer: metric_logging.TensorboardLogger | None = None,
                     deepspeed_engine: bool = False, steps_per_epoch: int | None = None, first_step: int = 0,
@@ -60,14 +63,14 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
     if steps_per_epoch is None:
         steps_per_epoch = len(data_loader) // accum  # type: ignore[arg-type]
     metric_logger = metric_logger if metric_logger is not None else metric_logging.MetricLogger(delimiter="  ")
-    watch = utils.NonFiniteLossWatch(epoch, steps_per_epoch, start_step, device)
-    epoch_iter = utils.ScheduledEpoch(data_loader, metric_logger, optimizer, lr_schedule, wd_schedule,
+    watch = NonFiniteLossWatch(epoch, steps_per_epoch, start_step, device)
+    epoch_iter = training.ScheduledEpoch(data_loader, metric_logger, optimizer, lr_schedule, wd_schedule,
                                       start_step=start_step, steps_per_epoch=steps_per_epoch, accum=accum,
                                       print_freq=print_freq, header=f"Epoch: [{epoch}]", seed=args.seed,
                                       first_step=first_step, stop=stop)
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     ds_dtype = _deepspeed_input_dtype(model) if deepspeed_engine else None
-    ema_target = utils.unwrap_model(model.module if deepspeed_engine else model)
+    ema_target = unwrap_model(model.module if deepspeed_engine else model)
 
     if not deepspeed_engine:
         optimizer.zero_grad(set_to_none=True)
@@ -87,7 +90,7 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
         else:
             sync = model.no_sync() if (is_ddp and not update) else contextlib.nullcontext()
             with sync:
-                with utils.autocast(device, args.precision):
+                with autocast(device, args.precision):
                     output = model(samples)
                 loss = criterion(output.float(), targets)
                 grad_norm = loss_scaler(loss / accum, optimizer, clip_grad=args.clip_grad,  # type: ignore[misc]
@@ -148,8 +151,8 @@ class ShardSampler(Sampler[int]):
 
     def __init__(self, n: int, rank: int | None = None, world_size: int | None = None) -> None:
         self.n = int(n)
-        self.rank = utils.get_rank() if rank is None else int(rank)
-        self.world_size = utils.get_world_size() if world_size is None else int(world_size)
+        self.rank = distributed.get_rank() if rank is None else int(rank)
+        self.world_size = distributed.get_world_size() if world_size is None else int(world_size)
         self.start = self.n * self.rank // self.world_size
         self.stop = self.n * (self.rank + 1) // self.world_size
 
@@ -192,7 +195,7 @@ def unique_unevaluated(entries: Iterable[Mapping[str, Any]]) -> list[dict[str, A
 
 def _gather_unevaluated(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The union of every rank's entries (collective when a process group exists)."""
-    return unique_unevaluated(e for rank_entries in utils.all_gather_objects(entries) for e in rank_entries)
+    return unique_unevaluated(e for rank_entries in distributed.all_gather_objects(entries) for e in rank_entries)
 
 
 def describe_unevaluated(entries: Sequence[Mapping[str, Any]], limit: int = 5) -> str:
@@ -234,15 +237,15 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, prec
             samples, target = samples[valid], target[valid]
         samples = samples.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        with utils.autocast(device, precision):
+        with autocast(device, precision):
             out = model(samples)
         out = out.float()
         loss = F.cross_entropy(out, target, reduction="sum")
         c1, c5 = _topk_correct(out, target)
         sums += torch.stack([loss.double(), c1.double(), c5.double(),
                              torch.tensor(float(target.numel()), dtype=torch.float64, device=out.device)]).cpu()
-    if reduce and utils.is_dist_avail_and_initialized():
-        sums = utils.all_reduce_mean(sums) * utils.get_world_size()
+    if reduce and distributed.is_dist_avail_and_initialized():
+        sums = distributed.all_reduce_mean(sums) * distributed.get_world_size()
         unevaluated = _gather_unevaluated(unevaluated)
     else:
         unevaluated = unique_unevaluated(unevaluated)
@@ -292,7 +295,7 @@ def run_test_views(data_loader: Iterable, model: nn.Module, device: torch.device
             valid, bad = _batch_validity(batch, len(labels))
             probs: list[list[float] | None] = [None] * len(labels)
             if valid.any():
-                with utils.autocast(device, precision):
+                with autocast(device, precision):
                     out = model(samples[valid].to(device, non_blocking=True))
                 for j, p in zip(valid.nonzero().flatten().tolist(),
                                 torch.softmax(out.float(), dim=-1).cpu().tolist()):
@@ -427,11 +430,11 @@ def final_test(data_loader: Iterable, model: nn.Module, device: torch.device, ou
     decoded are united (once per video, however many views or ranks failed on it). Collective: call on every rank.
     Returns the results (without the per-video predictions) on rank 0, None elsewhere.
     """
-    rank, world = utils.get_rank(), utils.get_world_size()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     run_test_views(data_loader, model, device, view_file(output_dir, rank, suffix), precision)
-    utils.barrier()
-    if not utils.is_main_process():
-        utils.barrier()
+    distributed.barrier()
+    if not distributed.is_main_process():
+        distributed.barrier()
         return None
     ranks = range(world) if distributed_shards else range(1)
     result = merge_view_files([view_file(output_dir, r, suffix) for r in ranks], expected_views)
@@ -449,5 +452,5 @@ def final_test(data_loader: Iterable, model: nn.Module, device: torch.device, ou
         print(f"* Final multi-view test{suffix} ({protocol}): no video could be evaluated; see {out}")
     if result["unevaluated"]:
         print(f"* Final multi-view test{suffix}: {describe_unevaluated(result['unevaluated'])}")
-    utils.barrier()
+    distributed.barrier()
     return summary

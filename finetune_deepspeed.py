@@ -1,5 +1,5 @@
 """DeepSpeed glue for fine-tuning (``--enable_deepspeed``): the engine's config from our flags, start-up, and its
-checkpoint folders, which carry the same resume state as ``utils.save_checkpoint`` (epoch, step within the epoch,
+checkpoint folders, which carry the same resume state as ``checkpointing.save_checkpoint`` (epoch, step within the epoch,
 meters, EMA, the run's arguments for the flag-drift check).
 
 The engine wraps our own optimizer (timm AdamW with the layer-decay groups), so both paths run the same recipe and
@@ -16,6 +16,8 @@ from typing import Any
 import torch
 
 import utils
+import checkpointing
+import distributed
 
 
 def build_deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
@@ -57,7 +59,7 @@ def init_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: 
     except ImportError as e:
         raise SystemExit("--enable_deepspeed needs DeepSpeed: pip install -r requirements-deepspeed.txt "
                          f"(on CPU also export DS_ACCELERATOR=cpu) [{type(e).__name__}: {e}]") from e
-    if not utils.is_dist_avail_and_initialized():
+    if not distributed.is_dist_avail_and_initialized():
         # DeepSpeed always wants a process group; make a 1-process one as torchrun would.
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("LOCAL_RANK", "0")
@@ -69,8 +71,8 @@ def init_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: 
         with open(args.deepspeed_config, encoding="utf-8") as f:
             config = json.load(f)
     else:
-        config = build_deepspeed_config(args, utils.get_world_size())
-    if args.output_dir and utils.is_main_process():
+        config = build_deepspeed_config(args, distributed.get_world_size())
+    if args.output_dir and distributed.is_main_process():
         with open(os.path.join(args.output_dir, "deepspeed_config.json"), "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
@@ -93,7 +95,7 @@ def deepspeed_save(args: argparse.Namespace, engine: Any, epoch: int, global_ste
     if model_ema is not None:
         client_state["model_ema"] = utils.get_model_state_dict(model_ema.module)
     if step_in_epoch is not None:
-        client_state.update(step_in_epoch=int(step_in_epoch), rank_state=utils.all_gather_objects(rank_state))
+        client_state.update(step_in_epoch=int(step_in_epoch), rank_state=distributed.all_gather_objects(rank_state))
         tag = f"{epoch}-step{step_in_epoch}"
     name = f"checkpoint-{tag if tag is not None else epoch}"
     engine.save_checkpoint(args.output_dir, tag=name, client_state=client_state, save_latest=tag is None
@@ -101,7 +103,7 @@ def deepspeed_save(args: argparse.Namespace, engine: Any, epoch: int, global_ste
     return os.path.join(args.output_dir, name)
 
 
-def deepspeed_resume(args: argparse.Namespace, engine: Any, model_ema: Any) -> utils.ResumeInfo:
+def deepspeed_resume(args: argparse.Namespace, engine: Any, model_ema: Any) -> checkpointing.ResumeInfo:
     """Resume from ``--resume`` (a DeepSpeed folder) or the ``latest`` tag in ``--output_dir`` (refusing a run
     with other run-defining flags, as the plain path does); sets ``args.start_epoch``."""
     from resume import check_run_config
@@ -113,22 +115,22 @@ def deepspeed_resume(args: argparse.Namespace, engine: Any, model_ema: Any) -> u
     elif args.auto_resume and args.output_dir and os.path.isfile(os.path.join(args.output_dir, "latest")):
         load_dir = args.output_dir
     if load_dir is None:
-        return utils.ResumeInfo(start_epoch=args.start_epoch)
+        return checkpointing.ResumeInfo(start_epoch=args.start_epoch)
     path, client_state = engine.load_checkpoint(load_dir, tag=tag)
     if path is None:
-        raise utils.CheckpointError(f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag})")
+        raise checkpointing.CheckpointError(f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag})")
     if not args.resume:
         check_run_config(client_state.get("args"), args, str(path))
     if model_ema is not None and client_state.get("model_ema") is not None:
         model_ema.module.load_state_dict(client_state["model_ema"])
     step = int(client_state.get("step_in_epoch") or 0)
-    info = utils.ResumeInfo(path=str(path), epoch=int(client_state["epoch"]), step_in_epoch=step,
+    info = checkpointing.ResumeInfo(path=str(path), epoch=int(client_state["epoch"]), step_in_epoch=step,
                             global_step=int(client_state.get("global_step") or 0),
                             extra={k: v for k, v in client_state.items() if k in ("best_acc1",)})
     info.start_epoch = args.start_epoch = info.epoch + (0 if step else 1)
     states = client_state.get("rank_state")
-    if step and isinstance(states, list) and len(states) == utils.get_world_size():
-        info.rank_state = states[utils.get_rank()]
+    if step and isinstance(states, list) and len(states) == distributed.get_world_size():
+        info.rank_state = states[distributed.get_rank()]
     print(f"Resumed from {path}: epoch {info.epoch}, start_epoch {args.start_epoch}, global_step "
           f"{info.global_step}" + (f", step {step} of epoch {info.start_epoch}" if step else ""))
     return info

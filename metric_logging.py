@@ -14,7 +14,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from utils import PathLike, _collective_device, barrier, is_dist_avail_and_initialized, is_main_process
+from distributed import barrier, collective_device, is_dist_avail_and_initialized, is_main_process
+from utils import PathLike
 
 __all__ = ["SmoothedValue", "MetricLogger", "TensorboardLogger", "write_log_line"]
 
@@ -68,7 +69,7 @@ class SmoothedValue:
         self._materialize()
         if not is_dist_avail_and_initialized():
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=_collective_device())
+        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
         barrier()
         dist.all_reduce(t)
         self.count, self.total = int(t[0].item()), float(t[1].item())

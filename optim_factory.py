@@ -10,7 +10,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils import get_world_size, unwrap_model
+from timm.utils import unwrap_model
+
+from distributed import get_world_size
 
 __all__ = ["add_optimizer_args", "create_optimizer", "scale_lr", "cosine_scheduler", "apply_schedule", "get_lr_stats"]
 

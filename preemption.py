@@ -111,7 +111,7 @@ class GracefulStop:
 
 
 def _say(text: str) -> None:
-    # Straight to stderr: on ranks other than 0 ``print`` is silenced (utils.setup_for_distributed).
+    # Straight to stderr: on ranks other than 0 ``print`` is silenced (distributed.setup_for_distributed).
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
 

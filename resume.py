@@ -121,7 +121,8 @@ def trim_log(output_dir: str | os.PathLike | None, start_epoch: int, filename: s
     Records without an epoch (the final test line) come after training, so they are dropped as well: the resumed
     run writes them again. Returns how many records were dropped.
     """
-    from utils import atomic_write_text, is_main_process
+    from distributed import is_main_process
+    from utils import atomic_write_text
 
     if not output_dir or not is_main_process():
         return 0

@@ -27,6 +27,10 @@ from torch.utils.data import DataLoader
 
 import modeling_finetune  # noqa: F401  (registers the models)
 import utils
+import checkpointing
+import distributed
+from precision import LossScaler
+import training
 import optim_factory
 import metric_logging
 from checkpoint_loading import load_pretrained_encoder
@@ -120,7 +124,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--deepspeed_config", default=None, help="use this DeepSpeed JSON instead of the generated one")
 
     add_data_args(p, pretrain=False)
-    utils.add_distributed_args(p)
+    distributed.add_distributed_args(p)
     add_debug_arg(p)
     return p
 
@@ -158,8 +162,8 @@ def _eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int, shard:
 # Main
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    device = utils.setup_run(args)
-    world, rank = utils.get_world_size(), utils.get_rank()
+    device = training.setup_run(args)
+    world, rank = distributed.get_world_size(), distributed.get_rank()
     shard_eval = args.dist_eval and args.distributed
     if args.distributed and not args.dist_eval:
         print("Note: without --dist_eval every process validates / tests the whole set (use --dist_eval to "
@@ -223,7 +227,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"{total_batch * max(1, args.num_sample)} (num_sample {args.num_sample})")
 
     optimizer = optim_factory.create_optimizer(args, model_without_ddp)
-    loss_scaler = utils.LossScaler(args.precision, device.type)
+    loss_scaler = LossScaler(args.precision, device.type)
     lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, max(steps_per_epoch, 1),
                                          args.warmup_epochs, start_warmup_value=args.warmup_lr,
                                          warmup_steps=args.warmup_steps)
@@ -232,16 +236,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     criterion = build_criterion(args, mixup_fn is not None)
     print(f"criterion = {criterion}; mixup {'on' if mixup_fn is not None else 'off'}")
 
-    utils.record_args(args, ("model", "finetune", "data_path", "nb_classes", "batch_size", "epochs", "lr",
+    training.record_args(args, ("model", "finetune", "data_path", "nb_classes", "batch_size", "epochs", "lr",
                              "num_frames", "input_size", "output_dir"))
     engine = None
-    resumed = utils.ResumeInfo(start_epoch=args.start_epoch)
+    resumed = checkpointing.ResumeInfo(start_epoch=args.start_epoch)
     if args.enable_deepspeed:
         engine = init_deepspeed(args, model, optimizer)
         model = engine
         resumed = deepspeed_resume(args, engine, model_ema)
     elif not (args.eval and args.finetune and not args.resume):  # --eval --finetune X evaluates X as given
-        resumed = utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema=model_ema)
+        resumed = checkpointing.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema=model_ema)
         if args.compile:
             model = torch.compile(model)
         if args.distributed:
@@ -273,7 +277,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                                       args.test_num_segment * args.test_num_crop, args.precision,
                                                       shard_eval, suffix, protocol)
         _log_final(args, results)
-        utils.cleanup()
+        distributed.cleanup()
         return results
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
@@ -295,7 +299,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 written = [deepspeed_save(args, engine, epoch, global_step, model_ema, best_acc1=best_acc1,
                                           **step_state)]
             else:
-                written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
+                written = checkpointing.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
                                                 extra=extra, model_ema=model_ema, **step_state)
             if log_writer is not None:
                 log_writer.close()
@@ -308,7 +312,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
                     written = [deepspeed_save(args, engine, epoch, global_step, model_ema, best_acc1=best_acc1)]
             else:
-                written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
+                written = checkpointing.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
                                                 extra=extra, model_ema=model_ema)
         log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
                                      "n_parameters": n_params, "broken_videos": get_broken_count(dataset_train)}
@@ -328,7 +332,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     if engine is not None:
                         deepspeed_save(args, engine, epoch, global_step, model_ema, tag="best", best_acc1=best_acc1)
                     else:
-                        utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
+                        checkpointing.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
                                               extra={**extra, "best_acc1": best_acc1}, model_ema=model_ema,
                                               tag="best")
             if best_acc1 >= 0:
@@ -355,7 +359,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     _log_final(args, results)
     if log_writer is not None:
         log_writer.close()
-    utils.cleanup()
+    distributed.cleanup()
     return results
 
 

@@ -25,6 +25,10 @@ import torch
 from torch.utils.data import DataLoader
 
 import utils
+import checkpointing
+import distributed
+from precision import LossScaler
+import training
 import optim_factory
 import metric_logging
 from cli import HelpFormatter, UserError, add_debug_arg, run_program
@@ -86,7 +90,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     # checkpoint's unless given
     p.set_defaults(aa="none", reprob=0.0, num_sample=1, num_frames=None, sampling_rate=None, input_size=None,
                    short_side_size=None, sparse_sample=None, test_num_segment=5, test_num_crop=3)
-    utils.add_distributed_args(p)
+    distributed.add_distributed_args(p)
     add_debug_arg(p)
     return p
 
@@ -136,8 +140,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--probe attentive needs the tokens: drop --features and give --checkpoint and --data_path")
     if not args.features and not args.checkpoint:
         raise UserError("give --checkpoint (with --data_path) or --features")
-    device = utils.setup_run(args)
-    world, rank = utils.get_world_size(), utils.get_rank()
+    device = training.setup_run(args)
+    world, rank = distributed.get_world_size(), distributed.get_rank()
     shard_eval = args.dist_eval and args.distributed
 
     encoder = None
@@ -174,15 +178,15 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     optim_factory.scale_lr(args, args.batch_size * accum * world)
     optimizer = optim_factory.create_optimizer(args, probe, layer_decay=1.0)
-    loss_scaler = utils.LossScaler(args.precision, device.type)
+    loss_scaler = LossScaler(args.precision, device.type)
     lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
                                          start_warmup_value=args.warmup_lr, warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = optim_factory.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
     criterion = torch.nn.CrossEntropyLoss()
-    utils.record_args(args, ("probe", "checkpoint", "features", "data_path", "nb_classes", "batch_size", "epochs",
+    training.record_args(args, ("probe", "checkpoint", "features", "data_path", "nb_classes", "batch_size", "epochs",
                              "opt", "lr", "weight_decay", "output_dir"))
-    resumed = utils.auto_load_model(args, probe, optimizer, loss_scaler)
+    resumed = checkpointing.auto_load_model(args, probe, optimizer, loss_scaler)
     train_model: torch.nn.Module = model
     if args.distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(
@@ -205,12 +209,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             stop=stop)
         extra = {"kind": "probe", "probe": args.probe, "nb_classes": args.nb_classes, "best_acc1": best_acc1}
         if train_stats is None:  # stopped by a signal inside the epoch
-            written = utils.save_checkpoint(args, epoch, probe, optimizer, loss_scaler,
+            written = checkpointing.save_checkpoint(args, epoch, probe, optimizer, loss_scaler,
                                             epoch * steps_per_epoch + done, extra=extra, step_in_epoch=done,
                                             rank_state={"meters": meters.state_dict()})
             exit_preempted(stop, f"in epoch {epoch} after step {done} of {steps_per_epoch}",
                            written[0] if written else None)
-        written = utils.save_checkpoint(args, epoch, probe, optimizer, loss_scaler, (epoch + 1) * steps_per_epoch,
+        written = checkpointing.save_checkpoint(args, epoch, probe, optimizer, loss_scaler, (epoch + 1) * steps_per_epoch,
                                         extra=extra)
         log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
         if loader_val is not None:
@@ -239,7 +243,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         metric_logging.write_log_line(args.output_dir, final)
     if log_writer is not None:
         log_writer.close()
-    utils.cleanup()
+    distributed.cleanup()
     return results
 
 

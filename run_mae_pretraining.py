@@ -21,6 +21,10 @@ from torch.utils.data import DataLoader
 
 import modeling_pretrain  # noqa: F401  (registers the models)
 import utils
+import checkpointing
+import distributed
+from precision import LossScaler
+import training
 import optim_factory
 import metric_logging
 from cli import HelpFormatter, add_debug_arg, run_program
@@ -93,7 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--vis_num_clips", default=4, type=int, help="clips in the TensorBoard mask grid")
 
     add_data_args(p, pretrain=True)
-    utils.add_distributed_args(p)
+    distributed.add_distributed_args(p)
     add_debug_arg(p)
     return p
 
@@ -109,11 +113,11 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
 
 
 def main(args: argparse.Namespace) -> dict:
-    device = utils.setup_run(args)
+    device = training.setup_run(args)
     print(f"job dir: {os.path.dirname(os.path.abspath(__file__))}")
 
     dataset = build_pretraining_dataset(args)
-    world, rank = utils.get_world_size(), utils.get_rank()
+    world, rank = distributed.get_world_size(), distributed.get_rank()
     # DistributedSampler also for one process: the order of clips is then the same for any number of processes.
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -139,14 +143,14 @@ def main(args: argparse.Namespace) -> dict:
           f"{total_batch * max(1, args.num_sample)} (num_sample {args.num_sample})")
 
     optimizer = optim_factory.create_optimizer(args, model_without_ddp)
-    loss_scaler = utils.LossScaler(args.precision, device.type)
+    loss_scaler = LossScaler(args.precision, device.type)
     lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
                                          start_warmup_value=args.warmup_lr, warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = optim_factory.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
-    utils.record_args(args, ("model", "mask_type", "mask_ratio", "data_path", "batch_size", "epochs", "lr",
+    training.record_args(args, ("model", "mask_type", "mask_ratio", "data_path", "batch_size", "epochs", "lr",
                              "num_frames", "input_size", "output_dir"))
-    resumed = utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler)
+    resumed = checkpointing.auto_load_model(args, model_without_ddp, optimizer, loss_scaler)
     trim_log(args.output_dir, args.start_epoch)
     stop = GracefulStop()
 
@@ -176,14 +180,14 @@ def main(args: argparse.Namespace) -> dict:
                                       broken_count=lambda: get_broken_count(dataset), steps_per_epoch=steps_per_epoch,
                                       first_step=first_step, metric_logger=meters, stop=stop)
         if stats is None:  # stopped by a signal inside the epoch
-            written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler,
+            written = checkpointing.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler,
                                             global_step=epoch * steps_per_epoch + done, extra=ckpt_extra,
                                             step_in_epoch=done, rank_state={"meters": meters.state_dict()})
             if log_writer is not None:
                 log_writer.close()
             exit_preempted(stop, f"in epoch {epoch} after step {done} of {steps_per_epoch}",
                            written[0] if written else None)
-        written = utils.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler,
+        written = checkpointing.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler,
                                         global_step=(epoch + 1) * steps_per_epoch, extra=ckpt_extra)
         metric_logging.write_log_line(args.output_dir, {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch,
                                                "n_parameters": n_params})
@@ -200,13 +204,13 @@ def main(args: argparse.Namespace) -> dict:
     stop.restore()
     total = datetime.timedelta(seconds=int(time.time() - start_time))
     print(f"Training time {total}")
-    if utils.is_main_process():
+    if distributed.is_main_process():
         print(f"Checkpoints: {os.path.abspath(args.output_dir)}/checkpoint-*.pth\n"
               f"Log:         {os.path.abspath(os.path.join(args.output_dir, 'log.txt'))}\n"
               f"TensorBoard: tensorboard --logdir {os.path.abspath(args.log_dir)}")
     if log_writer is not None:
         log_writer.close()
-    utils.cleanup()
+    distributed.cleanup()
     return stats
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run_linear_probe  # noqa: E402
 import run_mae_pretraining  # noqa: E402
-import utils  # noqa: E402
+import checkpointing
 from cli import UserError  # noqa: E402
 from engine_for_probing import AttentiveProbe, LinearProbe, load_frozen_encoder  # noqa: E402
 from tools import extract_features as xf  # noqa: E402
@@ -38,7 +38,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     args = run_mae_pretraining.get_args_parser().parse_args(PT_FLAGS + ["--output_dir", str(out)])
     torch.manual_seed(123)  # not --random_init's seed 0
     model = run_mae_pretraining.build_model(args)
-    (path,) = utils.save_checkpoint(args, 0, model, None, None, 0, tag="best",
+    (path,) = checkpointing.save_checkpoint(args, 0, model, None, None, 0, tag="best",
                                     extra={"kind": "pretrain", "model_name": args.model})
     return path
 
@@ -226,7 +226,7 @@ def test_classifier_embedding_is_what_its_head_reads(tmp_path):
     with torch.no_grad():
         model.fc_norm.weight.uniform_(0.5, 1.5)
         model.fc_norm.bias.normal_()
-    (path,) = utils.save_checkpoint(args, 0, model, None, None, 0, tag="best", extra={"kind": "finetune"})
+    (path,) = checkpointing.save_checkpoint(args, 0, model, None, None, 0, tag="best", extra={"kind": "finetune"})
     clip = torch.randn(2, 3, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     enc = load_frozen_encoder(path)
     with torch.no_grad():

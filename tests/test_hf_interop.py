@@ -2,7 +2,7 @@
 ``transformers`` (tests that need it skip without it; requirements-dev.txt installs it).
 
 Tiny models are built by the training programs' own ``build_model`` from parsed flags and saved with
-``utils.save_checkpoint``, after every parameter (biases and LayerNorm weights included) has been randomised.
+``checkpointing.save_checkpoint``, after every parameter (biases and LayerNorm weights included) has been randomised.
 Parity: max |ours - HF| / max |ours| < 1e-4. The known HF difference (LayerNorm eps 1e-5 hard-coded in ``fc_norm``
 and the decoder's final norm, ours 1e-6) is measured and printed (``pytest -s``), not hidden: each parity test also
 reruns HF with those norms set to 1e-6, which must then agree to float rounding.
@@ -25,7 +25,7 @@ import hf_interop  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_mae_pretraining  # noqa: E402
 import run_mae_vis  # noqa: E402
-import utils  # noqa: E402
+import checkpointing
 from checkpoint_loading import load_pretrained_encoder, read_checkpoint  # noqa: E402
 from masking_generator import MaskGenerator  # noqa: E402
 
@@ -64,7 +64,7 @@ def save_run(tmp: Path, program, flags: list[str], kind: str, seed: int, ema: bo
     if kind == "pretrain":
         extra.update(mask_type=model.mask_type, mask_ratio=args.mask_ratio)
     ema_model = randomise_(program.build_model(args), seed + 1) if ema else None
-    (path,) = utils.save_checkpoint(args, 0, model, None, None, 0, extra=extra, model_ema=ema_model, tag="best")
+    (path,) = checkpointing.save_checkpoint(args, 0, model, None, None, 0, extra=extra, model_ema=ema_model, tag="best")
     return model, path
 
 
@@ -281,7 +281,7 @@ def test_finetune_on_a_truncated_checkpoint_names_it(classifier_run, tmp_path):
     cut = tmp_path / "checkpoint-cut.pth"
     cut.write_bytes(data[: len(data) // 2])
     fresh = run_class_finetuning.build_model(run_class_finetuning.get_args_parser().parse_args(FT_FLAGS))
-    with pytest.raises(utils.CheckpointError, match=f"checkpoint {cut} is truncated or unreadable"):
+    with pytest.raises(checkpointing.CheckpointError, match=f"checkpoint {cut} is truncated or unreadable"):
         load_pretrained_encoder(fresh, str(cut), verbose=False)
 
 

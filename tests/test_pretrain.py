@@ -128,7 +128,7 @@ def test_sigkill_mid_epoch_then_same_command_resumes_and_finishes(train_list, tm
 def test_non_finite_loss_stops_naming_epoch_and_step_and_saves_nothing(train_list, tmp_path):
     args = run_mae_pretraining.get_args_parser().parse_args(
         tiny_args(train_list, tmp_path, "--lr", "1e38", "--warmup_epochs", "0", "--epochs", "1"))
-    from utils import NonFiniteLossError
+    from precision import NonFiniteLossError
     with pytest.raises(NonFiniteLossError, match=r"epoch 0, step \d+"):
         run_mae_pretraining.main(args)
     assert not list(tmp_path.glob("checkpoint-*.pth"))

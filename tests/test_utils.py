@@ -18,6 +18,10 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import utils  # noqa: E402
+from timm.utils import unwrap_model
+import checkpointing
+import distributed
+from precision import LossScaler, autocast, get_grad_norm_, resolve_precision
 import optim_factory  # noqa: E402
 import metric_logging  # noqa: E402
 
@@ -183,7 +187,7 @@ def test_layer_decay_lr_scales(capsys):
 
 def _train_step(model, scaler, opt, precision="fp32", **kw):
     x = torch.randn(2, 3, 4)
-    with utils.autocast("cpu", precision):
+    with autocast("cpu", precision):
         loss = model(x).float().pow(2).mean()
     return scaler(loss, opt, **kw)
 
@@ -193,7 +197,7 @@ def test_loss_scaler_interfaces():
     model = TinyViT()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = model.head.weight.detach().clone()
-    scaler = utils.LossScaler("fp32", "cpu")
+    scaler = LossScaler("fp32", "cpu")
     assert _train_step(model, scaler, opt, update_grad=False) is None  # accumulation micro-step
     assert torch.equal(model.head.weight, before)
     norm = _train_step(model, scaler, opt, clip_grad=1e-3)
@@ -201,18 +205,18 @@ def test_loss_scaler_interfaces():
     assert not torch.equal(model.head.weight, before)
     assert scaler.state_dict() == {} and scaler.get_scale() == 1.0
     opt.zero_grad()
-    norm = _train_step(model, utils.LossScaler("bf16", "cpu"), opt, precision="bf16")
+    norm = _train_step(model, LossScaler("bf16", "cpu"), opt, precision="bf16")
     assert isinstance(norm, torch.Tensor) and torch.isfinite(norm)
     # measured norm equals the reference total norm
     expected = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
-    assert torch.allclose(utils.get_grad_norm_(model.parameters()), expected)
-    assert float(utils.get_grad_norm_([nn.Parameter(torch.ones(2))])) == 0.0
+    assert torch.allclose(get_grad_norm_(model.parameters()), expected)
+    assert float(get_grad_norm_([nn.Parameter(torch.ones(2))])) == 0.0
 
 
 def test_loss_scaler_fp16_state_and_nonfinite_count():
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = utils.LossScaler("fp16", "cpu", init_scale=1024.0)
+    scaler = LossScaler("fp16", "cpu", init_scale=1024.0)
     loss = model(torch.randn(4, 3)).sum()
     norm = scaler(loss, opt)
     assert isinstance(norm, torch.Tensor) and scaler.get_scale() == 1024.0
@@ -221,24 +225,24 @@ def test_loss_scaler_fp16_state_and_nonfinite_count():
     scaler(loss, opt)  # inf gradients: the GradScaler skips the step and halves the scale
     assert scaler.get_scale() == 512.0 and int(scaler.num_nonfinite) == 1
     assert float(scaler.get_scale_tensor()) == 512.0
-    assert float(utils.LossScaler("bf16", "cpu").get_scale_tensor()) == 1.0
+    assert float(LossScaler("bf16", "cpu").get_scale_tensor()) == 1.0
     sd = scaler.state_dict()
-    other = utils.LossScaler("fp16", "cpu")
+    other = LossScaler("fp16", "cpu")
     other.load_state_dict(sd)
     assert other.get_scale() == 512.0
     other.load_state_dict({})  # checkpoint from a bf16 run: keep the fresh scale instead of crashing
     with pytest.raises(ValueError):
-        utils.LossScaler("fp8")
+        LossScaler("fp8")
 
 
 def test_autocast_helper():
-    with utils.autocast("cpu", "bf16"):
+    with autocast("cpu", "bf16"):
         y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
     assert y.dtype == torch.bfloat16
-    with utils.autocast("cpu:0", "fp32"):
+    with autocast("cpu:0", "fp32"):
         y = torch.nn.functional.linear(torch.randn(2, 3), torch.randn(4, 3))
     assert y.dtype == torch.float32
-    assert utils.resolve_precision("BF16", "cpu") == "bf16"
+    assert resolve_precision("BF16", "cpu") == "bf16"
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -254,7 +258,7 @@ def _make_state(seed=0):
     torch.manual_seed(seed)
     model = TinyViT()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = utils.LossScaler("fp16", "cpu", init_scale=256.0)
+    scaler = LossScaler("fp16", "cpu", init_scale=256.0)
     return model, opt, scaler
 
 
@@ -262,7 +266,7 @@ def test_checkpoint_round_trip(tmp_path):
     model, opt, scaler = _make_state(0)
     _train_step(model, scaler, opt)
     args = _ckpt_args(tmp_path)
-    written = utils.save_checkpoint(args, 0, model, opt, scaler, global_step=17, extra={"kind": "pretrain"})
+    written = checkpointing.save_checkpoint(args, 0, model, opt, scaler, global_step=17, extra={"kind": "pretrain"})
     assert sorted(Path(p).name for p in written) == ["checkpoint-0.pth", "checkpoint-latest.pth"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-0.pth", "checkpoint-latest.pth"]
     after_save = (torch.rand(3), np.random.rand(3), random.random())
@@ -272,10 +276,10 @@ def test_checkpoint_round_trip(tmp_path):
     assert ck["global_step"] == 17 and ck["args"]["save_ckpt_freq"] == 1 and ck["scaler"]["scale"] == 256.0
 
     model2, opt2, scaler2 = _make_state(1)
-    scaler2 = utils.LossScaler("fp16", "cpu", init_scale=8.0)
+    scaler2 = LossScaler("fp16", "cpu", init_scale=8.0)
     args2 = _ckpt_args(tmp_path)
     torch.manual_seed(123)
-    info = utils.auto_load_model(args2, model2, opt2, scaler2)
+    info = checkpointing.auto_load_model(args2, model2, opt2, scaler2)
     assert info.resumed and info.global_step == 17 and info.epoch == 0 and args2.start_epoch == 1
     for (n, p), p2 in zip(model.state_dict().items(), model2.state_dict().values()):
         assert torch.equal(p, p2), n
@@ -290,44 +294,44 @@ def test_checkpoint_round_trip(tmp_path):
 def test_save_frequency_tag_and_explicit_resume(tmp_path):
     model, opt, scaler = _make_state()
     args = _ckpt_args(tmp_path, save_ckpt_freq=2, epochs=3)
-    written = utils.save_checkpoint(args, 0, model, opt, scaler, 1)
+    written = checkpointing.save_checkpoint(args, 0, model, opt, scaler, 1)
     assert [Path(p).name for p in written] == ["checkpoint-latest.pth"]
-    assert len(utils.save_checkpoint(args, 1, model, opt, scaler, 2)) == 2  # (1 + 1) % 2 == 0
-    assert len(utils.save_checkpoint(args, 2, model, opt, scaler, 3)) == 2  # last epoch
-    best = utils.save_checkpoint(args, 2, model, opt, scaler, 3, tag="best")
+    assert len(checkpointing.save_checkpoint(args, 1, model, opt, scaler, 2)) == 2  # (1 + 1) % 2 == 0
+    assert len(checkpointing.save_checkpoint(args, 2, model, opt, scaler, 3)) == 2  # last epoch
+    best = checkpointing.save_checkpoint(args, 2, model, opt, scaler, 3, tag="best")
     assert [Path(p).name for p in best] == ["checkpoint-best.pth"]
     args2 = _ckpt_args(tmp_path, resume=str(tmp_path / "checkpoint-1.pth"))
-    info = utils.auto_load_model(args2, TinyViT(), None, None)
+    info = checkpointing.auto_load_model(args2, TinyViT(), None, None)
     assert info.epoch == 1 and args2.start_epoch == 2
     args3 = _ckpt_args(tmp_path, resume=str(tmp_path / "missing.pth"))
-    with pytest.raises(utils.CheckpointError, match="missing.pth"):
-        utils.auto_load_model(args3, TinyViT(), None, None)
+    with pytest.raises(checkpointing.CheckpointError, match="missing.pth"):
+        checkpointing.auto_load_model(args3, TinyViT(), None, None)
     args4 = _ckpt_args(tmp_path, auto_resume=False)
-    assert not utils.auto_load_model(args4, TinyViT(), None, None).resumed and args4.start_epoch == 0
+    assert not checkpointing.auto_load_model(args4, TinyViT(), None, None).resumed and args4.start_epoch == 0
 
 
 def test_truncated_latest_falls_back_to_previous_numbered(tmp_path, capsys):
     model, opt, scaler = _make_state()
     args = _ckpt_args(tmp_path, save_ckpt_freq=2, epochs=10)
     for epoch in range(3):  # writes checkpoint-1.pth, latest = epoch 2
-        utils.save_checkpoint(args, epoch, model, opt, scaler, global_step=10 * (epoch + 1))
+        checkpointing.save_checkpoint(args, epoch, model, opt, scaler, global_step=10 * (epoch + 1))
     latest = tmp_path / "checkpoint-latest.pth"
     data = latest.read_bytes()
     latest.write_bytes(data[: len(data) // 2])
     capsys.readouterr()
     args2 = _ckpt_args(tmp_path, save_ckpt_freq=2, epochs=10)
-    info = utils.auto_load_model(args2, TinyViT(), torch.optim.AdamW(TinyViT().parameters()), None)
+    info = checkpointing.auto_load_model(args2, TinyViT(), torch.optim.AdamW(TinyViT().parameters()), None)
     out = capsys.readouterr().out
     assert "checkpoint-latest.pth" in out and "truncated" in out
     assert info.path.endswith("checkpoint-1.pth") and args2.start_epoch == 2 and info.global_step == 20
-    with pytest.raises(utils.CheckpointError, match="checkpoint-latest.pth.*truncated"):
-        utils.load_checkpoint_file(latest)
+    with pytest.raises(checkpointing.CheckpointError, match="checkpoint-latest.pth.*truncated"):
+        checkpointing.load_checkpoint_file(latest)
 
 
 def test_crash_during_save_leaves_previous_file(tmp_path, monkeypatch):
     model, opt, scaler = _make_state()
     args = _ckpt_args(tmp_path, save_ckpt_freq=100, epochs=100)
-    utils.save_checkpoint(args, 0, model, opt, scaler, 1)
+    checkpointing.save_checkpoint(args, 0, model, opt, scaler, 1)
     good = (tmp_path / "checkpoint-latest.pth").read_bytes()
 
     def broken_save(obj, f):
@@ -336,7 +340,7 @@ def test_crash_during_save_leaves_previous_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(utils.torch, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        utils.save_checkpoint(args, 1, model, opt, scaler, 2)
+        checkpointing.save_checkpoint(args, 1, model, opt, scaler, 2)
     assert (tmp_path / "checkpoint-latest.pth").read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-latest.pth"]  # no temp file left behind
 
@@ -345,8 +349,8 @@ def test_refuses_non_finite_weights(tmp_path):
     model, opt, scaler = _make_state()
     with torch.no_grad():
         model.blocks[1][1].weight[0, 0] = float("nan")
-    with pytest.raises(utils.NonFiniteCheckpointError, match=r"blocks\.1\.1\.weight"):
-        utils.save_checkpoint(_ckpt_args(tmp_path), 0, model, opt, scaler, 1)
+    with pytest.raises(checkpointing.NonFiniteCheckpointError, match=r"blocks\.1\.1\.weight"):
+        checkpointing.save_checkpoint(_ckpt_args(tmp_path), 0, model, opt, scaler, 1)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -355,7 +359,7 @@ def test_state_dict_unwrapping_and_counting():
     compiled = torch.compile(model)  # compilation is lazy; no forward is run
     keys = list(utils.get_model_state_dict(compiled))
     assert keys == list(model.state_dict()) and not any(k.startswith("_orig_mod.") for k in keys)
-    assert utils.unwrap_model(nn.DataParallel(model)) is model
+    assert unwrap_model(nn.DataParallel(model)) is model
     stripped = utils.strip_state_dict_prefixes({"module._orig_mod.head.weight": 1, "head.bias": 2})
     assert stripped == {"head.weight": 1, "head.bias": 2}
     model.head.weight.requires_grad_(False)
@@ -367,14 +371,14 @@ def test_state_dict_unwrapping_and_counting():
 # ------------------------------------------------------------------------------------------------ distributed
 
 def test_parse_slurm_nodelist():
-    assert utils.parse_slurm_nodelist("node[001-004,7],gpu5") == [
+    assert distributed.parse_slurm_nodelist("node[001-004,7],gpu5") == [
         "node001", "node002", "node003", "node004", "node7", "gpu5"]
-    assert utils.parse_slurm_nodelist("rack[1-2]-n[08-09]") == [
+    assert distributed.parse_slurm_nodelist("rack[1-2]-n[08-09]") == [
         "rack1-n08", "rack1-n09", "rack2-n08", "rack2-n09"]
-    assert utils.parse_slurm_nodelist("single-host") == ["single-host"]
-    assert utils.parse_slurm_nodelist("a[9-11],b") == ["a9", "a10", "a11", "b"]
+    assert distributed.parse_slurm_nodelist("single-host") == ["single-host"]
+    assert distributed.parse_slurm_nodelist("a[9-11],b") == ["a9", "a10", "a11", "b"]
     with pytest.raises(ValueError):
-        utils.parse_slurm_nodelist("node[1-", use_scontrol=False)
+        distributed.parse_slurm_nodelist("node[1-", use_scontrol=False)
 
 
 SLURM_ENV = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "123456",
@@ -382,21 +386,21 @@ SLURM_ENV = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SL
 
 
 def test_resolve_slurm_env():
-    info = utils.resolve_distributed_env(dict(SLURM_ENV), use_scontrol=False)
+    info = distributed.resolve_distributed_env(dict(SLURM_ENV), use_scontrol=False)
     assert (info.rank, info.world_size, info.local_rank, info.source) == (5, 8, 1, "slurm")
     assert info.master_addr == "gpu017" and info.master_port == str(15000 + 123456 % 20000)
-    info = utils.resolve_distributed_env({**SLURM_ENV, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4242"})
+    info = distributed.resolve_distributed_env({**SLURM_ENV, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4242"})
     assert info.master_addr == "10.0.0.1" and info.master_port == "4242"
     env = {k: v for k, v in SLURM_ENV.items() if k != "SLURM_JOB_ID"}
-    assert utils.resolve_distributed_env(env).master_port == "29500"
+    assert distributed.resolve_distributed_env(env).master_port == "29500"
     # torchrun inside an allocation: torchrun's ranks win
-    info = utils.resolve_distributed_env({**SLURM_ENV, "RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3",
+    info = distributed.resolve_distributed_env({**SLURM_ENV, "RANK": "3", "WORLD_SIZE": "16", "LOCAL_RANK": "3",
                                           "MASTER_ADDR": "h", "MASTER_PORT": "1"})
     assert (info.rank, info.world_size, info.local_rank, info.source) == (3, 16, 3, "torchrun")
     # one task (interactive python inside salloc) and plain python: not distributed
-    assert utils.resolve_distributed_env({**SLURM_ENV, "SLURM_NTASKS": "1"}) is None
-    assert utils.resolve_distributed_env({}) is None
-    info = utils.resolve_distributed_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
+    assert distributed.resolve_distributed_env({**SLURM_ENV, "SLURM_NTASKS": "1"}) is None
+    assert distributed.resolve_distributed_env({}) is None
+    info = distributed.resolve_distributed_env({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4",
                                           "OMPI_COMM_WORLD_LOCAL_RANK": "0"}, dist_on_itp=True)
     assert (info.rank, info.world_size, info.source) == (2, 4, "itp")
 
@@ -406,26 +410,26 @@ def test_init_distributed_mode_single_process(monkeypatch, capsys):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")
-    parser = utils.add_distributed_args(argparse.ArgumentParser())
+    parser = distributed.add_distributed_args(argparse.ArgumentParser())
     args = parser.parse_args(["--local-rank=3", "--device", "cpu"])
     assert args.local_rank == 3 and args.dist_url == "env://" and args.seed == 0
     assert parser.parse_args(["--local_rank", "2"]).local_rank == 2
-    utils.init_distributed_mode(args)
+    distributed.init_distributed_mode(args)
     assert not args.distributed and args.rank == 0 and args.world_size == 1 and args.dist_backend is None
     assert "Not using distributed mode" in capsys.readouterr().out
-    assert utils.get_rank() == 0 and utils.get_world_size() == 1 and utils.is_main_process()
-    utils.barrier()  # no-op without a process group
-    assert utils.all_reduce_mean(2.5) == 2.5
-    assert torch.equal(utils.all_reduce_mean(torch.ones(2)), torch.ones(2))
+    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1 and distributed.is_main_process()
+    distributed.barrier()  # no-op without a process group
+    assert distributed.all_reduce_mean(2.5) == 2.5
+    assert torch.equal(distributed.all_reduce_mean(torch.ones(2)), torch.ones(2))
     assert utils.setup_seed(7) == 7
     # re-adding to a parser that already defines --seed must not raise
     p2 = argparse.ArgumentParser()
     p2.add_argument("--seed", type=int, default=42)
-    assert utils.add_distributed_args(p2).parse_args([]).seed == 42
+    assert distributed.add_distributed_args(p2).parse_args([]).seed == 42
 
 
 def test_print_silenced_on_non_master(capsys):
-    utils.setup_for_distributed(False)
+    distributed.setup_for_distributed(False)
     print("hidden")
     print("shown", force=True)
     assert capsys.readouterr().out == "shown\n"

@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import hf_interop  # noqa: E402
 import utils  # noqa: E402
+import checkpointing
 from checkpoint_loading import CheckpointMismatchError, read_checkpoint  # noqa: E402
 from video_transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = export(args.checkpoint, args.out_dir, use_ema=args.use_ema, encoder_only=args.encoder_only,
                         class_names=args.class_names, verify=not args.no_verify, command=command)
-    except (ExportError, hf_interop.HFInteropError, utils.CheckpointError, CheckpointMismatchError,
+    except (ExportError, hf_interop.HFInteropError, checkpointing.CheckpointError, CheckpointMismatchError,
             FileNotFoundError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"error: {args.checkpoint}: {msg}" if args.checkpoint not in msg else f"error: {msg}",

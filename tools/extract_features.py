@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils  # noqa: E402
+from precision import autocast, resolve_precision
 from cli import HelpFormatter, UserError, add_debug_arg, run_program  # noqa: E402
 from datasets import BACKENDS, VideoClsDataset, VideoList  # noqa: E402
 from engine_for_probing import FeatureStore, FrozenEncoder, load_frozen_encoder  # noqa: E402
@@ -164,7 +165,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
     if args.batch_size < 1 or args.shard_size < 1:
         raise UserError("--batch_size and --shard_size must be >= 1")
     device = torch.device(args.device)
-    precision = utils.resolve_precision(args.precision or ("bf16" if device.type == "cuda" else "fp32"), device)
+    precision = resolve_precision(args.precision or ("bf16" if device.type == "cuda" else "fp32"), device)
     encoder = load_frozen_encoder(args.checkpoint, args.model_key, random_init=args.random_init).to(device)
     clip = clip_settings(args, encoder)
     videos = VideoList(args.list, args.data_root, require_label=False)
@@ -249,7 +250,7 @@ def _run(ds: VideoClsDataset, encoder: FrozenEncoder, pending: list[int], bounds
         valid = torch.as_tensor(info["valid"], dtype=torch.bool)
         feats = torch.zeros(len(valid), encoder.dim)
         if valid.any():
-            with utils.autocast(device, precision):
+            with autocast(device, precision):
                 feats[valid] = encoder(clips[valid].to(device, non_blocking=True)).float().cpu()
         vids = [i // per_video for i in order[pos:pos + len(valid)]]
         pos += len(valid)

@@ -15,25 +15,28 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import utils  # noqa: E402
+import checkpointing
+import distributed
+from precision import LossScaler
 import metric_logging  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    utils.add_distributed_args(parser)
+    distributed.add_distributed_args(parser)
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args()
     args.device = "cpu"
 
-    utils.init_distributed_mode(args)
+    distributed.init_distributed_mode(args)
     rank = int(os.environ["RANK"])
     assert args.distributed and args.world_size == 2 and args.rank == rank, vars(args)
     assert args.dist_backend == "gloo" and args.local_rank == int(os.environ["LOCAL_RANK"])
-    assert utils.get_rank() == rank and utils.get_world_size() == 2 and utils.is_main_process() == (rank == 0)
+    assert distributed.get_rank() == rank and distributed.get_world_size() == 2 and distributed.is_main_process() == (rank == 0)
 
     # all_reduce_mean: numbers and tensors
-    assert utils.all_reduce_mean(float(rank)) == 0.5
-    t = utils.all_reduce_mean(torch.tensor([float(rank), 2.0 * rank]))
+    assert distributed.all_reduce_mean(float(rank)) == 0.5
+    t = distributed.all_reduce_mean(torch.tensor([float(rank), 2.0 * rank]))
     assert isinstance(t, torch.Tensor) and torch.allclose(t, torch.tensor([0.5, 1.0])), t
 
     # MetricLogger: rank 0 logs 1 and 3, rank 1 logs 5 -> global average over 3 samples is 3
@@ -61,18 +64,18 @@ def main() -> None:
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scaler = utils.LossScaler("fp32", "cpu")
+    scaler = LossScaler("fp32", "cpu")
     norm = scaler(model(torch.randn(3, 4)).sum(), opt)
     assert isinstance(norm, torch.Tensor)
     ck_args = argparse.Namespace(output_dir=args.output_dir, save_ckpt_freq=1, epochs=1, resume="",
                                  auto_resume=True, start_epoch=0)
     rng_before = torch.rand(1)
-    written = utils.save_checkpoint(ck_args, 0, model, opt, scaler, global_step=5)
+    written = checkpointing.save_checkpoint(ck_args, 0, model, opt, scaler, global_step=5)
     if rank == 0:
         assert len(written) == 2 and len(writes) == 2, (written, writes)
     else:
         assert written == [] and writes == [], (written, writes)
-    utils.barrier()
+    distributed.barrier()
     names = sorted(os.listdir(args.output_dir))
     assert names == ["checkpoint-0.pth", "checkpoint-latest.pth"], names
 
@@ -80,15 +83,15 @@ def main() -> None:
     expected_next = torch.rand(1)
     torch.manual_seed(999)
     model2 = nn.Linear(4, 2)
-    info = utils.auto_load_model(ck_args, model2, torch.optim.AdamW(model2.parameters(), lr=1e-3), scaler)
+    info = checkpointing.auto_load_model(ck_args, model2, torch.optim.AdamW(model2.parameters(), lr=1e-3), scaler)
     assert info.global_step == 5 and ck_args.start_epoch == 1
     assert torch.equal(model2.weight, model.weight)
     assert torch.equal(torch.rand(1), expected_next) and not torch.equal(rng_before, expected_next)
 
     print("this line is silenced on rank 1")
     print(f"RANK{rank} OK", force=True)
-    utils.barrier()
-    utils.cleanup()
+    distributed.barrier()
+    distributed.cleanup()
 
 
 if __name__ == "__main__":
