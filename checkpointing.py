@@ -276,3 +276,28 @@ def auto_load_model(args: argparse.Namespace, model_without_ddp: nn.Module,
     if candidates or latest is not None:
         _builtin_print(f"[auto_resume] WARNING: no readable checkpoint in {output_dir}; starting fresh")
     return ResumeInfo(start_epoch=int(args.start_epoch))
+
+
+class Checkpointer:
+    """The run's checkpoints behind one interface (``finetune_deepspeed.DeepSpeedCheckpointer`` is the other):
+    ``resume`` restores everything and sets ``args.start_epoch``; ``save`` writes an epoch's checkpoint, a tagged
+    one (``best``) or a mid-epoch one. ``extra`` entries (kind, model name, best accuracy so far) go into each
+    checkpoint's top level; with ``enabled`` False only mid-epoch checkpoints are written (a stopped run can always
+    resume)."""
+
+    def __init__(self, args: argparse.Namespace, model_without_ddp: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss_scaler: LossScaler, model_ema: Any = None, enabled: bool = True, **extra: Any) -> None:
+        self.args, self.model, self.optimizer, self.loss_scaler = args, model_without_ddp, optimizer, loss_scaler
+        self.model_ema, self.enabled, self.extra = model_ema, enabled, extra
+
+    def resume(self) -> ResumeInfo:
+        return auto_load_model(self.args, self.model, self.optimizer, self.loss_scaler, model_ema=self.model_ema)
+
+    def save(self, epoch: int, global_step: int, tag: str | None = None, step_in_epoch: int | None = None,
+             rank_state: Mapping[str, Any] | None = None) -> list[str]:
+        """Collective; returns the paths written (empty on ranks other than 0)."""
+        if not self.enabled and step_in_epoch is None:
+            return []
+        return save_checkpoint(self.args, epoch, self.model, self.optimizer, self.loss_scaler, global_step,
+                               extra=self.extra, model_ema=self.model_ema, tag=tag, step_in_epoch=step_in_epoch,
+                               rank_state=rank_state)

@@ -1,6 +1,5 @@
 """DeepSpeed glue for fine-tuning (``--enable_deepspeed``): the engine's config from our flags, start-up, and its
-checkpoint folders, which carry the same resume state as ``checkpointing.save_checkpoint`` (epoch, step within the epoch,
-meters, EMA, the run's arguments for the flag-drift check).
+checkpoint folders behind the interface of ``checkpointing.Checkpointer``.
 
 The engine wraps our own optimizer (timm AdamW with the layer-decay groups), so both paths run the same recipe and
 no DeepSpeed CUDA op has to be built.
@@ -15,9 +14,11 @@ from typing import Any
 
 import torch
 
-import utils
-import checkpointing
 import distributed
+from checkpointing import CheckpointError, ResumeInfo
+from distributed import all_gather_objects, get_rank, get_world_size
+from resume import check_run_config
+from utils import get_model_state_dict, plain_args
 
 
 def build_deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[str, Any]:
@@ -85,52 +86,63 @@ def init_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: 
     return engine
 
 
-def deepspeed_save(args: argparse.Namespace, engine: Any, epoch: int, global_step: int, model_ema: Any,
-                   tag: str | None = None, step_in_epoch: int | None = None,
-                   rank_state: dict[str, Any] | None = None, best_acc1: float | None = None) -> str:
-    """DeepSpeed checkpoint folder ``checkpoint-{epoch}`` (or ``checkpoint-{tag}``; a stop inside an epoch:
-    ``checkpoint-{epoch}-step{k}``); collective. Returns the folder."""
-    client_state: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "kind": "finetune",
-                                    "model_name": args.model, "args": utils.plain_args(args), "best_acc1": best_acc1}
-    if model_ema is not None:
-        client_state["model_ema"] = utils.get_model_state_dict(model_ema.module)
-    if step_in_epoch is not None:
-        client_state.update(step_in_epoch=int(step_in_epoch), rank_state=distributed.all_gather_objects(rank_state))
-        tag = f"{epoch}-step{step_in_epoch}"
-    name = f"checkpoint-{tag if tag is not None else epoch}"
-    engine.save_checkpoint(args.output_dir, tag=name, client_state=client_state, save_latest=tag is None
-                           or step_in_epoch is not None)
-    return os.path.join(args.output_dir, name)
+class DeepSpeedCheckpointer:
+    """``checkpointing.Checkpointer``'s interface over DeepSpeed checkpoint folders ``checkpoint-{epoch}`` (every
+    ``--save_ckpt_freq`` epochs and at the last), ``checkpoint-{tag}`` and, for a stop inside an epoch,
+    ``checkpoint-{epoch}-step{k}``; each carries the resume state of the plain path (epoch, step within the epoch,
+    every rank's meters, EMA, the run's arguments for the flag-drift check, ``extra``)."""
 
+    def __init__(self, args: argparse.Namespace, engine: Any, model_ema: Any = None, enabled: bool = True,
+                 **extra: Any) -> None:
+        self.args, self.engine, self.model_ema, self.enabled, self.extra = args, engine, model_ema, enabled, extra
 
-def deepspeed_resume(args: argparse.Namespace, engine: Any, model_ema: Any) -> checkpointing.ResumeInfo:
-    """Resume from ``--resume`` (a DeepSpeed folder) or the ``latest`` tag in ``--output_dir`` (refusing a run
-    with other run-defining flags, as the plain path does); sets ``args.start_epoch``."""
-    from resume import check_run_config
+    def save(self, epoch: int, global_step: int, tag: str | None = None, step_in_epoch: int | None = None,
+             rank_state: dict[str, Any] | None = None) -> list[str]:
+        """Collective; returns the folder written (on every rank), or nothing when this epoch keeps none."""
+        args = self.args
+        if step_in_epoch is None:
+            periodic = (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs
+            if not self.enabled or (tag is None and not periodic):
+                return []
+        client_state: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "args": plain_args(args),
+                                        **self.extra}
+        if self.model_ema is not None:
+            client_state["model_ema"] = get_model_state_dict(self.model_ema.module)
+        if step_in_epoch is not None:
+            client_state.update(step_in_epoch=int(step_in_epoch), rank_state=all_gather_objects(rank_state))
+            tag = f"{epoch}-step{step_in_epoch}"
+        name = f"checkpoint-{tag if tag is not None else epoch}"
+        self.engine.save_checkpoint(args.output_dir, tag=name, client_state=client_state,
+                                    save_latest=tag is None or step_in_epoch is not None)
+        return [os.path.join(args.output_dir, name)]
 
-    load_dir, tag = None, None
-    if args.resume:
-        load_dir, tag = os.path.dirname(os.path.abspath(args.resume)), os.path.basename(os.path.normpath(
-            args.resume))
-    elif args.auto_resume and args.output_dir and os.path.isfile(os.path.join(args.output_dir, "latest")):
-        load_dir = args.output_dir
-    if load_dir is None:
-        return checkpointing.ResumeInfo(start_epoch=args.start_epoch)
-    path, client_state = engine.load_checkpoint(load_dir, tag=tag)
-    if path is None:
-        raise checkpointing.CheckpointError(f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag})")
-    if not args.resume:
-        check_run_config(client_state.get("args"), args, str(path))
-    if model_ema is not None and client_state.get("model_ema") is not None:
-        model_ema.module.load_state_dict(client_state["model_ema"])
-    step = int(client_state.get("step_in_epoch") or 0)
-    info = checkpointing.ResumeInfo(path=str(path), epoch=int(client_state["epoch"]), step_in_epoch=step,
-                            global_step=int(client_state.get("global_step") or 0),
-                            extra={k: v for k, v in client_state.items() if k in ("best_acc1",)})
-    info.start_epoch = args.start_epoch = info.epoch + (0 if step else 1)
-    states = client_state.get("rank_state")
-    if step and isinstance(states, list) and len(states) == distributed.get_world_size():
-        info.rank_state = states[distributed.get_rank()]
-    print(f"Resumed from {path}: epoch {info.epoch}, start_epoch {args.start_epoch}, global_step "
-          f"{info.global_step}" + (f", step {step} of epoch {info.start_epoch}" if step else ""))
-    return info
+    def resume(self) -> ResumeInfo:
+        """Resume from ``--resume`` (a DeepSpeed folder) or the ``latest`` tag in ``--output_dir`` (refusing a run
+        with other run-defining flags, as the plain path does); sets ``args.start_epoch``."""
+        args = self.args
+        load_dir, tag = None, None
+        if args.resume:
+            load_dir, tag = os.path.dirname(os.path.abspath(args.resume)), os.path.basename(os.path.normpath(
+                args.resume))
+        elif args.auto_resume and os.path.isfile(os.path.join(args.output_dir, "latest")):
+            load_dir = args.output_dir
+        if load_dir is None:
+            return ResumeInfo(start_epoch=args.start_epoch)
+        path, client_state = self.engine.load_checkpoint(load_dir, tag=tag)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag})")
+        if not args.resume:
+            check_run_config(client_state.get("args"), args, str(path))
+        if self.model_ema is not None and client_state.get("model_ema") is not None:
+            self.model_ema.module.load_state_dict(client_state["model_ema"])
+        step = int(client_state.get("step_in_epoch") or 0)
+        info = ResumeInfo(path=str(path), epoch=int(client_state["epoch"]), step_in_epoch=step,
+                          global_step=int(client_state.get("global_step") or 0),
+                          extra={k: v for k, v in client_state.items() if k in ("best_acc1",)})
+        info.start_epoch = args.start_epoch = info.epoch + (0 if step else 1)
+        states = client_state.get("rank_state")
+        if step and isinstance(states, list) and len(states) == get_world_size():
+            info.rank_state = states[get_rank()]
+        print(f"Resumed from {path}: epoch {info.epoch}, start_epoch {args.start_epoch}, global_step "
+              f"{info.global_step}" + (f", step {step} of epoch {info.start_epoch}" if step else ""))
+        return info

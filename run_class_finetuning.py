@@ -23,42 +23,36 @@ from typing import Any
 import timm
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-import modeling_finetune  # noqa: F401  (registers the models)
-import utils
-import checkpointing
 import distributed
-from precision import LossScaler
-import training
-import optim_factory
 import metric_logging
+import modeling_finetune  # noqa: F401  (registers the models)
+import optim_factory
+import training
 from checkpoint_loading import load_pretrained_encoder
-from cli import HelpFormatter, add_debug_arg, run_program
+from checkpointing import Checkpointer, ResumeInfo
+from cli import HelpFormatter, UserError, add_debug_arg, run_program
 from datasets import add_data_args, build_dataset, get_broken_count, multiple_samples_collate
-from engine_for_finetuning import ShardSampler, evaluate, final_test, train_one_epoch
-from finetune_deepspeed import deepspeed_resume, deepspeed_save, init_deepspeed
-from preemption import GracefulStop, exit_preempted
-from resume import ResumableSampler, start_epoch_data, trim_log
+from distributed import get_world_size
+from engine_for_finetuning import train_one_epoch
+from evaluation import evaluate, eval_loader, final_test
+from finetune_deepspeed import DeepSpeedCheckpointer, init_deepspeed
+from preemption import GracefulStop
+from resume import trim_log
+from utils import count_parameters
 from video_mixup import build_mixup
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser("AdaMAE fine-tuning and evaluation", add_help=True,
                                 formatter_class=HelpFormatter)
-    g = p.add_argument_group("run")
-    g.add_argument("--batch_size", default=64, type=int, help="videos per process per step (before --num_sample)")
-    g.add_argument("--epochs", default=30, type=int, help="number of training epochs")
-    g.add_argument("--update_freq", "--accum_iter", default=1, type=int, dest="accum_iter",
-                   help="gradient accumulation: batches per optimizer step")
-    g.add_argument("--save_ckpt_freq", default=100, type=int, help="keep checkpoint-{epoch}.pth every N epochs "
-                   "(checkpoint-latest.pth is rewritten every epoch)")
+    g = training.add_run_args(p, batch_size=64, epochs=30, save_ckpt_freq=100,
+                              batch_help="videos per process per step (before --num_sample)")
     g.add_argument("--save_ckpt", default=True, action=argparse.BooleanOptionalAction,
                    help="--no_save_ckpt / --no-save_ckpt to write no checkpoints")
     g.add_argument("--no_save_ckpt", action="store_false", dest="save_ckpt", help=argparse.SUPPRESS)
-    g.add_argument("--print_freq", default=10, type=int, help="print the meters every N iterations")
-    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="default: bf16 on GPUs that support it, else fp16; fp32 on CPU")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
     g = p.add_argument_group("model")
@@ -101,16 +95,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"],
                    help="mix per batch, per pair or per element")
 
-    g = p.add_argument_group("checkpoints")
+    g = training.add_output_args(p, "checkpoints", "checkpoints, log.txt, args.json, test_results.json")
+    g.add_argument("--no_auto_resume", action="store_false", dest="auto_resume", help=argparse.SUPPRESS)
     g.add_argument("--finetune", default="", help="pre-trained (or fine-tuned) checkpoint to start from")
     g.add_argument("--model_key", default="model|module", help="where the weights are in --finetune")
-    g.add_argument("--output_dir", default="", help="required: checkpoints, log.txt, args.json, test_results.json")
-    g.add_argument("--log_dir", default=None, help="TensorBoard logs (default: OUTPUT_DIR/tensorboard)")
-    g.add_argument("--resume", default="", help="training checkpoint to resume from")
-    g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
-                   help="resume from the newest checkpoint in --output_dir")
-    g.add_argument("--no_auto_resume", action="store_false", dest="auto_resume", help=argparse.SUPPRESS)
-    g.add_argument("--start_epoch", default=0, type=int, help="first epoch (set by resuming; rarely needed by hand)")
 
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", action="store_true", help="only run validation + the multi-view test")
@@ -150,12 +138,44 @@ def build_criterion(args: argparse.Namespace, mixup_active: bool) -> torch.nn.Mo
     return torch.nn.CrossEntropyLoss()
 
 
-def _eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int, shard: bool) -> DataLoader:
-    """In-order loader without drop_last; ``shard``: this rank's contiguous part only."""
-    sampler = ShardSampler(len(dataset)) if shard else ShardSampler(len(dataset), 0, 1)
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
-                      worker_init_fn=utils.seed_worker, persistent_workers=False)
+def build_datasets(args: argparse.Namespace) -> dict[str, Any]:
+    """The splits this run needs (``--eval`` needs no training list: users evaluating released checkpoints often
+    have only val/test lists); sets ``args.nb_classes``."""
+    wanted = {"train": not args.eval, "val": args.eval or not args.disable_eval_during_finetuning,
+              "test": not args.skip_final_test}
+    sets: dict[str, Any] = {}
+    for split, needed in wanted.items():
+        if needed:
+            sets[split], args.nb_classes = build_dataset(is_train=split == "train", test_mode=split == "test",
+                                                         args=args)
+    if args.nb_classes is None:
+        raise UserError("--eval with --skip_final_test needs --nb_classes")
+    return sets
+
+
+def build_model_ema(args: argparse.Namespace, model: torch.nn.Module) -> ModelEmaV3 | None:
+    if not args.model_ema:
+        return None
+    print(f"Model EMA: decay {args.model_ema_decay}")
+    return ModelEmaV3(model, decay=args.model_ema_decay,
+                      device=torch.device("cpu") if args.model_ema_force_cpu else None)
+
+
+def prepare_training(args: argparse.Namespace, model: torch.nn.Module, optim: training.Optimisation,
+                     model_ema: ModelEmaV3 | None, device: torch.device) -> tuple[torch.nn.Module, Any, ResumeInfo]:
+    """The model to train (DeepSpeed engine, or compiled / DDP-wrapped), its checkpointer, and what was resumed.
+    ``--eval --finetune X`` evaluates X as given (no resume)."""
+    extra = {"kind": "finetune", "model_name": args.model, "nb_classes": args.nb_classes, "best_acc1": -1.0}
+    if args.enable_deepspeed:
+        engine = init_deepspeed(args, model, optim.optimizer)
+        checkpointer = DeepSpeedCheckpointer(args, engine, model_ema, enabled=args.save_ckpt, **extra)
+        return engine, checkpointer, checkpointer.resume()
+    checkpointer = Checkpointer(args, model, optim.optimizer, optim.loss_scaler, model_ema, enabled=args.save_ckpt,
+                                **extra)
+    if args.eval and args.finetune and not args.resume:
+        return model, checkpointer, ResumeInfo(start_epoch=args.start_epoch)
+    resumed = checkpointer.resume()
+    return training.wrap_model(model, args, device, args.compile), checkpointer, resumed
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,207 +183,116 @@ def _eval_loader(dataset: Any, args: argparse.Namespace, batch_size: int, shard:
 # ----------------------------------------------------------------------------------------------------------------
 def main(args: argparse.Namespace) -> dict[str, Any]:
     device = training.setup_run(args)
-    world, rank = distributed.get_world_size(), distributed.get_rank()
-    shard_eval = args.dist_eval and args.distributed
     if args.distributed and not args.dist_eval:
         print("Note: without --dist_eval every process validates / tests the whole set (use --dist_eval to "
               "shard it)")
-
-    # --eval needs no training list (users evaluating released checkpoints often have only val/test lists).
-    dataset_train = dataset_val = dataset_test = None
-    if not args.eval:
-        dataset_train, args.nb_classes = build_dataset(is_train=True, test_mode=False, args=args)
-    if args.eval or not args.disable_eval_during_finetuning:
-        dataset_val, args.nb_classes = build_dataset(is_train=False, test_mode=False, args=args)
-    if not args.skip_final_test:
-        dataset_test, args.nb_classes = build_dataset(is_train=False, test_mode=True, args=args)
-    if args.nb_classes is None:
-        raise ValueError("--eval with --skip_final_test needs --nb_classes")
-
-    loader_train = sampler_train = None
-    if dataset_train is not None:
-        sampler_train = ResumableSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-        loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                                  num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-                                  drop_last=True, worker_init_fn=utils.seed_worker,
-                                  persistent_workers=args.num_workers > 0, collate_fn=multiple_samples_collate)
-    eval_bs = max(1, int(1.5 * args.batch_size))
-    loader_val = _eval_loader(dataset_val, args, eval_bs, shard_eval) if dataset_val is not None else None
-    loader_test = _eval_loader(dataset_test, args, args.batch_size, shard_eval) if dataset_test is not None \
-        else None
-
-    accum = max(1, args.accum_iter)
-    steps_per_epoch = len(loader_train) // accum if loader_train is not None else 0
-    if steps_per_epoch == 0 and not args.eval:
-        raise ValueError(f"{len(dataset_train or [])} videos give no full step of batch_size {args.batch_size} x "
-                         f"update_freq {accum} x {world} processes; lower --batch_size or add data")
-    args.num_training_steps_per_epoch = steps_per_epoch
+    sets = build_datasets(args)
+    data = training.build_train_loader(sets["train"], args, device, multiple_samples_collate) \
+        if "train" in sets else None
+    loader_val = eval_loader(sets["val"], args, max(1, int(1.5 * args.batch_size))) if "val" in sets else None
+    loader_test = eval_loader(sets["test"], args, args.batch_size) if "test" in sets else None
+    steps_per_epoch = data.steps_per_epoch if data is not None else 0
 
     mixup_fn = build_mixup(args, args.nb_classes)
     if mixup_fn is not None and (args.batch_size * max(1, args.num_sample)) % 2 and args.mixup_mode == "batch":
-        raise ValueError("mixup/cutmix in batch mode needs an even number of clips per batch")
+        raise UserError("mixup/cutmix in batch mode needs an even number of clips per batch")
     model = build_model(args)
-    load_report = None
-    if args.finetune:
-        # --eval of a pre-training checkpoint would report chance accuracy: insist on a classifier head.
-        load_report = load_pretrained_encoder(model, args.finetune, model_key=args.model_key,
-                                              require_head=args.eval)
+    # --eval of a pre-training checkpoint would report chance accuracy: insist on a classifier head.
+    load_report = load_pretrained_encoder(model, args.finetune, model_key=args.model_key, require_head=args.eval) \
+        if args.finetune else None
     model.to(device)
     model_without_ddp = model
-    n_params = utils.count_parameters(model)
+    n_params = count_parameters(model)
     print(f"Model {args.model}: {n_params / 1e6:.2f}M parameters, {args.nb_classes} classes, "
           f"token grid {model.patch_embed.grid_size}")
-
-    model_ema = None
-    if args.model_ema:
-        from timm.utils import ModelEmaV3
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay,
-                               device=torch.device("cpu") if args.model_ema_force_cpu else None)
-        print(f"Model EMA: decay {args.model_ema_decay}")
-
-    total_batch = args.batch_size * accum * world
-    optim_factory.scale_lr(args, total_batch)
-    print(f"{len(dataset_train or [])} training videos, {steps_per_epoch} optimizer steps per epoch, clips per step "
-          f"{total_batch * max(1, args.num_sample)} (num_sample {args.num_sample})")
-
-    optimizer = optim_factory.create_optimizer(args, model_without_ddp)
-    loss_scaler = LossScaler(args.precision, device.type)
-    lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, max(steps_per_epoch, 1),
-                                         args.warmup_epochs, start_warmup_value=args.warmup_lr,
-                                         warmup_steps=args.warmup_steps)
-    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    wd_schedule = optim_factory.cosine_scheduler(args.weight_decay, wd_end, args.epochs, max(steps_per_epoch, 1))
+    model_ema = build_model_ema(args, model)
+    optim = training.build_optimisation(args, model, steps_per_epoch, device)
+    print(f"{len(sets.get('train', []))} training videos, {steps_per_epoch} optimizer steps per epoch, clips per "
+          f"step {args.batch_size * args.accum_iter * get_world_size() * max(1, args.num_sample)} "
+          f"(num_sample {args.num_sample})")
     criterion = build_criterion(args, mixup_fn is not None)
     print(f"criterion = {criterion}; mixup {'on' if mixup_fn is not None else 'off'}")
-
     training.record_args(args, ("model", "finetune", "data_path", "nb_classes", "batch_size", "epochs", "lr",
-                             "num_frames", "input_size", "output_dir"))
-    engine = None
-    resumed = checkpointing.ResumeInfo(start_epoch=args.start_epoch)
-    if args.enable_deepspeed:
-        engine = init_deepspeed(args, model, optimizer)
-        model = engine
-        resumed = deepspeed_resume(args, engine, model_ema)
-    elif not (args.eval and args.finetune and not args.resume):  # --eval --finetune X evaluates X as given
-        resumed = checkpointing.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema=model_ema)
-        if args.compile:
-            model = torch.compile(model)
-        if args.distributed:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[args.gpu] if device.type == "cuda" else None, find_unused_parameters=False)
-    if not args.eval:
-        trim_log(args.output_dir, args.start_epoch)
-    log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) \
-        if args.log_dir and not args.eval else None
-    protocol = (f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop} (frames x segments x crops), "
-                f"crop {args.input_size} from short side {args.short_side_size}")
-
-    def eval_models() -> list[tuple[str, torch.nn.Module]]:
-        out = [("", model_without_ddp)]
-        if model_ema is not None:
-            out.append(("_ema", model_ema.module))
-        return out
-
+                                "num_frames", "input_size", "output_dir"))
+    model, checkpointer, resumed = prepare_training(args, model, optim, model_ema, device)
+    evaluated = [("", model_without_ddp)] + ([("_ema", model_ema.module)] if model_ema is not None else [])
     results: dict[str, Any] = {"load_report": str(load_report) if load_report else None}
     if args.eval:
-        if load_report is None and args.start_epoch == 0 and engine is None:
-            raise SystemExit("--eval needs a fine-tuned checkpoint: --finetune PATH (or --resume)")
-        for suffix, m in eval_models():
+        if load_report is None and not resumed.resumed:
+            raise UserError("--eval needs a fine-tuned checkpoint: --finetune PATH (or --resume)")
+        for suffix, m in evaluated:
             if loader_val is not None:
-                results[f"val{suffix}"] = evaluate(loader_val, m, device, args.precision, reduce=shard_eval,
-                                                   header=f"Val{suffix}:")
-            if loader_test is not None and args.output_dir:
-                results[f"test{suffix}"] = final_test(loader_test, m, device, args.output_dir,
-                                                      args.test_num_segment * args.test_num_crop, args.precision,
-                                                      shard_eval, suffix, protocol)
-        _log_final(args, results)
-        distributed.cleanup()
-        return results
+                results[f"val{suffix}"] = evaluate(loader_val, m, device, args.precision,
+                                                   reduce=args.dist_eval and args.distributed, header=f"Val{suffix}:")
+        return finish(args, results, evaluated, loader_test, device, None)
+
+    trim_log(args.output_dir, args.start_epoch)
+    log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step)
+    checkpointer.extra["best_acc1"] = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
+
+    def train_epoch(epoch: int, first_step: int, meters: metric_logging.MetricLogger) -> Any:
+        return train_one_epoch(model, criterion, data.loader, optim, device, epoch, args, model_ema=model_ema,
+                               mixup_fn=mixup_fn, log_writer=log_writer, deepspeed_engine=args.enable_deepspeed,
+                               first_step=first_step, meters=meters, stop=stop)
+
+    def validate(epoch: int, _: dict[str, float]) -> dict[str, Any]:
+        record: dict[str, Any] = {"broken_videos": get_broken_count(data.dataset)}
+        if loader_val is not None:
+            record.update(validate_epoch(args, epoch, loader_val, evaluated, device, checkpointer,
+                                         (epoch + 1) * steps_per_epoch, log_writer))
+        return record
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
     start_time = time.time()
-    best_acc1 = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
     stop = GracefulStop()
-    for epoch in range(args.start_epoch, args.epochs):
-        first_step, meters = start_epoch_data(epoch, resumed, args, sampler_train, dataset_train)
-        train_stats, done = train_one_epoch(
-            model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args,
-            start_step=epoch * steps_per_epoch, lr_schedule=lr_schedule, wd_schedule=wd_schedule, model_ema=model_ema,
-            mixup_fn=mixup_fn, log_writer=log_writer, deepspeed_engine=engine is not None,
-            steps_per_epoch=steps_per_epoch, first_step=first_step, metric_logger=meters, stop=stop)
-        extra = {"kind": "finetune", "model_name": args.model, "nb_classes": args.nb_classes, "best_acc1": best_acc1}
-        if train_stats is None:  # stopped by a signal inside the epoch: always saved, even with --no_save_ckpt
-            step_state = {"step_in_epoch": done, "rank_state": {"meters": meters.state_dict()}}
-            global_step = epoch * steps_per_epoch + done
-            if engine is not None:
-                written = [deepspeed_save(args, engine, epoch, global_step, model_ema, best_acc1=best_acc1,
-                                          **step_state)]
-            else:
-                written = checkpointing.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
-                                                extra=extra, model_ema=model_ema, **step_state)
-            if log_writer is not None:
-                log_writer.close()
-            exit_preempted(stop, f"in epoch {epoch} after step {done} of {steps_per_epoch}",
-                           written[0] if written else None)
-        global_step = (epoch + 1) * steps_per_epoch
-        written = []
-        if args.output_dir and args.save_ckpt:
-            if engine is not None:
-                if (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs:
-                    written = [deepspeed_save(args, engine, epoch, global_step, model_ema, best_acc1=best_acc1)]
-            else:
-                written = checkpointing.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
-                                                extra=extra, model_ema=model_ema)
-        log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch,
-                                     "n_parameters": n_params, "broken_videos": get_broken_count(dataset_train)}
-        if loader_val is not None:
-            for suffix, m in eval_models():
-                val = evaluate(loader_val, m, device, args.precision, reduce=shard_eval, header=f"Val{suffix}:")
-                log_stats.update({f"val{suffix}_{k}": v for k, v in val.items()})
-                if log_writer is not None:
-                    log_writer.update(head="perf", step=epoch, **{f"val{suffix}_acc1": val["acc1"],
-                                                                  f"val{suffix}_acc5": val["acc5"],
-                                                                  f"val{suffix}_loss": val["loss"]})
-            if not log_stats["val_num_clips"]:  # NaN accuracy: nothing to choose a best checkpoint from
-                print(f"Epoch {epoch}: no validation clip could be decoded; checkpoint-best not updated")
-            elif log_stats["val_acc1"] > best_acc1:
-                best_acc1 = log_stats["val_acc1"]
-                if args.output_dir and args.save_ckpt:
-                    if engine is not None:
-                        deepspeed_save(args, engine, epoch, global_step, model_ema, tag="best", best_acc1=best_acc1)
-                    else:
-                        checkpointing.save_checkpoint(args, epoch, model_without_ddp, optimizer, loss_scaler, global_step,
-                                              extra={**extra, "best_acc1": best_acc1}, model_ema=model_ema,
-                                              tag="best")
-            if best_acc1 >= 0:
-                print(f"Max accuracy: {best_acc1:.2f}%")
-            log_stats["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
-        metric_logging.write_log_line(args.output_dir, log_stats)
-        if log_writer is not None:
-            log_writer.flush()
-        if epoch + 1 < args.epochs and stop.sync():
-            if log_writer is not None:
-                log_writer.close()
-            exit_preempted(stop, f"at the end of epoch {epoch}", written[-1] if written else None)
-    total = datetime.timedelta(seconds=int(time.time() - start_time))
-    print(f"Training time {total}")
-    results["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
+    training.run_epochs(args, data, resumed, checkpointer, train_epoch, stop, log_writer, after_epoch=validate,
+                        log_extra={"n_parameters": n_params})
+    print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    best = checkpointer.extra["best_acc1"]
+    results["best_val_acc1"] = best if best >= 0 else None
+    # Still handled during the final test: a first signal lets the test finish (a second exits at once).
+    return finish(args, results, evaluated, loader_test, device, stop, log_writer)
 
-    if loader_test is not None and args.output_dir:
-        for suffix, m in eval_models():
+
+def validate_epoch(args: argparse.Namespace, epoch: int, loader_val: DataLoader,
+                   evaluated: list[tuple[str, torch.nn.Module]], device: torch.device, checkpointer: Any,
+                   global_step: int, log_writer: metric_logging.TensorboardLogger | None) -> dict[str, Any]:
+    """Validate each evaluated model (and its EMA); a better top-1 than ``checkpointer.extra['best_acc1']`` writes
+    ``checkpoint-best``. Returns the epoch's val entries for log.txt."""
+    record: dict[str, Any] = {}
+    for suffix, m in evaluated:
+        val = evaluate(loader_val, m, device, args.precision, reduce=args.dist_eval and args.distributed,
+                       header=f"Val{suffix}:")
+        record.update({f"val{suffix}_{k}": v for k, v in val.items()})
+        if log_writer is not None:
+            log_writer.update(head="perf", step=epoch, **{f"val{suffix}_acc1": val["acc1"],
+                                                          f"val{suffix}_acc5": val["acc5"],
+                                                          f"val{suffix}_loss": val["loss"]})
+    best = checkpointer.extra["best_acc1"]
+    if not record["val_num_clips"]:  # NaN accuracy: nothing to choose a best checkpoint from
+        print(f"Epoch {epoch}: no validation clip could be decoded; checkpoint-best not updated")
+    elif record["val_acc1"] > best:
+        best = checkpointer.extra["best_acc1"] = record["val_acc1"]
+        checkpointer.save(epoch, global_step, tag="best")
+    if best >= 0:
+        print(f"Max accuracy: {best:.2f}%")
+    record["best_val_acc1"] = best if best >= 0 else None
+    return record
+
+
+def finish(args: argparse.Namespace, results: dict[str, Any], evaluated: list[tuple[str, torch.nn.Module]],
+           loader_test: DataLoader | None, device: torch.device, stop: GracefulStop | None = None,
+           log_writer: metric_logging.TensorboardLogger | None = None) -> dict[str, Any]:
+    """The multi-view test of each evaluated model (``test_results.json``), the final log.txt record, shutdown."""
+    if loader_test is not None:
+        protocol = (f"{args.num_frames}x{args.test_num_segment}x{args.test_num_crop} (frames x segments x crops), "
+                    f"crop {args.input_size} from short side {args.short_side_size}")
+        for suffix, m in evaluated:
             results[f"test{suffix}"] = final_test(loader_test, m, device, args.output_dir,
                                                   args.test_num_segment * args.test_num_crop, args.precision,
-                                                  shard_eval, suffix, protocol)
-    # Still handled during the final test: a first signal lets the test finish (a second exits at once).
-    stop.restore()
-    _log_final(args, results)
-    if log_writer is not None:
-        log_writer.close()
-    distributed.cleanup()
-    return results
-
-
-def _log_final(args: argparse.Namespace, results: dict[str, Any]) -> None:
+                                                  args.dist_eval and args.distributed, suffix, protocol)
+    if stop is not None:
+        stop.restore()
     line: dict[str, Any] = {}
     for key in ("test", "test_ema"):
         r = results.get(key)
@@ -377,6 +306,10 @@ def _log_final(args: argparse.Namespace, results: dict[str, Any]) -> None:
             line.update({f"{key}_{k}": results[key][k] for k in ("acc1", "acc5", "num_clips", "unevaluated")})
     if line:
         metric_logging.write_log_line(args.output_dir, line)
+    if log_writer is not None:
+        log_writer.close()
+    distributed.cleanup()
+    return results
 
 
 if __name__ == "__main__":

@@ -22,21 +22,21 @@ import time
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
 
-import utils
-import checkpointing
 import distributed
-from precision import LossScaler
-import training
-import optim_factory
 import metric_logging
+import optim_factory
+import training
+from checkpointing import Checkpointer
 from cli import HelpFormatter, UserError, add_debug_arg, run_program
 from datasets import add_data_args, build_dataset
-from engine_for_finetuning import ShardSampler, evaluate, final_test, train_one_epoch
+from engine_for_finetuning import train_one_epoch
 from engine_for_probing import PROBES, FeatureDataset, ProbedEncoder, build_probe, load_frozen_encoder, probe_summary
-from preemption import GracefulStop, exit_preempted
-from resume import ResumableSampler, start_epoch_data, trim_log
+from evaluation import eval_loader, evaluate, final_test
+from preemption import GracefulStop
+from resume import trim_log
+from utils import count_parameters
+
 
 # MAE linear probe (He et al. 2022, Table 10 / A.2): LARS, base lr 0.1, wd 0, batch 16384, 90 epochs, 10 warm-up.
 # V-JEPA attentive probe (Bardes et al. 2024; configs/evals/vitl16_k400_16x8x3.yaml): AdamW, lr 1e-3 at a total
@@ -64,24 +64,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--random_init", action="store_true",
                    help="baseline: --checkpoint's architecture with random initial weights (seed --seed)")
 
-    g = p.add_argument_group("run")
-    g.add_argument("--batch_size", default=None, type=int, help="videos per process per step (per probe)")
-    g.add_argument("--epochs", default=None, type=int, help="training epochs (per probe)")
-    g.add_argument("--update_freq", "--accum_iter", default=1, type=int, dest="accum_iter",
-                   help="gradient accumulation: batches per optimizer step")
-    g.add_argument("--print_freq", default=10, type=int, help="print the meters every N iterations")
-    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
-                   help="autocast; default bf16 on GPU, fp32 on CPU")
-    g.add_argument("--output_dir", default="", help="required: probe checkpoints, log.txt, args.json, "
-                   "test_results.json")
-    g.add_argument("--log_dir", default=None, help="TensorBoard logs (default: OUTPUT_DIR/tensorboard)")
-    g.add_argument("--save_ckpt_freq", default=10, type=int, help="keep checkpoint-{epoch}.pth every N epochs")
-    g.add_argument("--resume", default="", help="probe checkpoint to resume from")
-    g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
-                   help="resume from the newest checkpoint in --output_dir")
-    g.add_argument("--start_epoch", default=0, type=int, help="first epoch (set by resuming)")
+    g = training.add_run_args(p, batch_size=None, epochs=None, save_ckpt_freq=10,
+                              batch_help="videos per process per step (per probe)")
     g.add_argument("--dist_eval", action="store_true", help="shard validation and test over all processes")
     g.add_argument("--skip_final_test", action="store_true", help="no test after training")
+    training.add_output_args(p, "output and resume", "probe checkpoints, log.txt, args.json, test_results.json")
 
     optim_factory.add_optimizer_args(p, lr=0.0, min_lr=0.0, warmup_lr=0.0, warmup_epochs=0)
     p.set_defaults(opt=None, lr=None, weight_decay=None, warmup_epochs=None)  # per probe, see PROBE_DEFAULTS
@@ -99,12 +86,6 @@ def apply_probe_defaults(args: argparse.Namespace) -> None:
     for k, v in PROBE_DEFAULTS[args.probe].items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
-
-
-def _loader(dataset: Any, args: argparse.Namespace, batch_size: int, shard: bool) -> DataLoader:
-    sampler = ShardSampler(len(dataset)) if shard else ShardSampler(len(dataset), 0, 1)
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
-                      pin_memory=args.pin_mem and args.device.startswith("cuda"), worker_init_fn=utils.seed_worker)
 
 
 def build_data(args: argparse.Namespace) -> tuple[Any, Any, Any, int | None, str]:
@@ -141,8 +122,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if not args.features and not args.checkpoint:
         raise UserError("give --checkpoint (with --data_path) or --features")
     device = training.setup_run(args)
-    world, rank = distributed.get_world_size(), distributed.get_rank()
-    shard_eval = args.dist_eval and args.distributed
 
     encoder = None
     if not args.features:
@@ -160,77 +139,46 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model = ProbedEncoder(encoder, probe) if encoder is not None else probe
     model.to(device)
     print(probe_summary(encoder, probe) if encoder is not None else
-          f"{type(probe).__name__} ({utils.count_parameters(probe):,} parameters) on cached {dim}-dim features "
+          f"{type(probe).__name__} ({count_parameters(probe):,} parameters) on cached {dim}-dim features "
           f"from {args.features}")
 
-    sampler_train = ResumableSampler(dataset_train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed)
-    loader_train = DataLoader(dataset_train, sampler=sampler_train, batch_size=args.batch_size,
-                              num_workers=args.num_workers, pin_memory=args.pin_mem and device.type == "cuda",
-                              drop_last=True, worker_init_fn=utils.seed_worker)
-    loader_val = _loader(dataset_val, args, args.batch_size, shard_eval) if dataset_val is not None else None
-    loader_test = _loader(dataset_test, args, args.batch_size, shard_eval) if dataset_test is not None else None
-    accum = max(1, args.accum_iter)
-    steps_per_epoch = len(loader_train) // accum
-    if steps_per_epoch == 0:
-        raise UserError(f"{len(dataset_train)} training videos give no full step of --batch_size {args.batch_size} "
-                        f"x update_freq {accum} x {world} processes; lower --batch_size")
-    args.num_training_steps_per_epoch = steps_per_epoch
-
-    optim_factory.scale_lr(args, args.batch_size * accum * world)
-    optimizer = optim_factory.create_optimizer(args, probe, layer_decay=1.0)
-    loss_scaler = LossScaler(args.precision, device.type)
-    lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch, args.warmup_epochs,
-                                         start_warmup_value=args.warmup_lr, warmup_steps=args.warmup_steps)
-    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
-    wd_schedule = optim_factory.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+    data = training.build_train_loader(dataset_train, args, device)
+    loader_val = eval_loader(dataset_val, args, args.batch_size) if dataset_val is not None else None
+    loader_test = eval_loader(dataset_test, args, args.batch_size) if dataset_test is not None else None
+    optim = training.build_optimisation(args, probe, data.steps_per_epoch, device, layer_decay=1.0)
     criterion = torch.nn.CrossEntropyLoss()
     training.record_args(args, ("probe", "checkpoint", "features", "data_path", "nb_classes", "batch_size", "epochs",
-                             "opt", "lr", "weight_decay", "output_dir"))
-    resumed = checkpointing.auto_load_model(args, probe, optimizer, loss_scaler)
-    train_model: torch.nn.Module = model
-    if args.distributed:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+                                "opt", "lr", "weight_decay", "output_dir"))
+    checkpointer = Checkpointer(args, probe, optim.optimizer, optim.loss_scaler, kind="probe", probe=args.probe,
+                                nb_classes=args.nb_classes)
+    resumed = checkpointer.resume()
+    checkpointer.extra["best_acc1"] = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
+    train_model = training.wrap_model(model, args, device)
     trim_log(args.output_dir, args.start_epoch)
-    log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step) \
-        if args.log_dir else None
-
+    log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step)
+    shard_eval = args.dist_eval and args.distributed
     results: dict[str, Any] = {}
-    best_acc1 = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
-    stop = GracefulStop()
-    val: dict[str, Any] = {}
+
+    def train_epoch(epoch: int, first_step: int, meters: metric_logging.MetricLogger) -> Any:
+        return train_one_epoch(train_model, criterion, data.loader, optim, device, epoch, args, log_writer=log_writer,
+                               first_step=first_step, meters=meters, stop=stop)
+
+    def validate(epoch: int, _: dict[str, float]) -> dict[str, Any]:
+        if loader_val is None:
+            return {}
+        results["val"] = evaluate(loader_val, model, device, args.precision, reduce=shard_eval)
+        best = checkpointer.extra["best_acc1"]
+        if results["val"]["num_clips"] and results["val"]["acc1"] > best:
+            best = checkpointer.extra["best_acc1"] = results["val"]["acc1"]
+        return {**{f"val_{k}": v for k, v in results["val"].items()}, "best_val_acc1": best if best >= 0 else None}
+
     start_time = time.time()
-    for epoch in range(args.start_epoch, args.epochs):
-        first_step, meters = start_epoch_data(epoch, resumed, args, sampler_train, dataset_train)
-        train_stats, done = train_one_epoch(
-            train_model, criterion, loader_train, optimizer, device, epoch, loss_scaler, args,
-            start_step=epoch * steps_per_epoch, lr_schedule=lr_schedule, wd_schedule=wd_schedule,
-            log_writer=log_writer, steps_per_epoch=steps_per_epoch, first_step=first_step, metric_logger=meters,
-            stop=stop)
-        extra = {"kind": "probe", "probe": args.probe, "nb_classes": args.nb_classes, "best_acc1": best_acc1}
-        if train_stats is None:  # stopped by a signal inside the epoch
-            written = checkpointing.save_checkpoint(args, epoch, probe, optimizer, loss_scaler,
-                                            epoch * steps_per_epoch + done, extra=extra, step_in_epoch=done,
-                                            rank_state={"meters": meters.state_dict()})
-            exit_preempted(stop, f"in epoch {epoch} after step {done} of {steps_per_epoch}",
-                           written[0] if written else None)
-        written = checkpointing.save_checkpoint(args, epoch, probe, optimizer, loss_scaler, (epoch + 1) * steps_per_epoch,
-                                        extra=extra)
-        log_stats: dict[str, Any] = {**{f"train_{k}": v for k, v in train_stats.items()}, "epoch": epoch}
-        if loader_val is not None:
-            val = evaluate(loader_val, model, device, args.precision, reduce=shard_eval)
-            log_stats.update({f"val_{k}": v for k, v in val.items()})
-            if val["num_clips"] and val["acc1"] > best_acc1:
-                best_acc1 = val["acc1"]
-            log_stats["best_val_acc1"] = best_acc1 if best_acc1 >= 0 else None
-        metric_logging.write_log_line(args.output_dir, log_stats)
-        if epoch + 1 < args.epochs and stop.sync():
-            exit_preempted(stop, f"at the end of epoch {epoch}", written[-1] if written else None)
+    stop = GracefulStop()
+    training.run_epochs(args, data, resumed, checkpointer, train_epoch, stop, log_writer, after_epoch=validate)
     stop.restore()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
-    if loader_val is not None:
-        results["val"] = val if args.start_epoch < args.epochs else \
-            evaluate(loader_val, model, device, args.precision, reduce=shard_eval)
+    if loader_val is not None and "val" not in results:  # nothing left to train: evaluate the resumed probe
+        results["val"] = evaluate(loader_val, model, device, args.precision, reduce=shard_eval)
     if loader_test is not None:
         views = 1 if args.features else args.test_num_segment * args.test_num_crop
         results["test"] = final_test(loader_test, model, device, args.output_dir, views, args.precision,
@@ -241,8 +189,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         final.update({f"val_{k}": results["val"][k] for k in ("acc1", "acc5", "num_clips", "unevaluated")})
     if final:
         metric_logging.write_log_line(args.output_dir, final)
-    if log_writer is not None:
-        log_writer.close()
+    log_writer.close()
     distributed.cleanup()
     return results
 

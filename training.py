@@ -1,30 +1,32 @@
-"""The training scaffold shared by pre-training and fine-tuning.
+"""The training scaffold shared by pre-training, fine-tuning and probing.
+
+A program builds its data set and model, then uses the same pieces here: ``setup_run`` (processes, device,
+precision, seeds, folders), ``build_train_loader`` (shuffled, resumable, whole steps only), ``build_optimisation``
+(lr scaling, optimizer, loss scaler, per-step schedules), ``wrap_model`` (compile + DDP), ``TrainEpoch`` (the
+engines' common set-up and wrap-up around their own step) and ``run_epochs`` (the epoch loop: checkpoint, log,
+stop on a signal with a resumable checkpoint and exit 75).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
 
-from distributed import init_distributed_mode, is_main_process
-from precision import resolve_precision
-from utils import atomic_write_text, plain_args, seed_step, setup_seed
-if TYPE_CHECKING:
-    from metric_logging import MetricLogger
-
-
-def record_args(args: argparse.Namespace, summary: Sequence[str]) -> None:
-    """All arguments to ``OUTPUT_DIR/args.json`` (rank 0, atomic); the terminal gets the ``summary`` flags only."""
-    if is_main_process() and getattr(args, "output_dir", None):
-        path = Path(args.output_dir) / "args.json"
-        atomic_write_text(path, json.dumps(plain_args(args), indent=1, sort_keys=True) + "\n")
-        shown = "  ".join(f"{k}={getattr(args, k)}" for k in summary if hasattr(args, k))
-        print(f"Run: {shown}\nAll arguments: {path}")
+import metric_logging
+import optim_factory
+from distributed import get_world_size, init_distributed_mode, is_main_process
+from precision import LossScaler, NonFiniteLossWatch, resolve_precision
+from preemption import GracefulStop, exit_preempted
+from resume import ResumableSampler, start_epoch_data
+from utils import atomic_write_text, plain_args, seed_step, seed_worker, setup_seed
 
 
 def setup_run(args: argparse.Namespace) -> torch.device:
@@ -33,13 +35,13 @@ def setup_run(args: argparse.Namespace) -> torch.device:
 
     A run without ``--output_dir`` is refused: it would train and keep nothing (no checkpoint, log or results).
     """
-    if not getattr(args, "output_dir", None):
+    if not args.output_dir:
         from cli import UserError
         raise UserError("--output_dir is required: it receives the checkpoints (resumable), log.txt, args.json, "
                         "TensorBoard logs and results; e.g. --output_dir output/my_run")
     init_distributed_mode(args)
     device = torch.device(args.device)
-    if getattr(args, "precision", None) is None:
+    if args.precision is None:
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     args.precision = resolve_precision(args.precision, device)
     setup_seed(args.seed)
@@ -47,40 +49,118 @@ def setup_run(args: argparse.Namespace) -> torch.device:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if getattr(args, "output_dir", None):
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        if getattr(args, "log_dir", None) is None:
-            args.log_dir = os.path.join(args.output_dir, "tensorboard")
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    if args.log_dir is None:
+        args.log_dir = os.path.join(args.output_dir, "tensorboard")
     return device
 
 
-class ScheduledEpoch:
-    """One epoch of ``(iteration, step, global_step, update, batch)``, with gradient accumulation, that can start
-    at an optimizer step other than 0 (a mid-epoch resume) and stop early when the run is asked to stop.
+def record_args(args: argparse.Namespace, summary: Sequence[str]) -> None:
+    """All arguments to ``OUTPUT_DIR/args.json`` (rank 0, atomic); the terminal gets the ``summary`` flags only."""
+    if is_main_process():
+        path = Path(args.output_dir) / "args.json"
+        atomic_write_text(path, json.dumps(plain_args(args), indent=1, sort_keys=True) + "\n")
+        shown = "  ".join(f"{k}={getattr(args, k)}" for k in summary if hasattr(args, k))
+        print(f"Run: {shown}\nAll arguments: {path}")
 
-    ``accum`` batches make one optimizer step; the step's lr and weight decay are set from the per-step schedules
+
+@dataclass
+class TrainData:
+    """The training set with its resumable sampler, its loader and the optimizer steps one epoch makes."""
+
+    dataset: Any
+    sampler: ResumableSampler
+    loader: DataLoader
+    steps_per_epoch: int
+
+
+def build_train_loader(dataset: Any, args: argparse.Namespace, device: torch.device,
+                       collate_fn: Callable | None = None) -> TrainData:
+    """Shuffled loader over whole batches; sets ``args.num_training_steps_per_epoch``.
+
+    DistributedSampler also for one process: the order of clips is then the same for any number of processes
+    (and ``ResumableSampler`` can skip into an epoch). Refuses a set too small for one optimizer step.
+    """
+    world = get_world_size()
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=args.rank, shuffle=True, seed=args.seed)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+                        pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
+                        worker_init_fn=seed_worker, persistent_workers=args.num_workers > 0, collate_fn=collate_fn)
+    steps = len(loader) // args.accum_iter
+    if steps == 0:
+        from cli import UserError
+        raise UserError(f"{len(dataset)} videos give no full step of --batch_size {args.batch_size} x "
+                        f"--update_freq {args.accum_iter} x {world} processes; lower --batch_size or add data")
+    args.num_training_steps_per_epoch = steps
+    return TrainData(dataset, sampler, loader, steps)
+
+
+@dataclass
+class Optimisation:
+    """What drives the weights: the optimizer, the loss scaler, and the per-optimizer-step lr / wd schedules."""
+
+    optimizer: torch.optim.Optimizer
+    loss_scaler: LossScaler
+    lr_schedule: np.ndarray
+    wd_schedule: np.ndarray
+
+
+def build_optimisation(args: argparse.Namespace, model: nn.Module, steps_per_epoch: int, device: torch.device,
+                       **optimizer_kwargs: Any) -> Optimisation:
+    """Linear lr scaling for the total batch (``batch_size x update_freq x processes``), the optimizer over
+    ``model``'s parameter groups, the loss scaler for ``args.precision`` and the cosine schedules."""
+    optim_factory.scale_lr(args, args.batch_size * args.accum_iter * get_world_size())
+    optimizer = optim_factory.create_optimizer(args, model, **optimizer_kwargs)
+    steps = max(steps_per_epoch, 1)
+    lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps, args.warmup_epochs,
+                                                 start_warmup_value=args.warmup_lr, warmup_steps=args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = optim_factory.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps)
+    return Optimisation(optimizer, LossScaler(args.precision, device.type), lr_schedule, wd_schedule)
+
+
+def wrap_model(model: nn.Module, args: argparse.Namespace, device: torch.device, compile_model: bool = False
+               ) -> nn.Module:
+    """``torch.compile`` (when asked) and DistributedDataParallel (when distributed) around ``model``."""
+    if compile_model:
+        model = torch.compile(model)
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[args.gpu] if device.type == "cuda" else None)
+    return model
+
+
+class TrainEpoch:
+    """One epoch of ``(iteration, step, global_step, update, batch)`` around an engine's own step.
+
+    ``args.accum_iter`` batches make one optimizer step; the step's lr and weight decay are set from the schedules
     at its first batch, and ``update`` is True on its last. A trailing partial step is dropped. Each batch's
-    randomness is seeded from (seed, rank, global iteration) (``seed_step``). ``data_loader`` yields the epoch's
-    batches from ``first_step`` on. After each optimizer step but the last, ``stop.poll()`` (collective) decides
-    whether all ranks stop there; then ``stopped`` is True and ``completed_steps`` says how many steps were done.
+    randomness is seeded from (seed, rank, global iteration) (``seed_step``). The loader yields the epoch's batches
+    from ``first_step`` on (a mid-epoch resume, with the interrupted run's ``meters``). After each optimizer step
+    but the last, ``stop.poll()`` (collective) decides whether all ranks stop there. ``record`` keeps the meters
+    and the sync-free non-finite-loss watch; ``finish`` returns ``(averaged meters or None when stopped, steps
+    done)``.
     """
 
-    def __init__(self, data_loader: Iterable[Any], metric_logger: MetricLogger, optimizer: torch.optim.Optimizer,
-                 lr_schedule: np.ndarray, wd_schedule: np.ndarray, *, start_step: int, steps_per_epoch: int,
-                 accum: int, print_freq: int, header: str, seed: int, first_step: int = 0, stop: Any = None) -> None:
-        self.data_loader, self.metric_logger, self.optimizer = data_loader, metric_logger, optimizer
-        self.lr_schedule, self.wd_schedule = lr_schedule, wd_schedule
-        self.start_step, self.steps_per_epoch, self.accum = start_step, steps_per_epoch, accum
-        self.print_freq, self.header, self.seed, self.stop = print_freq, header, seed, stop
+    def __init__(self, model: nn.Module, loader: Iterable[Any], optim: Optimisation, args: argparse.Namespace,
+                 epoch: int, device: torch.device, *, first_step: int = 0,
+                 meters: metric_logging.MetricLogger | None = None, stop: GracefulStop | None = None,
+                 lr_keys: Sequence[str] = ("lr", "min_lr", "weight_decay")) -> None:
+        model.train()
+        self.loader, self.optim, self.stop = loader, optim, stop
+        self.accum, self.print_freq, self.seed = args.accum_iter, args.print_freq, args.seed
+        self.steps_per_epoch = args.num_training_steps_per_epoch
+        self.start_step = epoch * self.steps_per_epoch
+        self.header = f"Epoch: [{epoch}]"
+        self.meters = meters if meters is not None else metric_logging.MetricLogger(delimiter="  ")
+        self.watch = NonFiniteLossWatch(epoch, self.steps_per_epoch, self.start_step, device)
         self.first_step = self.completed_steps = int(first_step)
         self.stopped = False
+        self.lr_keys = tuple(lr_keys)
 
     def __iter__(self) -> Iterator[tuple[int, int, int, bool, Any]]:
-        from optim_factory import apply_schedule
-
         accum = self.accum
         it = self.first_step * accum - 1
-        for batch in self.metric_logger.log_every(self.data_loader, self.print_freq, self.header):
+        for batch in self.meters.log_every(self.loader, self.print_freq, self.header):
             it += 1
             step = it // accum
             if step >= self.steps_per_epoch:
@@ -88,8 +168,8 @@ class ScheduledEpoch:
             global_step = self.start_step + step
             seed_step(self.seed, self.start_step * accum + it)
             if it % accum == 0:
-                apply_schedule(self.optimizer, lr=float(self.lr_schedule[global_step]),
-                               weight_decay=float(self.wd_schedule[global_step]))
+                optim_factory.apply_schedule(self.optim.optimizer, lr=float(self.optim.lr_schedule[global_step]),
+                                             weight_decay=float(self.optim.wd_schedule[global_step]))
             update = (it + 1) % accum == 0
             yield it, step, global_step, update, batch
             if update:
@@ -98,3 +178,91 @@ class ScheduledEpoch:
                         and self.stop.poll()):
                     self.stopped = True
                     return
+
+    def record(self, it: int, step: int, loss: torch.Tensor, /, **meters: Any) -> dict[str, float]:
+        """Note the loss for the non-finite watch (read back on logging steps) and update the meters with
+        ``meters`` plus the optimizer's ``lr_keys``; returns the optimizer's lr statistics."""
+        self.watch.update(loss, step)
+        lr_stats = optim_factory.get_lr_stats(self.optim.optimizer)
+        self.meters.update(**meters, **{k: lr_stats[k] for k in self.lr_keys})
+        if it % self.print_freq == 0:
+            self.watch.check()
+        return lr_stats
+
+    def finish(self, **extra: Any) -> tuple[dict[str, float] | None, int]:
+        """Check the loss once more; unless stopped, average the meters over processes (plus ``extra``)."""
+        self.watch.check()
+        if self.stopped:
+            return None, self.completed_steps
+        self.meters.synchronize_between_processes()
+        averages = {**self.meters.global_averages(), **extra}
+        print("Averaged stats:", "  ".join(f"{k}: {v:.4g}" for k, v in averages.items()))
+        return averages, self.completed_steps
+
+
+def run_epochs(args: argparse.Namespace, data: TrainData, resumed: Any, checkpointer: Any,
+               train_epoch: Callable[[int, int, metric_logging.MetricLogger], tuple[dict[str, float] | None, int]],
+               stop: GracefulStop, log_writer: metric_logging.TensorboardLogger | None,
+               after_epoch: Callable[[int, dict[str, float]], dict[str, Any]] | None = None,
+               log_extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """Epochs ``args.start_epoch .. args.epochs - 1``: train (``train_epoch(epoch, first_step, meters)``), save
+    (``checkpointer.save``), run ``after_epoch`` (validation, pictures; its dict joins the epoch's log.txt record)
+    and log. A stop signal inside an epoch saves a mid-epoch checkpoint; one between epochs stops after the
+    epoch's checkpoint; either way the run exits 75 with the command to resume. Returns the last epoch's meters.
+    """
+    stats: dict[str, float] = {}
+    steps = data.steps_per_epoch
+    for epoch in range(args.start_epoch, args.epochs):
+        first_step, meters = start_epoch_data(epoch, resumed, args, data.sampler, data.dataset)
+        epoch_stats, done = train_epoch(epoch, first_step, meters)
+        if epoch_stats is None:  # stopped by a signal inside the epoch
+            written = checkpointer.save(epoch, epoch * steps + done, step_in_epoch=done,
+                                        rank_state={"meters": meters.state_dict()})
+            _exit_stopped(stop, log_writer, f"in epoch {epoch} after step {done} of {steps}", written[:1])
+        stats = epoch_stats
+        written = checkpointer.save(epoch, (epoch + 1) * steps)
+        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, **(log_extra or {})}
+        if after_epoch is not None:
+            record.update(after_epoch(epoch, stats))
+        metric_logging.write_log_line(args.output_dir, record)
+        if log_writer is not None:
+            log_writer.flush()
+        if epoch + 1 < args.epochs and stop.sync():
+            _exit_stopped(stop, log_writer, f"at the end of epoch {epoch}", written[-1:])
+    return stats
+
+
+def _exit_stopped(stop: GracefulStop, log_writer: metric_logging.TensorboardLogger | None, where: str,
+                  written: list[str]) -> None:
+    if log_writer is not None:
+        log_writer.close()
+    exit_preempted(stop, where, written[0] if written else None)
+
+
+def add_run_args(parser: argparse.ArgumentParser, *, batch_size: int | None, epochs: int | None,
+                 save_ckpt_freq: int, batch_help: str) -> argparse._ArgumentGroup:
+    """The flags every training program has: batch, epochs, accumulation, checkpoint frequency, logging,
+    precision (group "run", returned for the program's own additions)."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--batch_size", default=batch_size, type=int, help=batch_help)
+    g.add_argument("--epochs", default=epochs, type=int, help="number of training epochs")
+    g.add_argument("--update_freq", "--accum_iter", default=1, type=int, dest="accum_iter",
+                   help="gradient accumulation: batches per optimizer step")
+    g.add_argument("--save_ckpt_freq", default=save_ckpt_freq, type=int, help="keep checkpoint-{epoch}.pth every N "
+                   "epochs (checkpoint-latest.pth is rewritten every epoch)")
+    g.add_argument("--print_freq", default=10, type=int, help="print the meters every N iterations")
+    g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
+                   help="default: bf16 on GPUs that support it, else fp16; fp32 on CPU")
+    return g
+
+
+def add_output_args(parser: argparse.ArgumentParser, title: str, output_help: str) -> argparse._ArgumentGroup:
+    """Where a run writes and how it resumes (group ``title``, returned for the program's own additions)."""
+    g = parser.add_argument_group(title)
+    g.add_argument("--output_dir", default="", help=f"required: {output_help}")
+    g.add_argument("--log_dir", default=None, help="TensorBoard logs (default: OUTPUT_DIR/tensorboard)")
+    g.add_argument("--resume", default="", help="checkpoint to resume from (other flags allowed: no drift check)")
+    g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
+                   help="resume from the newest checkpoint in --output_dir")
+    g.add_argument("--start_epoch", default=0, type=int, help="first epoch (set by resuming; rarely needed by hand)")
+    return g

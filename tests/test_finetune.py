@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 import run_class_finetuning  # noqa: E402
 from conftest import run_launcher  # noqa: E402
 import run_mae_pretraining  # noqa: E402
-from engine_for_finetuning import ShardSampler, merge_view_files, merge_views, view_file  # noqa: E402
+from evaluation import ShardSampler, merge_view_files, merge_views, view_file  # noqa: E402
 from video_mixup import VideoMixup  # noqa: E402
 
 TINY_VIT = json.dumps(dict(embed_dim=64, depth=2, num_heads=4))
