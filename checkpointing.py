@@ -95,10 +95,6 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.
     Returns the paths written (empty on other ranks).
     ``extra`` entries go to the top level (e.g. ``{'kind': 'pretrain', 'best_acc1': 81.2}``).
     """
-    output_dir = getattr(args, "output_dir", None)
-    if not output_dir:
-        print("save_checkpoint: args.output_dir is empty, nothing saved")
-        return []
     model_sd = get_model_state_dict(model_without_ddp)
     ema_sd = get_model_state_dict(unwrap_model(model_ema)) if model_ema is not None else None
     bad = _nonfinite_keys(model_sd) + [f"model_ema.{k}" for k in (_nonfinite_keys(ema_sd) if ema_sd else [])]
@@ -133,17 +129,15 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.
     if extra:
         ckpt.update(dict(extra))
 
-    out = Path(output_dir)
+    out = Path(args.output_dir)
     written: list[str] = []
     if tag is not None or step_in_epoch is not None:
         path = out / f"checkpoint-{tag if tag is not None else 'latest'}.pth"
         atomic_torch_save(ckpt, path)
         return [str(path)]
-    freq = int(getattr(args, "save_ckpt_freq", 1) or 1)
-    epochs = getattr(args, "epochs", None)
-    is_last = epochs is not None and epoch + 1 >= int(epochs)
+    is_last = epoch + 1 >= args.epochs
     latest = out / "checkpoint-latest.pth"
-    if (epoch + 1) % freq == 0 or is_last:
+    if (epoch + 1) % args.save_ckpt_freq == 0 or is_last:
         numbered = out / f"checkpoint-{epoch}.pth"
         atomic_torch_save(ckpt, numbered)
         _atomic_copy(numbered, latest)  # one serialisation, two files
@@ -189,7 +183,7 @@ def _restore(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, model
              optimizer: torch.optim.Optimizer | None, loss_scaler: LossScaler | None, model_ema: Any
              ) -> ResumeInfo:
     unwrap_model(model_without_ddp).load_state_dict(strip_state_dict_prefixes(ckpt["model"]), strict=True)
-    info = ResumeInfo(path=path, start_epoch=int(getattr(args, "start_epoch", 0) or 0))
+    info = ResumeInfo(path=path, start_epoch=args.start_epoch)
     if model_ema is not None and ckpt.get("model_ema") is not None:
         unwrap_model(model_ema).load_state_dict(strip_state_dict_prefixes(ckpt["model_ema"]), strict=True)
     if "epoch" in ckpt and ckpt.get("optimizer") is not None:
@@ -238,16 +232,14 @@ def auto_load_model(args: argparse.Namespace, model_without_ddp: nn.Module,
     True) the newest readable checkpoint in ``args.output_dir`` is used: ``checkpoint-latest.pth`` or
     ``checkpoint-N.pth`` by stored epoch, falling back past truncated files with a message naming each one.
     """
-    if getattr(args, "start_epoch", None) is None:
-        args.start_epoch = 0
-    resume = getattr(args, "resume", None) or ""
+    resume = args.resume
     if resume and resume != "auto":
         ckpt = load_checkpoint_file(resume)
         return _restore(ckpt, resume, args, model_without_ddp, optimizer, loss_scaler, model_ema)
-    if not (resume == "auto" or getattr(args, "auto_resume", True)):
+    if not (resume == "auto" or args.auto_resume):
         return ResumeInfo(start_epoch=int(args.start_epoch))
-    output_dir = getattr(args, "output_dir", None)
-    if not output_dir or not Path(output_dir).is_dir():
+    output_dir = args.output_dir
+    if not Path(output_dir).is_dir():
         return ResumeInfo(start_epoch=int(args.start_epoch))
 
     from resume import check_run_config

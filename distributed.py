@@ -194,8 +194,8 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     modulo the visible GPUs, for clusters that bind one GPU per task), ``args.distributed`` and
     ``args.dist_backend`` (``nccl`` for CUDA devices, ``gloo`` otherwise; None when not distributed).
     """
-    info = resolve_distributed_env(dist_on_itp=getattr(args, "dist_on_itp", False))
-    device = str(getattr(args, "device", "cuda" if torch.cuda.is_available() else "cpu"))
+    info = resolve_distributed_env(dist_on_itp=args.dist_on_itp)
+    device = str(args.device)
     if info is None or info.world_size < 1:
         print("Not using distributed mode")
         args.rank, args.world_size, args.distributed, args.dist_backend = 0, 1, False, None
@@ -209,7 +209,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
         os.environ.setdefault("MASTER_ADDR", info.master_addr)
     if info.master_port:
         os.environ.setdefault("MASTER_PORT", str(info.master_port))
-    dist_url = getattr(args, "dist_url", None) or "env://"
+    dist_url = args.dist_url
     if info.source == "itp" and dist_url == "env://":
         dist_url = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
 
@@ -223,7 +223,7 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     if is_dist_avail_and_initialized():  # called twice (e.g. by a wrapper script): keep the existing group
         setup_for_distributed(info.rank == 0)
         return
-    timeout = datetime.timedelta(minutes=float(getattr(args, "dist_timeout", 30) or 30))
+    timeout = datetime.timedelta(minutes=float(args.dist_timeout))
     _builtin_print(f"| distributed init ({info.source}): rank {info.rank}/{info.world_size}, local rank "
                    f"{info.local_rank}, backend {args.dist_backend}, url {dist_url}", flush=True)
     dist.init_process_group(backend=args.dist_backend, init_method=dist_url, world_size=info.world_size,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -23,9 +24,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import accuracy
 from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
 import distributed
-import metric_logging
 from precision import autocast
 from utils import atomic_write_text, seed_worker
 
@@ -62,6 +63,12 @@ def eval_loader(dataset: Any, args: Any, batch_size: int) -> DataLoader:
     return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
                       pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
                       worker_init_fn=seed_worker, persistent_workers=False)
+
+
+def progress(loader: Iterable, desc: str) -> Iterable:
+    """A tqdm bar over ``loader`` on rank 0 (batches, rate, ETA); a log file gets a refresh every 30 s."""
+    return tqdm(loader, desc=desc, unit="batch", disable=not distributed.is_main_process(), dynamic_ncols=True,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +122,7 @@ def describe_unevaluated(entries: Sequence[Mapping[str, Any]], limit: int = 5) -
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, precision: str = "fp32",
-             reduce: bool = False, header: str = "Val:", print_freq: int = 20) -> dict[str, Any]:
+             reduce: bool = False, header: str = "Val:") -> dict[str, Any]:
     """Top-1 / top-5 (%) and mean cross-entropy over the clips that could be decoded.
 
     A clip whose video could not be decoded is in no metric: it is counted in ``num_unevaluated`` and named in
@@ -129,8 +136,7 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, prec
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 correct, top-5 correct, clips
     unevaluated: list[dict[str, Any]] = []
-    metric_logger = metric_logging.MetricLogger(delimiter="  ")
-    for batch in metric_logger.log_every(data_loader, print_freq, header):
+    for batch in progress(data_loader, header):
         samples, target = batch[0], torch.as_tensor(batch[1])
         valid, bad = _batch_validity(batch, len(target))
         unevaluated += bad
@@ -181,7 +187,7 @@ def _format_probs(p: Sequence[float]) -> str:
 
 @torch.no_grad()
 def run_test_views(data_loader: Iterable, model: nn.Module, device: torch.device, out_path: str | os.PathLike,
-                   precision: str = "fp32", print_freq: int = 20) -> dict[str, int]:
+                   precision: str = "fp32") -> dict[str, int]:
     """Classify every view in the loader (items ``clip, label, video_id, segment, crop[, info]``) and write one
     JSON line per view to ``out_path``: its softmax probabilities, or for a view that could not be decoded
     ``"valid": false`` with the video's list ``path``, ``line`` and ``reason`` (never a score). Returns this rank's
@@ -190,9 +196,8 @@ def run_test_views(data_loader: Iterable, model: nn.Module, device: torch.device
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     scored = failed = 0
-    metric_logger = metric_logging.MetricLogger(delimiter="  ")
     with open(out_path, "w", encoding="utf-8") as f:
-        for batch in metric_logger.log_every(data_loader, print_freq, "Test:"):
+        for batch in progress(data_loader, "Test:"):
             samples, labels, video_ids, segments, crops = batch[:5]
             labels, segments, crops = (torch.as_tensor(x).tolist() for x in (labels, segments, crops))
             valid, bad = _batch_validity(batch, len(labels))

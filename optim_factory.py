@@ -12,7 +12,6 @@ import torch.nn as nn
 
 from timm.utils import unwrap_model
 
-from distributed import get_world_size
 
 __all__ = ["add_optimizer_args", "create_optimizer", "scale_lr", "cosine_scheduler", "apply_schedule", "get_lr_stats"]
 
@@ -30,9 +29,8 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module, skip_list: Iter
 
     Every group carries ``lr_scale`` and ``weight_decay`` so that ``apply_schedule`` can drive them per step.
     1-D parameters, ``*.bias`` and names in ``skip_list`` (default: ``model.no_weight_decay()``; a name
-    matches exactly, as a dotted suffix, or as a glob) get no weight decay. Layer decay (``layer_decay`` or
-    ``args.layer_decay`` < 1) uses timm's ``param_groups_layer_decay``, i.e.
-    ``model.group_matcher(coarse=False)``.
+    matches exactly, as a dotted suffix, or as a glob) get no weight decay. Layer decay (``layer_decay`` < 1) uses
+    timm's ``param_groups_layer_decay``, i.e. ``model.group_matcher(coarse=False)``.
     Reads ``args.opt`` ('adamw'), ``args.lr``, ``args.weight_decay``, ``args.opt_eps``, ``args.opt_betas``,
     ``args.momentum``.
     """
@@ -42,9 +40,7 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module, skip_list: Iter
     if skip_list is None:
         skip_list = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
     skip_list = tuple(skip_list)
-    if layer_decay is None:
-        layer_decay = getattr(args, "layer_decay", None)
-    weight_decay = float(getattr(args, "weight_decay", 0.0) or 0.0)
+    weight_decay = float(args.weight_decay)
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # Expand our matching rule into exact names for timm (its fnmatch would miss "encoder.pos_embed").
@@ -65,14 +61,13 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module, skip_list: Iter
             g["group_name"] = f"scale_{g['lr_scale']:.4g}_{'decay' if g['wd_enabled'] else 'no_decay'}"
 
     kwargs: dict[str, Any] = {}
-    if getattr(args, "opt_eps", None) is not None:
+    if args.opt_eps is not None:
         kwargs["eps"] = float(args.opt_eps)
-    if getattr(args, "opt_betas", None) is not None:
+    if args.opt_betas is not None:
         kwargs["betas"] = tuple(float(b) for b in args.opt_betas)
-    opt_name = getattr(args, "opt", None) or "adamw"
-    momentum = getattr(args, "momentum", None)
+    opt_name = args.opt
     optimizer = create_optimizer_v2(groups, opt=opt_name, lr=float(args.lr), weight_decay=weight_decay,
-                                    momentum=0.9 if momentum is None else float(momentum), **kwargs)
+                                    momentum=float(args.momentum), **kwargs)
     if verbose:
         lines = [f"Optimizer {opt_name}: lr {float(args.lr):.3e}, weight_decay {weight_decay}, "
                  f"layer_decay {layer_decay}, {len(optimizer.param_groups)} groups"]
@@ -86,28 +81,20 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module, skip_list: Iter
     return optimizer
 
 
-def scale_lr(args: argparse.Namespace, total_batch: int | None = None, base_batch: int = 256) -> float:
+def scale_lr(args: argparse.Namespace, total_batch: int, base_batch: int = 256) -> float:
     """Apply the linear scaling rule ``lr = base_lr * total_batch / 256`` (also min_lr, warmup_lr) and say so.
 
-    ``total_batch`` defaults to ``batch_size * world_size * update_freq``. The unscaled values are kept in
-    ``args.base_lr`` / ``base_min_lr`` / ``base_warmup_lr`` so calling this twice does not scale twice.
+    ``total_batch`` is ``batch_size x update_freq x processes``. The unscaled values are kept in ``args.base_lr`` /
+    ``base_min_lr`` / ``base_warmup_lr`` so calling this twice does not scale twice.
     """
-    update_freq = int(getattr(args, "update_freq", 1) or 1)
-    if total_batch is None:
-        total_batch = int(args.batch_size) * get_world_size() * update_freq
     factor = float(total_batch) / float(base_batch)
     for name in ("lr", "min_lr", "warmup_lr"):
-        if getattr(args, name, None) is None:
-            continue
         base_name = f"base_{name}"
-        if getattr(args, base_name, None) is None:
+        if getattr(args, base_name, None) is None:  # set here, on the first call
             setattr(args, base_name, float(getattr(args, name)))
         setattr(args, name, getattr(args, base_name) * factor)
-    print(f"LR scaling: base lr {args.base_lr:.3e} x total batch {total_batch} / {base_batch} = "
-          f"lr {args.lr:.3e}"
-          f" (batch_size {getattr(args, 'batch_size', '?')} x world {get_world_size()} x update_freq "
-          f"{update_freq}); min_lr {getattr(args, 'min_lr', None)}, "
-          f"warmup_lr {getattr(args, 'warmup_lr', None)}")
+    print(f"LR scaling: base lr {args.base_lr:.3e} x total batch {total_batch} / {base_batch} = lr {args.lr:.3e}; "
+          f"min_lr {args.min_lr:.3e}, warmup_lr {args.warmup_lr:.3e}")
     return float(args.lr)
 
 

@@ -206,7 +206,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(f"Model {args.model}: {n_params / 1e6:.2f}M parameters, {args.nb_classes} classes, "
           f"token grid {model.patch_embed.grid_size}")
     model_ema = build_model_ema(args, model)
-    optim = training.build_optimisation(args, model, steps_per_epoch, device)
+    optim = training.build_optimisation(args, model, steps_per_epoch, device, layer_decay=args.layer_decay)
     print(f"{len(sets.get('train', []))} training videos, {steps_per_epoch} optimizer steps per epoch, clips per "
           f"step {args.batch_size * args.accum_iter * get_world_size() * max(1, args.num_sample)} "
           f"(num_sample {args.num_sample})")
