@@ -28,6 +28,9 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MULTI_SCALES = (1, 0.875, 0.75, 0.66)  # crop scales of VideoMAE's GroupMultiScaleCrop (pre-training)
+RESIZED_CROP_SCALE = (0.08, 1.0)  # Inception crop (fine-tuning): area fraction and aspect ratio ranges
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)
 
 Frames = Union[torch.Tensor, np.ndarray]
 
@@ -74,7 +77,7 @@ def multi_scale_crop_params(
     height: int,
     width: int,
     out_size: Tuple[int, int],
-    scales: Sequence[float] = (1, 0.875, 0.75, 0.66),
+    scales: Sequence[float] = MULTI_SCALES,
     max_distort: int = 1,
     more_fix_crop: bool = True,
     rng: random.Random = random,
@@ -105,8 +108,8 @@ def multi_scale_crop_params(
 def random_resized_crop_params(
     height: int,
     width: int,
-    scale: Tuple[float, float] = (0.08, 1.0),
-    ratio: Tuple[float, float] = (3 / 4, 4 / 3),
+    scale: Tuple[float, float] = RESIZED_CROP_SCALE,
+    ratio: Tuple[float, float] = RESIZED_CROP_RATIO,
     rng: random.Random = random,
 ) -> Tuple[int, int, int, int]:
     """Inception-style crop box ``(top, left, h, w)``: area fraction in ``scale``, log-uniform aspect ratio,
@@ -175,7 +178,7 @@ class ClipRandAugment:
     translate would move content across tiles). Runs on the (already cropped) frames via PIL, which timm needs.
     """
 
-    def __init__(self, config_str: str, input_size: int, interpolation: str = "bicubic",
+    def __init__(self, config_str: str, input_size: int, interpolation: str,
                  mean: Sequence[float] = IMAGENET_MEAN):
         from timm.data.auto_augment import rand_augment_transform
         from timm.data.transforms import str_to_pil_interp
@@ -214,7 +217,7 @@ class ClipRandomErasing:
     ``cube=True`` erasing.
     """
 
-    def __init__(self, probability: float = 0.25, mode: str = "pixel", max_count: int = 1):
+    def __init__(self, probability: float, mode: str, max_count: int):
         from timm.data.random_erasing import RandomErasing
 
         self.op = RandomErasing(probability=probability, mode=mode, max_count=max_count, num_splits=0,
@@ -238,8 +241,7 @@ class PretrainTransform:
     labels; VideoMAE uses no flip at all).
     """
 
-    def __init__(self, input_size: Union[int, Sequence[int]] = 224,
-                 scales: Sequence[float] = (1, 0.875, 0.75, 0.66), flip: bool = True):
+    def __init__(self, input_size: Union[int, Sequence[int]], flip: bool, scales: Sequence[float] = MULTI_SCALES):
         self.size = _to_size(input_size)
         self.scales = tuple(scales)
         self.flip = flip
@@ -303,11 +305,10 @@ class TrainTransform:
     ``translate_const`` is relative to ``input_size`` as in VideoMAE.
     """
 
-    def __init__(self, input_size: int = 224, aa: str | None = "rand-m7-n4-mstd0.5-inc1",
-                 interpolation: str = "bicubic", reprob: float = 0.25, remode: str = "pixel", recount: int = 1,
-                 flip: bool = True, scale: Tuple[float, float] = (0.08, 1.0),
-                 ratio: Tuple[float, float] = (3 / 4, 4 / 3),
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, input_size: int, aa: str | None, interpolation: str, reprob: float, remode: str,
+                 recount: int, flip: bool, scale: Tuple[float, float] = RESIZED_CROP_SCALE,
+                 ratio: Tuple[float, float] = RESIZED_CROP_RATIO, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
         self.size = _to_size(input_size)
         self.scale, self.ratio, self.flip = scale, ratio, flip
         self.mean, self.std = mean, std
@@ -333,8 +334,8 @@ class EvalTransform:
     """Validation / test: short-side resize to ``short_side_size``, then crop ``crop_idx`` of ``num_crops``
     ``crop_size`` squares (``num_crops=1``: centre crop), normalise."""
 
-    def __init__(self, short_side_size: int = 224, crop_size: int = 224,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
+    def __init__(self, short_side_size: int, crop_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD):
         self.short_side_size = short_side_size
         self.crop_size = crop_size
         self.mean, self.std = mean, std

@@ -25,7 +25,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import PretrainVideoDataset, multiple_samples_collate, pretrain_indices  # noqa: E402
+from datasets import add_data_args, build_pretraining_dataset, multiple_samples_collate  # noqa: E402
+from frame_sampling import pretrain_indices  # noqa: E402
+from video_datasets import PretrainVideoDataset  # noqa: E402
 from video_io import open_video  # noqa: E402
 from video_transforms import resize_crops  # noqa: E402
 
@@ -52,6 +54,13 @@ def make_video(path: str, height: int = 320, width: int = 568, seconds: float = 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     write_video(path, frames, "mp4", fps=fps, gop=gop, tune=tune)
     return path
+
+
+def training_data_args(**flags) -> argparse.Namespace:
+    """The pre-training program's data flags, its defaults but for ``flags`` (and no ``--seed``)."""
+    args = add_data_args(argparse.ArgumentParser(), pretrain=True).parse_args([])
+    vars(args).update(flags, seed=None)
+    return args
 
 
 def _median_ms(fn, n: int) -> tuple[float, float]:
@@ -98,9 +107,10 @@ def bench_loader(ds: PretrainVideoDataset, workers: int, n_items: int, batch_siz
 
 
 def main(argv=None) -> int:
+    train = training_data_args()  # the clip flags default to the pre-training program's
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data_path", default=None, help="list file (path [label] per line)")
-    p.add_argument("--data_root", default="")
+    p.add_argument("--data_root", default=train.data_root)
     p.add_argument("--make_video", default=None, help="write a test video here and benchmark on it")
     p.add_argument("--height", type=int, default=320)
     p.add_argument("--width", type=int, default=568)
@@ -110,9 +120,9 @@ def main(argv=None) -> int:
     p.add_argument("--tune", default=None, help="x264 --tune for the made video, e.g. fastdecode")
     p.add_argument("--copies", type=int, default=16, help="list the made video this many times")
     p.add_argument("--backends", default="auto,decord", help="auto: the program's default (PyAV if installed)")
-    p.add_argument("--num_frames", type=int, default=16)
-    p.add_argument("--sampling_rate", type=int, default=4)
-    p.add_argument("--input_size", type=int, default=224)
+    p.add_argument("--num_frames", type=int, default=train.num_frames)
+    p.add_argument("--sampling_rate", type=int, default=train.sampling_rate)
+    p.add_argument("--input_size", type=int, default=train.input_size)
     p.add_argument("--num_samples", default="1,4")
     p.add_argument("--workers", default=f"1,{os.cpu_count()}")
     p.add_argument("--n", type=int, default=40, help="items per in-process measurement")
@@ -147,8 +157,9 @@ def main(argv=None) -> int:
     print("|---" * (7 + len(a.workers.split(","))) + "|")
     for backend in a.backends.split(","):
         for k in (int(x) for x in a.num_samples.split(",")):
-            ds = PretrainVideoDataset(a.data_path, a.data_root, a.num_frames, a.sampling_rate, a.input_size,
-                                      num_sample=k, video_backend=backend)
+            ds = build_pretraining_dataset(training_data_args(
+                data_path=a.data_path, data_root=a.data_root, num_frames=a.num_frames, sampling_rate=a.sampling_rate,
+                input_size=a.input_size, num_sample=k, video_backend=backend))
             r = bench_in_process(ds, a.n)
             loader = [bench_loader(ds, int(w), a.loader_items) for w in a.workers.split(",")]
             name = backend if backend == ds.backend else f"{backend} ({ds.backend})"

@@ -11,6 +11,8 @@ import torch
 from torch.utils.data import DataLoader
 
 import datasets as D
+import frame_sampling as FS
+import video_datasets as VD
 import video_transforms as VT
 
 MEAN = torch.tensor(VT.IMAGENET_MEAN).view(3, 1, 1, 1)
@@ -28,7 +30,7 @@ def args_for(data_path, **kw):
     D.add_data_args(p)
     a = p.parse_args(["--data_path", str(data_path)])
     base = dict(data_set="custom", nb_classes=4, num_frames=8, sampling_rate=2, input_size=32, short_side_size=32,
-                test_num_segment=2, test_num_crop=3, num_sample=1)
+                test_num_segment=2, test_num_crop=3, num_sample=1, seed=None)
     base.update(kw)
     for k, v in base.items():
         setattr(a, k, v)
@@ -76,31 +78,31 @@ def test_temporal_sampling():
     rng = random.Random(0)
     for length in (5, 31, 32, 33, 100, 300):
         for _ in range(20):
-            idx = D.pretrain_indices(length, 16, 2, rng)
+            idx = FS.pretrain_indices(length, 16, 2, rng)
             assert len(idx) == 16 and all(0 <= i < length for i in idx)
             assert idx == sorted(idx)
-            idx = D.dense_train_indices(length, 8, 4, rng)
+            idx = FS.dense_train_indices(length, 8, 4, rng)
             assert len(idx) == 8 and all(0 <= i < length for i in idx) and idx == sorted(idx)
-            idx = D.segment_train_indices(length, 16, rng)
+            idx = FS.segment_train_indices(length, 16, rng)
             assert len(idx) == 16 and all(0 <= i < length for i in idx) and idx == sorted(idx)
-    assert D.pretrain_indices(5, 4, 2, rng) == [0, 2, 4, 4]  # short video: clamped to the last frame
-    assert D.dense_center_indices(100, 8, 4) == D.dense_center_indices(100, 8, 4)
-    assert D.segment_center_indices(16, 4) == [2, 6, 10, 14]
+    assert FS.pretrain_indices(5, 4, 2, rng) == [0, 2, 4, 4]  # short video: clamped to the last frame
+    assert FS.dense_center_indices(100, 8, 4) == FS.dense_center_indices(100, 8, 4)
+    assert FS.segment_center_indices(16, 4) == [2, 6, 10, 14]
 
 
 def test_test_views_cover_video():
     # dense: first view starts at frame 0, last view ends at the last sampled frame, single view is central
-    views = [D.dense_test_indices(100, 8, 4, s, 5) for s in range(5)]
+    views = [FS.dense_test_indices(100, 8, 4, s, 5) for s in range(5)]
     assert views[0][0] == 0 and views[-1][-1] == 96
     assert all(len(v) == 8 and np.all(np.diff(v) == 4) for v in views)
     starts = [v[0] for v in views]
     assert starts == sorted(starts) and len(set(starts)) == 5
-    assert D.dense_test_indices(100, 8, 4, 0, 1)[0] == 32  # no division by zero, centred
-    assert D.dense_test_indices(10, 8, 4, 1, 2) == [0, 4, 8, 8, 8, 8, 8, 8]  # short video padded
+    assert FS.dense_test_indices(100, 8, 4, 0, 1)[0] == 32  # no division by zero, centred
+    assert FS.dense_test_indices(10, 8, 4, 1, 2) == [0, 4, 8, 8, 8, 8, 8, 8]  # short video padded
     # segment (SSv2): views interleave inside each segment
-    v0, v1 = D.segment_test_indices(32, 8, 0, 2), D.segment_test_indices(32, 8, 1, 2)
+    v0, v1 = FS.segment_test_indices(32, 8, 0, 2), FS.segment_test_indices(32, 8, 1, 2)
     assert v0 == list(range(0, 32, 4)) and v1 == list(range(2, 32, 4))
-    assert D.segment_test_indices(32, 8, 0, 1) == D.segment_center_indices(32, 8)
+    assert FS.segment_test_indices(32, 8, 0, 1) == FS.segment_center_indices(32, 8)
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
@@ -120,7 +122,8 @@ def test_multi_scale_crop_params():
 
 def test_randaugment_consistent_over_frames():
     img = torch.randint(0, 256, (1, 40, 50, 3), dtype=torch.uint8).expand(6, -1, -1, -1).contiguous()
-    tr = VT.TrainTransform(32, aa="rand-m9-n4-mstd0.5-inc1", reprob=0.0)
+    tr = VT.TrainTransform(32, aa="rand-m9-n4-mstd0.5-inc1", interpolation="bicubic", reprob=0.0, remode="pixel",
+                           recount=1, flip=True)
     random.seed(0)
     np.random.seed(0)
     outs = [tr(img) for _ in range(5)]
@@ -181,8 +184,7 @@ def test_pretrain_items_same_with_either_backend(synthetic_dir, video_dir, tmp_p
                    + f"{os.path.join(video_dir, 'vp9_80x64.webm')} 0\n{os.path.join(video_dir, 'h264_96x128.mp4')} 0\n")
     items = {}
     for backend in ("auto", "pyav", "decord"):
-        ds = D.PretrainVideoDataset(str(lst), num_frames=8, sampling_rate=2, input_size=32, num_sample=num_sample,
-                                    video_backend=backend)
+        ds = D.build_pretraining_dataset(args_for(lst, num_sample=num_sample, video_backend=backend))
         ds.seed = 3
         items[backend] = [ds[i] for i in range(len(ds))]
     for i, x in enumerate(items["pyav"]):
@@ -253,7 +255,7 @@ def _broken_list(tmp_path, video_dir, n_good=3, n_bad=2):
 @pytest.mark.parametrize("backend", ["decord", "pyav"])
 def test_broken_video_skipped_and_counted(tmp_path, video_dir, backend, caplog):
     p = _broken_list(tmp_path, video_dir)
-    ds = D.PretrainVideoDataset(p, num_frames=8, sampling_rate=2, input_size=32, video_backend=backend)
+    ds = D.build_pretraining_dataset(args_for(p, video_backend=backend))
     random.seed(0)
     with caplog.at_level("WARNING"):
         for i in range(len(ds)):
@@ -264,16 +266,26 @@ def test_broken_video_skipped_and_counted(tmp_path, video_dir, backend, caplog):
     assert any("truncated.mp4" in m for m in logged) and any("missing.mp4" in m for m in logged)
     assert len(logged) == len(set(logged))  # once per path
 
-    cls = D.VideoClsDataset(p, mode="test", nb_classes=1, num_frames=8, sampling_rate=2, input_size=32,
-                            short_side_size=32, test_num_segment=1, test_num_crop=1, video_backend=backend)
+    cls = VD.VideoClsDataset(D.VideoList(p, nb_classes=1), mode="test", sampling="dense", num_frames=8,
+                             sampling_rate=2, num_segments=1, input_size=32, short_side_size=32, test_num_segment=1,
+                             test_num_crop=1, video_backend=backend)
     clip, label, vid, seg, crop, info = cls[0]  # broken in test: marked invalid (never replaced), with line + reason
     assert vid.endswith("truncated.mp4") and not info["valid"] and cls.num_broken == 1
     assert info["line"] == 1 and info["path"] == vid and "cannot open" in info["reason"]
 
 
+def test_cls_dataset_train_mode_needs_the_training_options(synthetic_dir):
+    videos = D.VideoList(os.path.join(synthetic_dir, "train.csv"), nb_classes=4)
+    clip = dict(sampling="dense", num_frames=8, sampling_rate=2, num_segments=1, input_size=32, short_side_size=32,
+                test_num_segment=1, test_num_crop=1, video_backend="auto")
+    with pytest.raises(ValueError, match="mode='train' needs aa, train_interpolation, .*, max_broken_ratio"):
+        VD.VideoClsDataset(videos, mode="train", **clip)
+    assert len(VD.VideoClsDataset(videos, mode="validation", **clip)) == len(videos)  # evaluation does without
+
+
 def test_mostly_broken_dataset_stops(tmp_path, video_dir):
     p = _broken_list(tmp_path, video_dir, n_good=0, n_bad=3)
-    ds = D.PretrainVideoDataset(p, num_frames=8, input_size=32, max_retries=4)
+    ds = D.build_pretraining_dataset(args_for(p, max_retries=4))
     with pytest.raises(ValueError, match="consecutive videos failed"):
         ds[0]
 

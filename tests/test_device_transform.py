@@ -12,17 +12,25 @@ import torch
 import datasets as D
 import video_transforms as VT
 from engine_for_pretraining import clips_to_device
+from frame_sampling import pretrain_indices
+from video_datasets import PretrainVideoDataset
 from video_io import num_frames, read_frames
 
 FRAMES, RATE = 8, 2
 
 
-def former_cpu_clips(ds: D.PretrainVideoDataset, index: int, path: str) -> tuple[torch.Tensor, list]:
+def pretrain_dataset(list_path: str, input_size: int, num_sample: int) -> PretrainVideoDataset:
+    return PretrainVideoDataset(D.VideoList(list_path, require_label=False), num_frames=FRAMES, sampling_rate=RATE,
+                                input_size=input_size, flip=True, num_sample=num_sample, video_backend="auto",
+                                max_retries=10, max_broken_ratio=0.5)
+
+
+def former_cpu_clips(ds: PretrainVideoDataset, index: int, path: str) -> tuple[torch.Tensor, list]:
     """What the workers computed before: whole frames, then per clip a multi-scale crop, a uint8 antialiased
     bilinear resize and a flip, drawn in the same order from the same seed. Returns ``[K, 3, T, S, S]`` clips in
     ``[0, 1]`` and the crops ``(top, left, h, w, flip)`` in frame coordinates."""
     ds._seed_item(index)
-    indices = D.pretrain_indices(num_frames(path, "decord"), FRAMES, RATE)
+    indices = pretrain_indices(num_frames(path, "decord"), FRAMES, RATE)
     frames = VT.as_tchw(read_frames(path, indices, "decord"))
     clips, crops = [], []
     for _ in range(ds.num_sample):
@@ -41,8 +49,7 @@ def test_device_transform_matches_former_cpu_transform(video_dir, tmp_path, num_
     paths = [os.path.join(video_dir, n) for n in names]
     lst = tmp_path / "list.csv"
     lst.write_text("".join(f"{p}\n" for p in paths * 2))
-    ds = D.PretrainVideoDataset(str(lst), num_frames=FRAMES, sampling_rate=RATE, input_size=input_size,
-                                num_sample=num_sample)
+    ds = pretrain_dataset(str(lst), input_size, num_sample)
     ds.seed = 11
     items = [ds[i] for i in range(len(ds))]
     got = clips_to_device(D.multiple_samples_collate(items), torch.device("cpu"))
@@ -76,7 +83,7 @@ def test_device_transform_on_cuda_equals_cpu(video_dir, tmp_path):
     paths = [os.path.join(video_dir, n) for n in ("h264_96x128.mp4", "vp9_80x64.webm")]
     lst = tmp_path / "list.csv"
     lst.write_text("".join(f"{p}\n" for p in paths * 4))
-    ds = D.PretrainVideoDataset(str(lst), num_frames=FRAMES, sampling_rate=RATE, input_size=56, num_sample=2)
+    ds = pretrain_dataset(str(lst), 56, 2)
     ds.seed = 1
     batch = D.multiple_samples_collate([ds[i] for i in range(len(ds))])
     cpu = clips_to_device(batch, torch.device("cpu"))

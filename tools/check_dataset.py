@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets import DATA_SETS, VideoList, _nb_classes, read_list_file  # noqa: E402
+from datasets import DATA_SETS, VideoList, class_count, read_list_file  # noqa: E402
 from video_io import BACKENDS, VideoDecodeError, open_video  # noqa: E402
 
 FULL_CHUNK = 32  # --full decodes this many frames per call: bounded memory for long videos
@@ -173,7 +173,7 @@ def _class_count(nb_classes: int | None, data_set: str | None) -> int | None:
     contradict each other. ``--nb_classes`` alone means a custom set."""
     if nb_classes is None and data_set is None:
         return None
-    return _nb_classes(argparse.Namespace(data_set=data_set or "custom", nb_classes=nb_classes))
+    return class_count(data_set or "custom", nb_classes)
 
 
 def main(argv=None) -> int:
