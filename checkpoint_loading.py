@@ -28,7 +28,7 @@ import torch.nn.functional as F
 import hf_interop
 import utils
 from timm.utils import unwrap_model
-import checkpointing
+from checkpointing import CheckpointError, load_checkpoint_file, torch_load
 
 __all__ = ["CheckpointMismatchError", "LoadReport", "read_checkpoint", "read_model_checkpoint", "select_state_dict",
            "convert_state_dict", "interpolate_pos_embed", "load_pretrained_encoder", "DROPPED_PREFIXES"]
@@ -95,7 +95,7 @@ def _read_hf_folder(path: str) -> dict[str, Any]:
     try:
         ckpt = hf_interop.read_hf_folder(path)
     except (OSError, ValueError, KeyError) as e:  # safetensors / JSON decode errors included
-        raise checkpointing.CheckpointError(f"Hugging Face folder {path} is unreadable: {e}") from e
+        raise CheckpointError(f"Hugging Face folder {path} is unreadable: {e}") from e
     ckpt["hf_note"] = (f"Hugging Face VideoMAE folder ({ckpt['hf_architecture']}), keys mapped to ours"
                        + (", AdaMAE sampler from " + hf_interop.SAMPLER_FILE
                           if any("get_token_probs." in k for k in ckpt["model"]) else ""))
@@ -119,29 +119,19 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             raise FileNotFoundError(f"{path} is a folder without mp_rank_00_model_states.pt (not a DeepSpeed "
                                     f"checkpoint); pass a .pth file")
         path = candidate
-    is_url = path.startswith(("https://", "http://"))
-    if not is_url and not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        if is_url:
-            ckpt = torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False, weights_only=False)
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # noqa: BLE001 - let utils word it exactly as --resume does ("... is truncated or unreadable")
-        checkpointing.load_checkpoint_file(path)
-        raise
+    ckpt = torch_load(path)
     if not isinstance(ckpt, Mapping):
         raise CheckpointMismatchError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return dict(ckpt)
 
 
 def read_model_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """One of our checkpoints (``checkpointing.load_checkpoint_file``: weights under ``model``) or a Hugging Face VideoMAE
-    folder read as one (pre-training layout when it has a decoder); what ``run_mae_vis.py`` loads."""
+    """One of our checkpoints (``checkpointing.load_checkpoint_file``: weights under ``model``) or a Hugging Face
+    VideoMAE folder read as one (pre-training layout when it has a decoder); what ``run_mae_vis.py`` loads."""
     path = str(path)
     if os.path.isdir(path) and hf_interop.is_hf_folder(path):
         return _read_hf_folder(path)
-    return checkpointing.load_checkpoint_file(path)
+    return load_checkpoint_file(path)
 
 
 def select_state_dict(ckpt: Mapping[str, Any], model_key: str = "model|module") -> tuple[dict[str, Any], str]:

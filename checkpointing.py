@@ -148,20 +148,24 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.
     return written
 
 
-def load_checkpoint_file(path: PathLike) -> dict[str, Any]:
-    """Load one of our checkpoints (or a URL); a torn/unreadable file raises a CheckpointError naming it."""
+def torch_load(path: PathLike) -> Any:
+    """``torch.load`` of a file or URL onto the CPU. A missing file raises FileNotFoundError, a torn or unreadable
+    one a CheckpointError naming it: the one reader of checkpoint files (``checkpoint_loading`` uses it too)."""
     path = str(path)
     try:
         if path.startswith(("https://", "http://")):
-            ckpt = torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False,
-                                                      weights_only=False)
-        else:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False, weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {path} does not exist") from None
+        raise FileNotFoundError(f"checkpoint {path} does not exist") from None
     except Exception as e:  # noqa: BLE001 - any decode failure means the same thing to the user
         raise CheckpointError(f"checkpoint {path} is truncated or unreadable ({type(e).__name__}: {e}); "
                               f"it was probably cut short by a crash during saving") from e
+
+
+def load_checkpoint_file(path: PathLike) -> dict[str, Any]:
+    """One of our training checkpoints (file or URL), which must hold ``model``."""
+    ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {path} has no 'model' entry (keys: "
                               f"{sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__})")

@@ -197,10 +197,6 @@ def preprocessor_config(model_frames: int, crop: int, short_side: int) -> dict[s
     }
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Model card
-# ------------------------------------------------------------------------------------------------------------
-
 def _fmt(args: argparse.Namespace, key: str) -> str:
     value = getattr(args, key, None)
     return "—" if value in (None, "") else str(value)
@@ -224,7 +220,8 @@ def model_card(result: ExportResult, kind: str, args: argparse.Namespace, ckpt: 
     else:
         rows += [("data", f"{_fmt(args, 'data_set')}: {_fmt(args, 'data_path')}"),
                  ("initialised from", _fmt(args, "finetune")), ("classes", _fmt(args, "nb_classes"))]
-    accum = f" x {args.update_freq} accumulation steps" if getattr(args, "update_freq", 1) not in (None, 1) else ""
+    # Saved args name gradient accumulation accum_iter (the dest of --update_freq / --accum_iter).
+    accum = f" x {args.accum_iter} accumulation steps" if getattr(args, "accum_iter", 1) not in (None, 1) else ""
     rows += [("batch size per process", _fmt(args, "batch_size") + accum), ("lr", _fmt(args, "lr")),
              ("weights", weights)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
