@@ -1,31 +1,25 @@
-"""Pre-training targets and losses: pixel reconstruction and AdaMAE's sampling (REINFORCE-style) loss.
+"""Pre-training targets and losses: pixel reconstruction and AdaMAE's sampling (REINFORCE-style) loss, and
+:func:`pretrain_losses`, the loss of one pre-training step (``mean reconstruction error + w * sampling loss``;
+w = 1e-4 by default).
 
-Everything is vectorised over the batch and free of host synchronisation; masked tokens are always handled in
-ascending token order, which is the order the decoder predicts them in.
+Everything is vectorised over the batch and free of host synchronisation. Masked tokens are addressed by the
+indices the model's forward carries (``PretrainOutput.masked_idx``, ascending, the decoder's order), so one
+mask's indices are computed once per step.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from token_ops import gather_tokens, normalize_tubelets, patchify
+from video_transforms import normalize_clips
 
-def masked_indices(mask: torch.Tensor, num_masked: int) -> torch.Tensor:
-    """Indices of the True entries of each row of ``mask``, ascending; every row has ``num_masked`` of them.
-
-    A stable sort instead of ``nonzero`` keeps the shape static and avoids a device-to-host sync.
-    """
-    order = torch.argsort(mask.to(torch.uint8), dim=1, descending=True, stable=True)
-    return order[:, :num_masked]
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``x[b, idx[b]]`` for ``x`` of shape ``[B, N, ...]``."""
-    idx = idx.reshape(*idx.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return torch.gather(x, 1, idx)
+if TYPE_CHECKING:
+    from modeling_pretrain import PretrainOutput
 
 
 def unnormalize(videos: torch.Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
@@ -35,20 +29,6 @@ def unnormalize(videos: torch.Tensor, mean: Sequence[float] = IMAGENET_DEFAULT_M
     mean_t = torch.as_tensor(mean, device=videos.device, dtype=torch.float32).view(shape)
     std_t = torch.as_tensor(std, device=videos.device, dtype=torch.float32).view(shape)
     return videos.float() * std_t + mean_t
-
-
-def patchify(videos: torch.Tensor, patch_size: int, tubelet_size: int) -> torch.Tensor:
-    """``[B, C, T, H, W] -> [B, N, t*p*p, C]`` with tokens in ``(t, h, w)`` order (VideoMAE's layout)."""
-    return rearrange(videos, "b c (t p0) (h p1) (w p2) -> b (t h w) (p0 p1 p2) c",
-                     p0=tubelet_size, p1=patch_size, p2=patch_size)
-
-
-def unpatchify(patches: torch.Tensor, grid: Sequence[int], patch_size: int, tubelet_size: int,
-               channels: int = 3) -> torch.Tensor:
-    """Inverse of ``patchify`` followed by flattening ``(p c)``: ``[B, N, t*p*p*C] -> [B, C, T, H, W]``."""
-    t, h, w = grid
-    return rearrange(patches, "b (t h w) (p0 p1 p2 c) -> b c (t p0) (h p1) (w p2)", t=t, h=h, w=w,
-                     p0=tubelet_size, p1=patch_size, p2=patch_size, c=channels)
 
 
 def pixel_targets(videos: torch.Tensor, patch_size: int, tubelet_size: int, normalize: bool = True,
@@ -62,14 +42,13 @@ def pixel_targets01(videos01: torch.Tensor, patch_size: int, tubelet_size: int, 
     """Reconstruction targets ``[B, N, t*p*p*3]`` from clips in ``[0, 1]``.
 
     With ``normalize`` each tubelet is standardised per channel over its ``t*p*p`` pixels (mean and unbiased std,
-    ``eps`` 1e-6), VideoMAE's and AdaMAE's default; otherwise raw ``[0, 1]`` pixels.
+    ``eps`` 1e-6; ``token_ops.normalize_tubelets``), VideoMAE's and AdaMAE's default; otherwise raw ``[0, 1]``
+    pixels.
     """
     with torch.no_grad():
         patches = patchify(videos01.float(), patch_size, tubelet_size)
         if normalize:
-            mean = patches.mean(dim=-2, keepdim=True)
-            std = patches.var(dim=-2, unbiased=True, keepdim=True).sqrt()
-            patches = (patches - mean) / (std + eps)
+            patches = normalize_tubelets(patches, eps)
         return patches.flatten(2)
 
 
@@ -83,15 +62,50 @@ def reconstruction_error(pred: torch.Tensor, target: torch.Tensor, loss_type: st
     raise ValueError(f"loss_type must be 'mse' or 'l1', got {loss_type!r}")
 
 
-def sampling_loss(log_probs: torch.Tensor, mask: torch.Tensor, token_error: torch.Tensor) -> torch.Tensor:
+def masked_token_error(out: PretrainOutput, target: torch.Tensor, loss_type: str = "mse") -> torch.Tensor:
+    """Per-token error ``[B, N_masked]`` of the model's predictions against the masked tokens of ``target``
+    ``[B, N, D]`` (all tokens), picked with the indices the forward carries; training and the visualisation
+    both score predictions with this."""
+    return reconstruction_error(out.pred, gather_tokens(target, out.masked_idx), loss_type)
+
+
+def sampling_loss(log_probs: torch.Tensor, masked_idx: torch.Tensor, token_error: torch.Tensor) -> torch.Tensor:
     """AdaMAE's sampling loss, ``mean_b [ -mean_{i masked} log p_i * err_i ]`` (unweighted).
 
     The error is a detached reward: minimising this raises the probability of masked tokens the decoder
     reconstructed badly, so the sampler picks such tokens as visible next time. No gradient flows through the
     without-replacement draw itself (it is not differentiable); this surrogate is AdaMAE's, scored under a single
     categorical over all N tokens, with no baseline. ``log_probs`` must be a ``log_softmax`` output (stable where
-    ``log(softmax)`` would give ``-inf``).
+    ``log(softmax)`` would give ``-inf``); ``masked_idx`` ``[B, N_masked]`` orders the masked tokens as
+    ``token_error`` does (ascending, ``PretrainOutput.masked_idx``).
     """
-    idx = masked_indices(mask, token_error.shape[1])
-    logp_masked = torch.gather(log_probs.float(), 1, idx)
+    logp_masked = torch.gather(log_probs.float(), 1, masked_idx)
     return -(logp_masked * token_error.detach().float()).mean(dim=1).mean()
+
+
+class StepLosses(NamedTuple):
+    loss: torch.Tensor            # what is back-propagated
+    reconstruction: torch.Tensor  # mean per-token error over masked tokens
+    sampling: torch.Tensor        # weighted sampling loss (0 without a sampler)
+    probs: torch.Tensor | None
+    mask: torch.Tensor
+
+
+def pretrain_losses(model: nn.Module, videos: torch.Tensor, patch_size: int, tubelet_size: int,
+                    normalize_target: bool = True, loss_type: str = "mse",
+                    sampling_loss_weight: float = 1e-4, noise: torch.Tensor | None = None) -> StepLosses:
+    """Forward ``model`` (possibly DDP-wrapped) on clips in ``[0, 1]`` and compute both losses.
+
+    The model sees the ImageNet-normalised clips; targets come from the ``[0, 1]`` pixels themselves, in fp32
+    outside the graph; the forward itself follows any enclosing autocast. ``noise`` (see
+    ``engine_for_pretraining.mask_noise``) drives the mask sampling when given.
+    """
+    target = pixel_targets01(videos, patch_size, tubelet_size, normalize=normalize_target)
+    out = model(normalize_clips(videos), noise=noise)
+    err = masked_token_error(out, target, loss_type)
+    rec = err.mean()
+    if out.log_probs is not None:
+        samp = sampling_loss_weight * sampling_loss(out.log_probs, out.masked_idx, err)
+    else:
+        samp = torch.zeros((), device=rec.device)
+    return StepLosses(rec + samp, rec, samp, out.probs, out.mask)

@@ -24,10 +24,10 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 
-from losses import gather_tokens, masked_indices, patchify, pixel_targets, reconstruction_error, unnormalize, \
-    unpatchify
+from losses import masked_token_error, pixel_targets, unnormalize
 from masking_generator import mask_from_visible, motion_coverage, motion_energy, sampler_health, uniform_visible
-from utils import unwrap_model
+from timm.utils import unwrap_model
+from token_ops import denormalize_tubelets, gather_tokens, patchify, scatter_tokens, unpatchify
 
 PANEL_KEYS = ("video", "prediction", "error", "cat", "mask")
 PANEL_TITLES = ("Video", "Prediction", "Error", "CAT", "Mask")
@@ -95,27 +95,25 @@ def tokens_to_pixels(values: torch.Tensor, grid: Sequence[int], patch_size: int,
     return v.repeat_interleave(tubelet_size, 1).repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
 
 
-def reconstruct_clip(videos: torch.Tensor, out: Sequence[Any], patch_size: int, tubelet_size: int,
-                     normalize_target: bool = True, eps: float = 1e-6) -> torch.Tensor:
+def reconstruct_clip(videos: torch.Tensor, pred: torch.Tensor, masked_idx: torch.Tensor, patch_size: int,
+                     tubelet_size: int, normalize_target: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """Pixels ``[B, 3, T, H, W]`` in ``[0, 1]``: visible tubelets from the input, masked ones from the prediction.
 
-    ``out`` is the model's ``(pred, probs, mask)``. With ``normalize_target`` the decoder predicted each
-    tubelet standardised per channel, so (as in VideoMAE's visualisation) the prediction is mapped back with the
-    *original* tubelet's mean and unbiased std; this borrows the target's statistics, so the picture shows the
-    structure the model predicted, not the colours it would have guessed on its own.
+    ``pred`` and ``masked_idx`` are the model output's (``PretrainOutput.pred`` / ``.masked_idx``). With
+    ``normalize_target`` the decoder predicted each tubelet standardised per channel, so (as in VideoMAE's
+    visualisation) the prediction is mapped back with the *original* tubelet's statistics, the ones its training
+    target was standardised with (``token_ops.denormalize_tubelets``); this borrows the target's statistics, so
+    the picture shows the structure the model predicted, not the colours it would have guessed on its own.
     """
-    pred, mask = out[0], out[2]
     _, _, t, h, w = videos.shape
     grid = (t // tubelet_size, h // patch_size, w // patch_size)
     patches = patchify(unnormalize(videos), patch_size, tubelet_size)  # [B, N, t*p*p, 3]
-    idx = masked_indices(mask.to(patches.device), pred.shape[1])
+    idx = masked_idx.to(patches.device)
     orig = gather_tokens(patches, idx)
     rec = pred.detach().float().to(patches.device).reshape(orig.shape)
     if normalize_target:
-        mean = orig.mean(dim=-2, keepdim=True)
-        std = orig.var(dim=-2, unbiased=True, keepdim=True).sqrt()
-        rec = rec * (std + eps) + mean
-    patches = patches.scatter(1, idx[:, :, None, None].expand_as(rec), rec)
+        rec = denormalize_tubelets(rec, orig, eps)
+    patches = scatter_tokens(patches, idx, rec)
     return unpatchify(patches.flatten(2), grid, patch_size, tubelet_size).clamp(0.0, 1.0)
 
 
@@ -157,15 +155,14 @@ def panel_images(model: nn.Module, videos: torch.Tensor, mask: torch.Tensor | No
         noise = torch.rand(b, n, generator=torch.Generator().manual_seed(int(seed))).to(device)
     with torch.no_grad(), torch.autocast(device.type, enabled=False), eval_mode(net):
         out = net(videos, mask=mask, noise=noise)
-        pred, probs, mask = out[0].float(), out[1], out[2]
+        probs, mask = out.probs, out.mask
         grid = tuple(int(g) for g in net.grid_size)
-        idx = masked_indices(mask, pred.shape[1])
-        target = gather_tokens(pixel_targets(videos, patch, tubelet, normalize=normalize_target), idx)
-        err_masked = reconstruction_error(pred, target, loss_type)
-        err = torch.zeros(b, n, device=device).scatter(1, idx, err_masked)
+        target = pixel_targets(videos, patch, tubelet, normalize=normalize_target)
+        err_masked = masked_token_error(out, target, loss_type)  # as training scores it
+        err = scatter_tokens(torch.zeros(b, n, device=device), out.masked_idx, err_masked)
         video01 = unnormalize(videos)
         energy = motion_energy(video01, patch, tubelet)
-        rec01 = reconstruct_clip(videos, out, patch, tubelet, normalize_target)
+        rec01 = reconstruct_clip(videos, out.pred, out.masked_idx, patch, tubelet, normalize_target)
         visible_px = tokens_to_pixels((~mask).float(), grid, patch, tubelet)
         err_px = tokens_to_pixels(err, grid, patch, tubelet)
         cat_px = tokens_to_pixels(probs.float(), grid, patch, tubelet) if probs is not None else None

@@ -6,32 +6,37 @@ state_dict is key for key AdaMAE's released layout; with the other masks it is e
 """
 from __future__ import annotations
 
+import argparse
 from functools import partial
 from typing import Any, Callable
 
+import timm
 import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from losses import gather_tokens, masked_indices
 from masking_generator import MaskGenerator, TokenSamplerNet, canonical_mask_type, gumbel_topk, \
     mask_from_visible, num_visible_tokens
 from modeling_finetune import TIMM_FACTORY_KWARGS, VIT_SIZES, PatchEmbed, get_sinusoid_encoding_table, \
     init_linear_and_norm, make_blocks, register_factory, run_blocks
+from token_ops import gather_tokens, masked_indices
 
 
 class PretrainOutput(tuple):
     """``(pred, probs, mask)`` as in AdaMAE, unpackable as a 3-tuple.
 
     ``pred`` ``[B, N_masked, 3*t*p*p]`` in ascending masked-token order; ``probs`` ``[B, N]`` the sampler's
-    distribution (None without a sampler); ``mask`` bool ``[B, N]``, True = masked. ``log_probs`` (fp32
-    ``log_softmax``) rides along as an attribute for a numerically stable sampling loss.
+    distribution (None without a sampler); ``mask`` bool ``[B, N]``, True = masked. Two attributes ride along:
+    ``log_probs`` (fp32 ``log_softmax``) for a numerically stable sampling loss, and ``masked_idx``
+    ``[B, N_masked]``, the masked tokens' indices in ``pred``'s order, which the forward needs anyway and the
+    losses and the visualisation reuse instead of sorting the mask again.
     """
 
     def __new__(cls, pred: torch.Tensor, probs: torch.Tensor | None, mask: torch.Tensor,
-                log_probs: torch.Tensor | None = None) -> PretrainOutput:
+                log_probs: torch.Tensor | None, masked_idx: torch.Tensor) -> PretrainOutput:
         out = super().__new__(cls, (pred, probs, mask))
         out.log_probs = log_probs
+        out.masked_idx = masked_idx
         return out
 
     @property
@@ -190,7 +195,7 @@ class PretrainVisionTransformer(nn.Module):
                        self.mask_token.to(x.dtype) + gather_tokens(pos, masked_idx)], dim=1)
         pred = self.decoder(x, n - num_visible)
         probs = log_probs.exp() if log_probs is not None else None
-        return PretrainOutput(pred, probs, mask, log_probs)
+        return PretrainOutput(pred, probs, mask, log_probs, masked_idx)
 
 
 PRETRAIN_DECODER_SIZES: dict[str, dict[str, int]] = {
@@ -217,3 +222,19 @@ def _create_pretrain(size: str, **kwargs: Any) -> PretrainVisionTransformer:
 
 for _size in PRETRAIN_DECODER_SIZES:
     register_factory(f"pretrain_videomae_{_size}_patch16_224", partial(_create_pretrain, _size), __name__)
+
+
+def create_pretrain_model(args: argparse.Namespace, **overrides: Any) -> PretrainVisionTransformer:
+    """The model ``run_mae_pretraining.py`` trains, built from its parsed flags (``model``, ``mask_type``,
+    ``mask_ratio``, ``decoder_depth``, ``num_frames``, ``input_size``, ``tubelet_size``, ``drop_path``,
+    ``use_checkpoint``, ``sampler_*``, ``model_kwargs``): the one place flags become constructor arguments, so
+    the visualiser and the benchmarks build what training builds. ``overrides`` replace single constructor
+    arguments (e.g. ``mask_type``); ``model_kwargs`` may not repeat any of them."""
+    kwargs: dict[str, Any] = dict(
+        mask_type=args.mask_type, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
+        num_frames=args.num_frames, img_size=args.input_size, tubelet_size=args.tubelet_size,
+        drop_path_rate=args.drop_path, use_checkpoint=args.use_checkpoint, sampler_type=args.sampler_type,
+        sampler_depth=args.sampler_depth, sampler_dim=args.sampler_dim, sampler_heads=args.sampler_heads,
+        sampler_temperature=args.sampler_temperature, sampler_detach_input=args.sampler_detach_input)
+    kwargs.update(overrides)
+    return timm.create_model(args.model, **kwargs, **args.model_kwargs)

@@ -6,8 +6,9 @@
 For each video writes ``{stem}.gif`` (one frame per input frame) and ``{stem}.png`` (a contact sheet), prints
 the sampler's normalised entropy, max probability and motion coverage (and that of a uniform random mask), and
 writes everything to ``stats.json``. Model settings come from the checkpoint's saved ``args`` when present
-(our checkpoints), else from the flags / defaults (the released AdaMAE layout: ViT-B, adaptive, 0.95, 16 frames,
-224 px); flags always win. See docs/VISUALIZATION.md.
+(our checkpoints), else from the flags / ``run_mae_pretraining.py``'s defaults (the released AdaMAE setting: ViT-B,
+adaptive, 0.95, 16 frames, 224 px); flags always win. The model is built as pre-training builds it
+(``modeling_pretrain.create_pretrain_model``). See docs/VISUALIZATION.md.
 """
 from __future__ import annotations
 
@@ -20,23 +21,25 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import timm
 import torch
 
-import modeling_pretrain  # noqa: F401  (registers the models)
-from datasets import pretrain_indices, read_list_file
+import run_mae_pretraining
+from datasets import read_list_file
 from mask_visualization import animated_gif, clip_stats, contact_sheet, format_stats, panel_images
 from masking_generator import MASK_TYPES, canonical_mask_type
+from modeling_pretrain import create_pretrain_model
 from checkpoint_loading import read_model_checkpoint
-from utils import CheckpointError, strip_state_dict_prefixes
+from checkpointing import CheckpointError
+from frame_sampling import pretrain_indices
+from utils import strip_state_dict_prefixes
 from video_io import BACKENDS, VideoDecodeError, open_video
 from video_transforms import EvalTransform
 
-DEFAULTS: dict[str, Any] = dict(
-    model="pretrain_videomae_base_patch16_224", mask_type="adaptive", mask_ratio=0.95, num_frames=16,
-    sampling_rate=4, input_size=224, tubelet_size=2, decoder_depth=4, model_kwargs={}, normalize_target=True,
-    sampler_type="mha", sampler_depth=1, sampler_dim=None, sampler_heads=8, sampler_temperature=1.0)
-CONFIG_KEYS = tuple(DEFAULTS)
+# Pre-training's own flag defaults (the released AdaMAE setting), so each default lives in one place.
+DEFAULTS: dict[str, Any] = vars(run_mae_pretraining.get_args_parser().parse_args([]))
+CONFIG_KEYS = ("model", "mask_type", "mask_ratio", "num_frames", "sampling_rate", "input_size", "tubelet_size",
+               "decoder_depth", "model_kwargs", "normalize_target", "sampler_type", "sampler_depth", "sampler_dim",
+               "sampler_heads", "sampler_temperature")
 LIST_EXTENSIONS = (".csv", ".txt", ".list", ".lst")
 SAMPLER_PREFIXES = ("encoder.pos_embed_probs", "encoder.get_token_probs.")
 
@@ -114,7 +117,7 @@ def _inferred(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def resolve_config(args: argparse.Namespace, ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """Each setting from, in order: the command line, the checkpoint's saved args (and top-level
-    ``model_name`` / ``mask_type``), what the weights show, the released AdaMAE defaults."""
+    ``model_name`` / ``mask_type``), what the weights show, pre-training's defaults (``DEFAULTS``)."""
     saved = _saved_args(ckpt)
     if "model_name" in ckpt:
         saved.setdefault("model", ckpt["model_name"])
@@ -123,7 +126,7 @@ def resolve_config(args: argparse.Namespace, ckpt: Mapping[str, Any]) -> dict[st
     inferred = _inferred(strip_state_dict_prefixes(ckpt["model"]))
     cfg = {}
     for key in CONFIG_KEYS:
-        cli = getattr(args, key, None)
+        cli = getattr(args, key, None)  # the sampler_* settings have no flag here
         if cli is not None:
             cfg[key] = cli
         elif saved.get(key) is not None:
@@ -153,12 +156,7 @@ def build_model(cfg: Mapping[str, Any], state_dict: Mapping[str, Any]) -> torch.
         print(f"note: showing a {cfg['mask_type']} mask; the checkpoint's sampler weights are not used")
         sd = {k: v for k, v in sd.items() if not k.startswith(SAMPLER_PREFIXES)}
     try:
-        model = timm.create_model(
-            cfg["model"], mask_type=cfg["mask_type"], mask_ratio=cfg["mask_ratio"], num_frames=cfg["num_frames"],
-            img_size=cfg["input_size"], tubelet_size=cfg["tubelet_size"], decoder_depth=cfg["decoder_depth"],
-            sampler_type=cfg["sampler_type"], sampler_depth=cfg["sampler_depth"], sampler_dim=cfg["sampler_dim"],
-            sampler_heads=cfg["sampler_heads"], sampler_temperature=cfg["sampler_temperature"],
-            **cfg["model_kwargs"])
+        model = create_pretrain_model(argparse.Namespace(**{**DEFAULTS, **cfg}))
     except (RuntimeError, ValueError, TypeError) as e:
         raise VisError(f"cannot build {cfg['model']} with {json.dumps(cfg, default=str)}: {e}") from None
     try:
@@ -176,7 +174,7 @@ def build_model(cfg: Mapping[str, Any], state_dict: Mapping[str, Any]) -> torch.
 # ------------------------------------------------------------------------------------------------------------
 
 class _CentreStart:
-    """Stands in for ``random`` in ``datasets.pretrain_indices``: the middle of the possible start frames, so
+    """Stands in for ``random`` in ``frame_sampling.pretrain_indices``: the middle of the possible start frames, so
     the clip (VideoMAE's pre-training sampling: consecutive frames ``sampling_rate`` apart) is reproducible."""
 
     @staticmethod

@@ -29,14 +29,25 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_MASKS = ["tube:0.9", "random:0.9", "frame:0.875", "adaptive:0.95"]
+MODEL_FLAGS = ("model", "model_kwargs", "num_frames", "input_size", "decoder_depth", "use_checkpoint")
+
+
+def pretrain_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``run_mae_pretraining``'s flags (its defaults) with this benchmark's model flags, for
+    ``create_pretrain_model``: the model is built exactly as pre-training builds it."""
+    import run_mae_pretraining
+
+    margs = run_mae_pretraining.get_args_parser().parse_args([])
+    for key in MODEL_FLAGS:
+        setattr(margs, key, getattr(args, key))
+    return margs
 
 
 def run_one(args: argparse.Namespace, batch_size: int) -> dict:
-    import timm
     import torch
 
-    import modeling_pretrain  # noqa: F401
-    from engine_for_pretraining import pretrain_losses
+    from losses import pretrain_losses
+    from modeling_pretrain import create_pretrain_model
 
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -44,9 +55,7 @@ def run_one(args: argparse.Namespace, batch_size: int) -> dict:
         torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # > 0 only for --in_process leftovers
     mask_type, ratio = args.mask.split(":")
-    model = timm.create_model(args.model, mask_type=mask_type, mask_ratio=float(ratio), num_frames=args.num_frames,
-                              img_size=args.input_size, decoder_depth=args.decoder_depth,
-                              use_checkpoint=args.use_checkpoint, **args.model_kwargs).to(device)
+    model = create_pretrain_model(pretrain_args(args), mask_type=mask_type, mask_ratio=float(ratio)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
     # As run_mae_pretraining does: only the model is compiled, the loss and optimizer step stay eager.
     net = torch.compile(model, backend=args.compile_backend) if args.compile else model
@@ -140,15 +149,18 @@ def format_row(r: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import run_mae_pretraining
+
+    pre = run_mae_pretraining.get_args_parser()  # the model flags' defaults are pre-training's
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="pretrain_videomae_small_patch16_224")
-    p.add_argument("--model_kwargs", default={}, type=json.loads,
+    p.add_argument("--model_kwargs", default=pre.get_default("model_kwargs"), type=json.loads,
                    help="extra timm.create_model arguments as JSON, e.g. a smaller encoder")
     p.add_argument("--masks", nargs="+", default=DEFAULT_MASKS, help="mask_type:ratio entries")
     p.add_argument("--batch_size", type=int, nargs="+", default=[2], help="one or more batch sizes")
-    p.add_argument("--num_frames", type=int, default=16)
-    p.add_argument("--input_size", type=int, default=224)
-    p.add_argument("--decoder_depth", type=int, default=4)
+    p.add_argument("--num_frames", type=int, default=pre.get_default("num_frames"))
+    p.add_argument("--input_size", type=int, default=pre.get_default("input_size"))
+    p.add_argument("--decoder_depth", type=int, default=pre.get_default("decoder_depth"))
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--use_checkpoint", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (as run_mae_pretraining does)")

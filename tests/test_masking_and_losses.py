@@ -1,4 +1,4 @@
-"""Mask generators, the Gumbel-top-k sampler, pixel targets and both losses."""
+"""Mask generators, the Gumbel-top-k sampler, token operations, pixel targets and both losses."""
 import math
 
 import pytest
@@ -7,9 +7,11 @@ import torch
 from torch.distributions import Categorical
 
 import modeling_pretrain  # noqa: F401
-from losses import masked_indices, patchify, pixel_targets, reconstruction_error, sampling_loss, unnormalize, \
-    unpatchify
+from losses import masked_token_error, pixel_targets, pixel_targets01, pretrain_losses, reconstruction_error, \
+    sampling_loss, unnormalize
 from masking_generator import MaskGenerator, gumbel_topk, mask_from_visible, num_visible_tokens
+from token_ops import gather_tokens, masked_indices, patchify, scatter_tokens, unpatchify
+from video_transforms import normalize_clips
 
 
 def test_visible_counts_follow_each_reference_without_float_error():
@@ -71,6 +73,10 @@ def test_masked_indices_ascending_and_mask_roundtrip():
     mask = mask_from_visible(torch.tensor([[4, 0, 2], [5, 1, 3]]), 6)
     assert mask.tolist() == [[False, True, False, True, False, True], [True, False, True, False, True, False]]
     assert masked_indices(mask, 3).tolist() == [[1, 3, 5], [0, 2, 4]]
+    x = torch.arange(12.0).view(2, 6)
+    picked = gather_tokens(x, masked_indices(mask, 3))
+    assert picked.tolist() == [[1, 3, 5], [6, 8, 10]]
+    assert torch.equal(scatter_tokens(torch.zeros_like(x), masked_indices(mask, 3), picked), x * mask)
 
 
 def test_patchify_layout_and_normalised_targets():
@@ -116,7 +122,7 @@ def test_vectorised_sampling_loss_equals_per_sample_loop():
     log_probs = torch.log_softmax(logits, -1)
     mask = mask_from_visible(gumbel_topk(log_probs, n_vis), n)
     err = torch.rand(b, n - n_vis, dtype=torch.float64)
-    ours = sampling_loss(log_probs, mask, err)
+    ours = sampling_loss(log_probs, masked_indices(mask, n - n_vis), err)
     ref = _loop_sampling_loss(log_probs.exp(), mask, err)
     assert abs(ours.item() - ref.item()) < 1e-6
 
@@ -127,7 +133,7 @@ def test_sgd_step_on_sampling_loss_raises_logit_of_high_error_token_more():
     logits = torch.zeros(1, n, requires_grad=True)
     mask = torch.tensor([[True, True, True, False, False, False]])
     err = torch.tensor([[3.0, 1.0, 0.1]])  # tokens 0, 1, 2 are masked with decreasing error
-    sampling_loss(torch.log_softmax(logits, -1), mask, err).backward()
+    sampling_loss(torch.log_softmax(logits, -1), masked_indices(mask, 3), err).backward()
     with torch.no_grad():
         new = logits - 0.5 * logits.grad
     rise = (new - logits)[0]
@@ -143,18 +149,41 @@ def tiny(mask_type="adaptive", **kw):
 
 def _total_loss(model, x, weight=1e-4):
     out = model(x)
-    target = masked_target(model, x, out.mask, out.pred.shape[1])
-    err = reconstruction_error(out.pred, target)
+    err = masked_token_error(out, pixel_targets(x, model.patch_size, model.tubelet_size))
     loss = err.mean()
     if out.log_probs is not None:
-        loss = loss + weight * sampling_loss(out.log_probs, out.mask, err)
+        loss = loss + weight * sampling_loss(out.log_probs, out.masked_idx, err)
     return loss
 
 
-def masked_target(model, x, mask, num_masked):
-    from losses import gather_tokens
-    tgt = pixel_targets(x, model.patch_size, model.tubelet_size)
-    return gather_tokens(tgt, masked_indices(mask, num_masked))
+@pytest.mark.parametrize("mask_type", ["adaptive", "tube"])
+def test_output_carries_masked_indices_and_loss_matches_the_mask(mask_type):
+    """The forward's ``masked_idx`` are the mask's masked tokens in prediction order, and the step loss that uses
+    them equals the loss computed from the mask alone."""
+    torch.manual_seed(0)
+    model = tiny(mask_type).eval()  # no sampler dropout: two forwards with the same noise agree
+    videos = torch.rand(3, 3, 4, 32, 32)
+    noise = torch.rand(3, model.num_patches)
+    out = model(normalize_clips(videos), noise=noise)
+    num_masked = model.num_patches - model.num_visible
+    assert out.masked_idx.shape == (3, num_masked) and out.masked_idx.dtype == torch.int64
+    assert torch.equal(out.masked_idx, masked_indices(out.mask, num_masked))
+    assert out.mask.gather(1, out.masked_idx).all()
+
+    losses = pretrain_losses(model, videos, model.patch_size, model.tubelet_size, sampling_loss_weight=1e-2,
+                             noise=noise)
+    assert torch.equal(losses.mask, out.mask)  # same noise, same mask
+    # the reference: indices recomputed from the mask, written out without the carried ones
+    idx = masked_indices(losses.mask, num_masked)
+    target = gather_tokens(pixel_targets01(videos, model.patch_size, model.tubelet_size), idx)
+    err = reconstruction_error(out.pred, target)
+    assert torch.equal(losses.reconstruction, err.mean())
+    if mask_type == "adaptive":
+        ref = -(out.log_probs.gather(1, idx) * err.detach()).mean(1).mean() * 1e-2
+        assert torch.equal(losses.sampling, ref) and losses.sampling != 0
+    else:
+        assert losses.sampling == 0
+    assert torch.equal(losses.loss, losses.reconstruction + losses.sampling)
 
 
 @pytest.mark.parametrize("mask_type", ["adaptive", "tube", "random", "frame"])
@@ -179,7 +208,7 @@ def test_sampling_loss_reaches_patch_embedding_unless_detached():
         model = tiny("adaptive", sampler_detach_input=detach)
         out = model(x)
         err = torch.rand(2, out.pred.shape[1])
-        sampling_loss(out.log_probs, out.mask, err).backward()
+        sampling_loss(out.log_probs, out.masked_idx, err).backward()
         g = model.encoder.patch_embed.proj.weight.grad
         assert (g is not None and g.abs().sum() > 0) == expect_grad
         assert model.encoder.pos_embed_probs.grad.abs().sum() > 0

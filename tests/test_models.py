@@ -8,7 +8,8 @@ import torch
 import modeling_finetune  # noqa: F401  (registers the models)
 import modeling_pretrain  # noqa: F401
 from masking_generator import num_visible_tokens
-from modeling_pretrain import PretrainOutput
+from modeling_pretrain import PretrainOutput, create_pretrain_model
+from token_ops import masked_indices
 
 SIZES = {"small": (384, 12, 192), "base": (768, 12, 384), "large": (1024, 24, 512), "huge": (1280, 32, 640)}
 
@@ -154,6 +155,7 @@ def test_pretrain_forward_shapes_and_exact_visible_count(mask_type):
     assert mask.dtype == torch.bool and mask.shape == (3, n)
     assert ((~mask).sum(1) == n_vis).all()
     assert pred.shape == (3, n - n_vis, 3 * 2 * 16 * 16)
+    assert torch.equal(out.masked_idx, masked_indices(mask, n - n_vis))  # pred's order, computed once
     if mask_type == "adaptive":
         assert probs.shape == (3, n) and torch.allclose(probs.sum(1), torch.ones(3))
         assert out.log_probs.dtype == torch.float32
@@ -190,6 +192,7 @@ def test_external_mask_is_used_as_is():
     mask[1, [0, 3, 4, 7]] = True
     out = model(torch.randn(2, 3, 4, 32, 32), mask)
     assert torch.equal(out.mask, mask)
+    assert out.masked_idx.tolist() == [[1, 2, 5, 6], [0, 3, 4, 7]]
     bad = mask.clone()
     bad[1, 0] = False
     with pytest.raises(ValueError, match="same number of visible"):
@@ -266,3 +269,31 @@ def test_bad_mask_ratio_is_a_clear_error():
         tiny_pretrain("adaptive", 0.999)
     with pytest.raises(ValueError, match="unknown mask_type"):
         tiny_pretrain("checkerboard", 0.5)
+
+
+def test_create_pretrain_model_maps_every_pretraining_flag(monkeypatch):
+    """The one builder from pre-training flags: each flag reaches its constructor argument, overrides win, and
+    the tiny model it builds is the one those arguments describe."""
+    import run_mae_pretraining
+
+    args = run_mae_pretraining.get_args_parser().parse_args([
+        "--model", "pretrain_videomae_small_patch16_224", "--mask_type", "learnable", "--mask_ratio", "0.75",
+        "--decoder_depth", "1", "--num_frames", "4", "--input_size", "32", "--tubelet_size", "1",
+        "--drop_path", "0.1", "--use_checkpoint", "--sampler_type", "mlp", "--sampler_depth", "2",
+        "--sampler_dim", "16", "--sampler_heads", "2", "--sampler_temperature", "2.0", "--sampler_detach_input",
+        "--model_kwargs", '{"encoder_embed_dim": 32, "encoder_depth": 1, "encoder_num_heads": 2}'])
+    calls = []
+    monkeypatch.setattr(modeling_pretrain.timm, "create_model", lambda name, **kw: calls.append((name, kw)))
+    create_pretrain_model(args)
+    create_pretrain_model(args, mask_type="tube", mask_ratio=0.5)
+    expected = dict(mask_type="learnable", mask_ratio=0.75, decoder_depth=1, num_frames=4, img_size=32,
+                    tubelet_size=1, drop_path_rate=0.1, use_checkpoint=True, sampler_type="mlp", sampler_depth=2,
+                    sampler_dim=16, sampler_heads=2, sampler_temperature=2.0, sampler_detach_input=True,
+                    encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2)
+    assert calls[0] == ("pretrain_videomae_small_patch16_224", expected)
+    assert calls[1] == ("pretrain_videomae_small_patch16_224", {**expected, "mask_type": "tube", "mask_ratio": 0.5})
+    monkeypatch.undo()
+    model = create_pretrain_model(args)
+    assert model.mask_type == "adaptive" and model.tubelet_size == 1 and model.num_patches == 16
+    assert model.encoder.sampler_detach_input and model.encoder.sampler_temperature == 2.0
+    assert model.encoder.use_checkpoint and len(model.decoder.blocks) == 1

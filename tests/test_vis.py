@@ -19,8 +19,9 @@ sys.path.insert(0, str(ROOT))
 import mask_visualization as mv  # noqa: E402
 import modeling_pretrain  # noqa: E402,F401
 import run_mae_vis  # noqa: E402
-from losses import gather_tokens, masked_indices, pixel_targets, unnormalize  # noqa: E402
+from losses import pixel_targets, unnormalize  # noqa: E402
 from metric_logging import TensorboardLogger  # noqa: E402
+from token_ops import gather_tokens, masked_indices  # noqa: E402
 
 TINY = dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=4, decoder_embed_dim=32, decoder_num_heads=4)
 FRAMES, SIZE, RATIO, TUBELET, PATCH = 8, 32, 0.75, 2, 16
@@ -125,16 +126,16 @@ def test_prediction_equals_input_on_visible_patches(video_dir):
     pred, _, mask = out
     input01 = unnormalize(videos).clamp(0, 1)
     for normalize_target in (True, False):
-        rec = mv.reconstruct_clip(videos, out, PATCH, TUBELET, normalize_target)
+        rec = mv.reconstruct_clip(videos, pred, out.masked_idx, PATCH, TUBELET, normalize_target)
         assert rec.shape == videos.shape and rec.min() >= 0 and rec.max() <= 1
         visible = mv.tokens_to_pixels((~mask).float(), model.grid_size, PATCH, TUBELET).bool()[:, None]
         visible = visible.expand_as(rec)
         torch.testing.assert_close(rec[visible], input01[visible], atol=1e-6, rtol=0)
         assert not torch.allclose(rec[~visible], input01[~visible], atol=1e-2)  # an untrained decoder
         # a perfect prediction of the (normalised) target de-normalises back to the input everywhere
-        target = gather_tokens(pixel_targets(videos, PATCH, TUBELET, normalize_target),
-                               masked_indices(mask, pred.shape[1]))
-        perfect = mv.reconstruct_clip(videos, (target, None, mask), PATCH, TUBELET, normalize_target)
+        idx = masked_indices(mask, pred.shape[1])  # from the mask alone, independently of the model's
+        target = gather_tokens(pixel_targets(videos, PATCH, TUBELET, normalize_target), idx)
+        perfect = mv.reconstruct_clip(videos, target, idx, PATCH, TUBELET, normalize_target)
         torch.testing.assert_close(perfect, input01, atol=1e-4, rtol=0)
 
 
