@@ -78,7 +78,8 @@ def test_extract_shapes_index_skip_and_resume(tiny_checkpoint, video_list, tmp_p
     # the embedding of a video = its views' mean of the encoder's pooled output
     enc = load_frozen_encoder(tiny_checkpoint)
     ds = xf.VideoClsDataset(xf.VideoList(video_list, require_label=False), mode="test", num_frames=4,
-                            sampling_rate=2, input_size=32, short_side_size=32, test_num_segment=2, test_num_crop=1)
+                            sampling_rate=2, input_size=32, short_side_size=32, test_num_segment=2, test_num_crop=1,
+                            sampling="dense", num_segments=1, video_backend="auto")
     with torch.no_grad():
         views = enc(torch.stack([ds[0][0], ds[1][0]]))
     torch.testing.assert_close(store.features[0], views.mean(0), rtol=0, atol=1e-6)

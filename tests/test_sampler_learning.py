@@ -20,10 +20,12 @@ sys.path.insert(0, str(ROOT))
 
 import modeling_pretrain  # noqa: E402,F401  (registers the models)
 import optim_factory  # noqa: E402
-from datasets import PretrainVideoDataset, multiple_samples_collate  # noqa: E402
-from engine_for_pretraining import clips_to_device, pretrain_losses  # noqa: E402
+from datasets import VideoList, multiple_samples_collate  # noqa: E402
+from engine_for_pretraining import clips_to_device  # noqa: E402
+from losses import pretrain_losses  # noqa: E402
 from masking_generator import motion_energy  # noqa: E402
 from tools.make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
+from video_datasets import PretrainVideoDataset  # noqa: E402
 from video_transforms import normalize_clips  # noqa: E402
 
 STEPS, BATCH, SIZE, FRAMES = 300, 16, 64, 8
@@ -31,7 +33,9 @@ STEPS, BATCH, SIZE, FRAMES = 300, 16, 64, 8
 
 def clips(list_path: str, copies: int) -> torch.Tensor:
     """``[len * copies, 3, T, H, W]`` clips in ``[0, 1]``, as the training loop gets them."""
-    ds = PretrainVideoDataset(list_path, num_frames=FRAMES, sampling_rate=2, input_size=SIZE, num_sample=copies)
+    ds = PretrainVideoDataset(VideoList(list_path, require_label=False), num_frames=FRAMES, sampling_rate=2,
+                              input_size=SIZE, flip=True, num_sample=copies, video_backend="auto", max_retries=10,
+                              max_broken_ratio=0.5)
     ds.seed = 0  # reproducible crops and flips
     return clips_to_device(multiple_samples_collate([ds[i] for i in range(len(ds))]), torch.device("cpu"))
 

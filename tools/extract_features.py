@@ -37,8 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import utils  # noqa: E402
 from precision import autocast, resolve_precision
 from cli import HelpFormatter, UserError, add_debug_arg, run_program  # noqa: E402
-from datasets import BACKENDS, VideoClsDataset, VideoList  # noqa: E402
+from datasets import VideoList  # noqa: E402
 from engine_for_probing import FeatureStore, FrozenEncoder, load_frozen_encoder  # noqa: E402
+from video_datasets import VideoClsDataset  # noqa: E402
+from video_io import BACKENDS  # noqa: E402
 
 MANIFEST, INDEX, SKIPPED = "features.json", "index.csv", "skipped.csv"
 INDEX_FIELDS = ("path", "line", "label", "video_id", "shard", "row")
