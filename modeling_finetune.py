@@ -7,6 +7,7 @@ parameter names and shapes are exactly VideoMAE's, so released VideoMAE / AdaMAE
 """
 from __future__ import annotations
 
+import argparse
 import warnings
 from functools import partial
 from typing import Any, Callable, Sequence, Union
@@ -14,6 +15,7 @@ from typing import Any, Callable, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import timm
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import register_model
 from torch.utils.checkpoint import checkpoint
@@ -279,3 +281,16 @@ def register_factory(name: str, create: Callable[..., nn.Module], module: str) -
 
 for _size in VIT_SIZES:
     register_factory(f"vit_{_size}_patch16_224", partial(_create_vit, _size), __name__)
+
+
+def create_classifier(args: argparse.Namespace) -> VisionTransformer:
+    """The classifier ``run_class_finetuning.py`` trains, built from its parsed flags (``model``, ``nb_classes``,
+    clip shape, dropouts, pooling, ``model_kwargs``): the one place those flags become constructor arguments (the
+    HF export and the tests build through it too). With TSN-style ``--num_segments`` the segments' frames are
+    concatenated in time."""
+    return timm.create_model(
+        args.model, num_classes=args.nb_classes, num_frames=args.num_frames * max(1, args.num_segments),
+        img_size=args.input_size, tubelet_size=args.tubelet_size, drop_rate=args.drop,
+        attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path, fc_drop_rate=args.fc_drop_rate,
+        use_mean_pooling=args.use_mean_pooling, use_checkpoint=args.use_checkpoint, init_scale=args.init_scale,
+        use_learnable_pos_emb=args.use_learnable_pos_emb, **args.model_kwargs)

@@ -81,11 +81,12 @@ def create_optimizer(args: argparse.Namespace, model: nn.Module, skip_list: Iter
     return optimizer
 
 
-def scale_lr(args: argparse.Namespace, total_batch: int, base_batch: int = 256) -> float:
+def scale_lr(args: argparse.Namespace, total_batch: int, base_batch: int = 256, detail: str = "") -> float:
     """Apply the linear scaling rule ``lr = base_lr * total_batch / 256`` (also min_lr, warmup_lr) and say so.
 
-    ``total_batch`` is ``batch_size x update_freq x processes``. The unscaled values are kept in ``args.base_lr`` /
-    ``base_min_lr`` / ``base_warmup_lr`` so calling this twice does not scale twice.
+    ``total_batch`` is ``batch_size x update_freq x processes`` (``detail`` spells it out in the message). The
+    unscaled values are kept in ``args.base_lr`` / ``base_min_lr`` / ``base_warmup_lr`` so calling this twice does
+    not scale twice.
     """
     factor = float(total_batch) / float(base_batch)
     for name in ("lr", "min_lr", "warmup_lr"):
@@ -93,8 +94,8 @@ def scale_lr(args: argparse.Namespace, total_batch: int, base_batch: int = 256) 
         if getattr(args, base_name, None) is None:  # set here, on the first call
             setattr(args, base_name, float(getattr(args, name)))
         setattr(args, name, getattr(args, base_name) * factor)
-    print(f"LR scaling: base lr {args.base_lr:.3e} x total batch {total_batch} / {base_batch} = lr {args.lr:.3e}; "
-          f"min_lr {args.min_lr:.3e}, warmup_lr {args.warmup_lr:.3e}")
+    print(f"LR scaling: base lr {args.base_lr:.3e} x total batch {total_batch} / {base_batch} = lr {args.lr:.3e}"
+          + (f" ({detail})" if detail else "") + f"; min_lr {args.min_lr:.3e}, warmup_lr {args.warmup_lr:.3e}")
     return float(args.lr)
 
 

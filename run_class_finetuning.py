@@ -20,7 +20,6 @@ import json
 import time
 from typing import Any
 
-import timm
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
@@ -28,7 +27,6 @@ from torch.utils.data import DataLoader
 
 import distributed
 import metric_logging
-import modeling_finetune  # noqa: F401  (registers the models)
 import optim_factory
 import training
 from checkpoint_loading import load_pretrained_encoder
@@ -38,6 +36,7 @@ from datasets import add_data_args, build_dataset, get_broken_count, multiple_sa
 from distributed import get_world_size
 from engine_for_finetuning import train_one_epoch
 from evaluation import evaluate, eval_loader, final_test
+from modeling_finetune import create_classifier
 from finetune_deepspeed import DeepSpeedCheckpointer, init_deepspeed
 from preemption import GracefulStop
 from resume import trim_log
@@ -120,15 +119,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
 # ----------------------------------------------------------------------------------------------------------------
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    return timm.create_model(
-        args.model, num_classes=args.nb_classes, num_frames=args.num_frames * max(1, args.num_segments),
-        img_size=args.input_size, tubelet_size=args.tubelet_size, drop_rate=args.drop,
-        attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path, fc_drop_rate=args.fc_drop_rate,
-        use_mean_pooling=args.use_mean_pooling, use_checkpoint=args.use_checkpoint, init_scale=args.init_scale,
-        use_learnable_pos_emb=args.use_learnable_pos_emb, **args.model_kwargs)
-
-
 def build_criterion(args: argparse.Namespace, mixup_active: bool) -> torch.nn.Module:
     """Soft-target CE with mixup (smoothing is in the mixed targets), else smoothed CE, else CE."""
     if mixup_active:
@@ -196,7 +186,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     mixup_fn = build_mixup(args, args.nb_classes)
     if mixup_fn is not None and (args.batch_size * max(1, args.num_sample)) % 2 and args.mixup_mode == "batch":
         raise UserError("mixup/cutmix in batch mode needs an even number of clips per batch")
-    model = build_model(args)
+    model = create_classifier(args)
     # --eval of a pre-training checkpoint would report chance accuracy: insist on a classifier head.
     load_report = load_pretrained_encoder(model, args.finetune, model_key=args.model_key, require_head=args.eval) \
         if args.finetune else None

@@ -16,12 +16,9 @@ import os
 import time
 from typing import Any
 
-import timm
-import torch
 
 import distributed
 import metric_logging
-import modeling_pretrain  # noqa: F401  (registers the models)
 import optim_factory
 import training
 from checkpointing import Checkpointer
@@ -31,6 +28,7 @@ from distributed import get_world_size, is_main_process
 from engine_for_pretraining import clips_to_device, train_one_epoch
 from mask_visualization import log_mask_images
 from masking_generator import MASK_TYPES
+from modeling_pretrain import create_pretrain_model
 from preemption import GracefulStop
 from resume import trim_log
 from utils import count_parameters
@@ -88,21 +86,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    return timm.create_model(
-        args.model, mask_type=args.mask_type, mask_ratio=args.mask_ratio, decoder_depth=args.decoder_depth,
-        num_frames=args.num_frames, img_size=args.input_size, tubelet_size=args.tubelet_size,
-        drop_path_rate=args.drop_path, use_checkpoint=args.use_checkpoint, sampler_type=args.sampler_type,
-        sampler_depth=args.sampler_depth, sampler_dim=args.sampler_dim, sampler_heads=args.sampler_heads,
-        sampler_temperature=args.sampler_temperature, sampler_detach_input=args.sampler_detach_input,
-        **args.model_kwargs)
-
-
 def main(args: argparse.Namespace) -> dict:
     device = training.setup_run(args)
     print(f"job dir: {os.path.dirname(os.path.abspath(__file__))}")
     data = training.build_train_loader(build_pretraining_dataset(args), args, device, multiple_samples_collate)
-    model = build_model(args).to(device)
+    model = create_pretrain_model(args).to(device)
     model_without_ddp = model
     n_params = count_parameters(model)
     print(f"Model {args.model}: {n_params / 1e6:.2f}M parameters, mask {model.mask_type} {args.mask_ratio} "

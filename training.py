@@ -109,7 +109,9 @@ def build_optimisation(args: argparse.Namespace, model: nn.Module, steps_per_epo
                        **optimizer_kwargs: Any) -> Optimisation:
     """Linear lr scaling for the total batch (``batch_size x update_freq x processes``), the optimizer over
     ``model``'s parameter groups, the loss scaler for ``args.precision`` and the cosine schedules."""
-    optim_factory.scale_lr(args, args.batch_size * args.accum_iter * get_world_size())
+    world = get_world_size()
+    optim_factory.scale_lr(args, args.batch_size * args.accum_iter * world,
+                           detail=f"batch_size {args.batch_size} x update_freq {args.accum_iter} x world {world}")
     optimizer = optim_factory.create_optimizer(args, model, **optimizer_kwargs)
     steps = max(steps_per_epoch, 1)
     lr_schedule = optim_factory.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps, args.warmup_epochs,

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run_linear_probe  # noqa: E402
 import run_mae_pretraining  # noqa: E402
+from modeling_finetune import create_classifier  # noqa: E402
+from modeling_pretrain import create_pretrain_model  # noqa: E402
 import checkpointing
 from cli import UserError  # noqa: E402
 from engine_for_probing import AttentiveProbe, LinearProbe, load_frozen_encoder  # noqa: E402
@@ -37,7 +39,7 @@ def tiny_checkpoint(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny_pt")
     args = run_mae_pretraining.get_args_parser().parse_args(PT_FLAGS + ["--output_dir", str(out)])
     torch.manual_seed(123)  # not --random_init's seed 0
-    model = run_mae_pretraining.build_model(args)
+    model = create_pretrain_model(args)
     (path,) = checkpointing.save_checkpoint(args, 0, model, None, None, 0, tag="best",
                                     extra={"kind": "pretrain", "model_name": args.model})
     return path
@@ -223,7 +225,7 @@ def test_classifier_embedding_is_what_its_head_reads(tmp_path):
         ["--model", "vit_small_patch16_224", "--data_set", "custom", "--nb_classes", "3", "--num_frames", "4",
          "--input_size", "32", "--model_kwargs", '{"embed_dim": 32, "depth": 2, "num_heads": 2}',
          "--output_dir", str(tmp_path)])
-    model = run_class_finetuning.build_model(args).eval()
+    model = create_classifier(args).eval()
     with torch.no_grad():
         model.fc_norm.weight.uniform_(0.5, 1.5)
         model.fc_norm.bias.normal_()

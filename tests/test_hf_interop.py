@@ -1,7 +1,8 @@
 """Hugging Face interop: tools/export_hf.py, HF folders in --finetune / run_mae_vis.py, and fp32 CPU parity with
 ``transformers`` (tests that need it skip without it; requirements-dev.txt installs it).
 
-Tiny models are built by the training programs' own ``build_model`` from parsed flags and saved with
+Tiny models are built by the training programs' builders (``create_classifier``, ``create_pretrain_model``) from
+parsed flags and saved with
 ``checkpointing.save_checkpoint``, after every parameter (biases and LayerNorm weights included) has been randomised.
 Parity: max |ours - HF| / max |ours| < 1e-4. The known HF difference (LayerNorm eps 1e-5 hard-coded in ``fc_norm``
 and the decoder's final norm, ours 1e-6) is measured and printed (``pytest -s``), not hidden: each parity test also
@@ -25,6 +26,8 @@ import hf_interop  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_mae_pretraining  # noqa: E402
 import run_mae_vis  # noqa: E402
+from modeling_finetune import create_classifier  # noqa: E402
+from modeling_pretrain import create_pretrain_model  # noqa: E402
 import checkpointing
 from checkpoint_loading import load_pretrained_encoder, read_checkpoint  # noqa: E402
 from masking_generator import MaskGenerator  # noqa: E402
@@ -59,11 +62,12 @@ def randomise_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
 def save_run(tmp: Path, program, flags: list[str], kind: str, seed: int, ema: bool = False):
     """Build through the program, randomise, save as the program does; returns (model, checkpoint path)."""
     args = program.get_args_parser().parse_args(flags + ["--output_dir", str(tmp)])
-    model = randomise_(program.build_model(args), seed)
+    build = create_pretrain_model if kind == "pretrain" else create_classifier
+    model = randomise_(build(args), seed)
     extra = {"kind": kind, "model_name": args.model}
     if kind == "pretrain":
         extra.update(mask_type=model.mask_type, mask_ratio=args.mask_ratio)
-    ema_model = randomise_(program.build_model(args), seed + 1) if ema else None
+    ema_model = randomise_(build(args), seed + 1) if ema else None
     (path,) = checkpointing.save_checkpoint(args, 0, model, None, None, 0, extra=extra, model_ema=ema_model, tag="best")
     return model, path
 
@@ -229,7 +233,7 @@ def test_folder_saved_by_transformers_reads_back(classifier_run, transformers, t
 def test_hf_folder_in_finetune_gives_the_same_logits(classifier_run):
     model, _, result = classifier_run
     args = run_class_finetuning.get_args_parser().parse_args(FT_FLAGS)
-    fresh = run_class_finetuning.build_model(args).eval()
+    fresh = create_classifier(args).eval()
     report = load_pretrained_encoder(fresh, result.out_dir, require_head=True, verbose=False)
     assert report.head_loaded and not report.missing and not report.unexpected
     assert any("Hugging Face" in n for n in report.notes) and report.source == result.out_dir
@@ -240,7 +244,7 @@ def test_hf_folder_in_finetune_gives_the_same_logits(classifier_run):
 
 def test_hf_pretraining_folder_in_finetune_loads_the_encoder(adaptive_run):
     model, _, result = adaptive_run
-    fresh = run_class_finetuning.build_model(run_class_finetuning.get_args_parser().parse_args(FT_FLAGS))
+    fresh = create_classifier(run_class_finetuning.get_args_parser().parse_args(FT_FLAGS))
     report = load_pretrained_encoder(fresh, result.out_dir, verbose=False)
     assert {"pre-training decoder", "AdaMAE sampler"} <= set(report.dropped.values())
     pre = model.state_dict()
@@ -280,7 +284,7 @@ def test_finetune_on_a_truncated_checkpoint_names_it(classifier_run, tmp_path):
     data = Path(classifier_run[1]).read_bytes()
     cut = tmp_path / "checkpoint-cut.pth"
     cut.write_bytes(data[: len(data) // 2])
-    fresh = run_class_finetuning.build_model(run_class_finetuning.get_args_parser().parse_args(FT_FLAGS))
+    fresh = create_classifier(run_class_finetuning.get_args_parser().parse_args(FT_FLAGS))
     with pytest.raises(checkpointing.CheckpointError, match=f"checkpoint {cut} is truncated or unreadable"):
         load_pretrained_encoder(fresh, str(cut), verbose=False)
 

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import run_mae_pretraining  # noqa: E402
+from modeling_pretrain import create_pretrain_model  # noqa: E402
 from conftest import run_launcher  # noqa: E402
 from tools.make_synthetic_dataset import make_synthetic_dataset  # noqa: E402
 
@@ -57,7 +58,7 @@ def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["kind"] == "pretrain" and ckpt["mask_type"] == "adaptive"
     assert ckpt["global_step"] == 2 * args.num_training_steps_per_epoch
-    model = run_mae_pretraining.build_model(args)
+    model = create_pretrain_model(args)
     model.load_state_dict(ckpt["model"], strict=True)
     assert "encoder.pos_embed_probs" in ckpt["model"]
 
@@ -157,7 +158,7 @@ def test_two_process_torchrun_matches_one_process_with_same_total_batch(train_li
     a = torch.load(one / "checkpoint-0.pth", map_location="cpu", weights_only=False)
     b = torch.load(two / "checkpoint-0.pth", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] > 1
-    before = run_mae_pretraining.build_model(run_mae_pretraining.get_args_parser().parse_args(
+    before = create_pretrain_model(run_mae_pretraining.get_args_parser().parse_args(
         tiny_args(train_list, one, *common))).state_dict()
     moved = 0
     for k, v in a["model"].items():

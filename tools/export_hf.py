@@ -85,8 +85,10 @@ def build_our_model(kind: str, saved_args: Mapping[str, Any]) -> tuple[nn.Module
     """The model the training program built, from its own parser defaults overlaid with the saved args."""
     if kind == "pretrain":
         import run_mae_pretraining as program
+        from modeling_pretrain import create_pretrain_model as build
     else:
         import run_class_finetuning as program
+        from modeling_finetune import create_classifier as build
     defaults = vars(program.get_args_parser().parse_args([]))
     saved = dict(saved_args)
     if isinstance(saved.get("model_kwargs"), str):
@@ -95,7 +97,7 @@ def build_our_model(kind: str, saved_args: Mapping[str, Any]) -> tuple[nn.Module
     if kind == "finetune" and not args.nb_classes:
         raise ExportError("the saved args have no nb_classes")
     try:
-        return program.build_model(args), args
+        return build(args), args
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise ExportError(f"cannot rebuild {args.model} from the saved args: {e}") from None
 

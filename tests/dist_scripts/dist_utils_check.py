@@ -32,7 +32,8 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     assert args.distributed and args.world_size == 2 and args.rank == rank, vars(args)
     assert args.dist_backend == "gloo" and args.local_rank == int(os.environ["LOCAL_RANK"])
-    assert distributed.get_rank() == rank and distributed.get_world_size() == 2 and distributed.is_main_process() == (rank == 0)
+    assert distributed.get_rank() == rank and distributed.get_world_size() == 2
+    assert distributed.is_main_process() == (rank == 0)
 
     # all_reduce_mean: numbers and tensors
     assert distributed.all_reduce_mean(float(rank)) == 0.5
