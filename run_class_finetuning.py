@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import time
 from typing import Any
 
@@ -52,26 +51,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--save_ckpt", default=True, action=argparse.BooleanOptionalAction,
                    help="--no_save_ckpt / --no-save_ckpt to write no checkpoints")
     g.add_argument("--no_save_ckpt", action="store_false", dest="save_ckpt", help=argparse.SUPPRESS)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="vit_base_patch16_224", type=str,
-                   help="model name in the timm registry (see README, Models)")
-    g.add_argument("--tubelet_size", default=2, type=int, help="frames per token (tubelet depth)")
+    g = training.add_model_args(p, model="vit_base_patch16_224", drop_path=0.1, kwargs_example='{"depth": 4}')
     g.add_argument("--drop", default=0.0, type=float, help="dropout rate")
     g.add_argument("--attn_drop_rate", default=0.0, type=float, help="attention dropout rate")
-    g.add_argument("--drop_path", default=0.1, type=float, help="stochastic depth rate")
     g.add_argument("--fc_drop_rate", "--head_drop_rate", default=0.0, type=float, dest="fc_drop_rate",
                    help="dropout before the classifier head")
-    g.add_argument("--use_checkpoint", "--with_checkpoint", action="store_true", dest="use_checkpoint",
-                   help="gradient checkpointing in every block")
     g.add_argument("--use_mean_pooling", action="store_true", default=True, help="mean-pool tokens + fc_norm")
     g.add_argument("--use_cls", action="store_false", dest="use_mean_pooling",
                    help="LayerNorm then token 0 (there is no CLS token; VideoMAE's flag)")
     g.add_argument("--use_learnable_pos_emb", action="store_true", help="learnable position table")
     g.add_argument("--init_scale", default=0.001, type=float, help="scales the head's initial weights")
-    g.add_argument("--model_kwargs", default="{}", type=json.loads,
-                   help="extra JSON keyword arguments for the model constructor, e.g. '{\"depth\": 4}'")
 
     g = p.add_argument_group("EMA")
     g.add_argument("--model_ema", action="store_true", help="keep an exponential moving average of the weights "

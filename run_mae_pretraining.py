@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import time
 from typing import Any
@@ -40,21 +39,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=HelpFormatter)
     g = training.add_run_args(p, batch_size=64, epochs=800, save_ckpt_freq=50,
                               batch_help="clips per process per step (before --num_sample)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
 
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="pretrain_videomae_base_patch16_224", type=str,
-                   help="model name in the timm registry (see README, Models)")
+    g = training.add_model_args(p, model="pretrain_videomae_base_patch16_224", drop_path=0.0,
+                                kwargs_example='{"encoder_depth": 4}')
     g.add_argument("--decoder_depth", default=4, type=int, help="decoder blocks (AdaMAE/VideoMAE: 4)")
-    g.add_argument("--tubelet_size", default=2, type=int, help="frames per token (tubelet depth)")
-    g.add_argument("--drop_path", default=0.0, type=float, help="stochastic depth rate")
-    g.add_argument("--use_checkpoint", action="store_true", help="gradient checkpointing in every block")
     g.add_argument("--normalize_target", "--normlize_target", default=True, action=argparse.BooleanOptionalAction,
                    help="per-tubelet normalised pixel targets (paper); --no-normalize_target for raw pixels")
     g.add_argument("--loss_type", default="mse", choices=["mse", "l1"],
                    help="reconstruction error per token (ablation d)")
-    g.add_argument("--model_kwargs", default="{}", type=json.loads,
-                   help="extra JSON keyword arguments for the model constructor, e.g. '{\"encoder_depth\": 4}'")
 
     g = p.add_argument_group("masking and sampler")
     g.add_argument("--mask_type", default="adaptive", choices=list(MASK_TYPES) + ["learnable"],

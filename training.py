@@ -258,6 +258,21 @@ def add_run_args(parser: argparse.ArgumentParser, *, batch_size: int | None, epo
     return g
 
 
+def add_model_args(parser: argparse.ArgumentParser, *, model: str, drop_path: float, kwargs_example: str
+                   ) -> argparse._ArgumentGroup:
+    """The model flags both programs have (group "model", returned for the program's own additions)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=model, type=str, help="model name in the timm registry (see README, Models)")
+    g.add_argument("--tubelet_size", default=2, type=int, help="frames per token (tubelet depth)")
+    g.add_argument("--drop_path", default=drop_path, type=float, help="stochastic depth rate")
+    g.add_argument("--use_checkpoint", "--with_checkpoint", action="store_true", dest="use_checkpoint",
+                   help="gradient checkpointing in every block")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--model_kwargs", default="{}", type=json.loads,
+                   help=f"extra JSON keyword arguments for the model constructor, e.g. '{kwargs_example}'")
+    return g
+
+
 def add_output_args(parser: argparse.ArgumentParser, title: str, output_help: str) -> argparse._ArgumentGroup:
     """Where a run writes and how it resumes (group ``title``, returned for the program's own additions)."""
     g = parser.add_argument_group(title)
