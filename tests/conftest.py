@@ -5,6 +5,9 @@ that a backend returned the right frame, not only that both backends agree.
 """
 from __future__ import annotations
 
+import torch
+import torch.nn as nn
+
 import os
 import sys
 
@@ -116,3 +119,38 @@ def run_main(module, argv: list[str]):
             err.write(traceback.format_exc())
             code = 1
     return subprocess.CompletedProcess([module.__name__, *argv], code, out.getvalue(), err.getvalue())
+
+
+class TinyViT(nn.Module):
+    """Just enough structure for parameter grouping: stem, blocks, final norm, head."""
+
+    def __init__(self, depth: int = 2, dim: int = 8):
+        super().__init__()
+        self.patch_embed = nn.Linear(4, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3, dim))
+        self.blocks = nn.ModuleList(
+            [nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim)) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, 3)
+
+    def no_weight_decay(self):
+        return {"pos_embed"}
+
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^patch_embed|^pos_embed", blocks=r"^blocks\.(\d+)")
+
+    def forward(self, x):
+        x = self.patch_embed(x) + self.pos_embed
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(self.norm(x).mean(1))
+
+
+def tiny_train_step(model: nn.Module, scaler, opt: torch.optim.Optimizer, precision: str = "fp32", **kw):
+    """One step of ``model`` (a TinyViT) through ``precision.LossScaler`` on random input."""
+    from precision import autocast
+
+    x = torch.randn(2, 3, 4)
+    with autocast("cpu", precision):
+        loss = model(x).float().pow(2).mean()
+    return scaler(loss, opt, **kw)

@@ -66,9 +66,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Rebuilding our model
-# ------------------------------------------------------------------------------------------------------------
+# ---- Rebuilding our model ----
 
 def _kind(ckpt: Mapping[str, Any], state_dict: Mapping[str, Any]) -> str:
     kind = ckpt.get("kind")
@@ -102,9 +100,7 @@ def build_our_model(kind: str, saved_args: Mapping[str, Any]) -> tuple[nn.Module
         raise ExportError(f"cannot rebuild {args.model} from the saved args: {e}") from None
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Our model -> HF config
-# ------------------------------------------------------------------------------------------------------------
+# ---- Our model -> HF config ----
 
 def _blocks_spec(blocks: nn.ModuleList, where: str) -> dict[str, Any]:
     """Width, heads, MLP size, LayerNorm eps and q/v bias of a block stack; refuses what HF cannot express."""
@@ -271,9 +267,7 @@ Files: {', '.join(result.files)}.{' The AdaMAE sampler weights are in `' + hf_in
 """
 
 
-# ------------------------------------------------------------------------------------------------------------
-# Export
-# ------------------------------------------------------------------------------------------------------------
+# ---- Export ----
 
 def encoder_tokens(model: nn.Module, kind: str, clip: torch.Tensor) -> torch.Tensor:
     """Our encoder's output tokens for all positions, as HF's ``VideoMAEModel.last_hidden_state`` gives them
