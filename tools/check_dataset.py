@@ -145,17 +145,13 @@ def check_list(list_path: str, data_root: str = "", backend: str = "decord", nb_
         except ValueError as e:
             bad.append((0, "", f"rejected by training: {e}"))
     jobs = [(r.full_path, backend, min_frames, full) for r in to_decode]
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
+    from tqdm import tqdm
+
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
-            it = ex.map(_check_args, jobs, chunksize=8)
-            results = list(tqdm(it, total=len(jobs), disable=not progress) if tqdm else it)
+            results = list(tqdm(ex.map(_check_args, jobs, chunksize=8), total=len(jobs), disable=not progress))
     else:
-        it = map(_check_args, jobs)
-        results = list(tqdm(it, total=len(jobs), disable=not progress) if tqdm else it)
+        results = list(tqdm(map(_check_args, jobs), total=len(jobs), disable=not progress))
     frames = []
     for r, (n, problem) in zip(to_decode, results):
         if problem:
