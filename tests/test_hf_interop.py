@@ -97,7 +97,8 @@ def classifier_run(tmp_path_factory):
     data = tmp / "data"
     data.mkdir()
     (data / "classes.txt").write_text("".join(f"{i} {c}\n" for i, c in enumerate(CLASSES)))
-    model, path = save_run(tmp, run_class_finetuning, FT_FLAGS + ["--data_path", str(data)], "finetune", 1)
+    model, path = save_run(tmp, run_class_finetuning, FT_FLAGS + ["--data_path", str(data), "--update_freq", "2"],
+                           "finetune", 1)
     result = export_hf.export(path, str(tmp / "hf"))
     return model, path, result
 
@@ -123,6 +124,7 @@ def test_classifier_export_matches_transformers(classifier_run, transformers):
     assert cfg["use_mean_pooling"] and cfg["layer_norm_eps"] == 1e-6 and cfg["num_frames"] == 8
     card = (folder / "README.md").read_text()
     assert "vit_small_patch16_224" in card and "export_hf.py" in card and "eps 1e-5" in card
+    assert "x 2 accumulation steps" in card  # the saved --update_freq
 
     hf = load_hf(transformers, str(folder), "VideoMAEForVideoClassification")
     x = clip()

@@ -159,7 +159,7 @@ def hf_config(model: nn.Module, kind: str, args: argparse.Namespace, encoder_onl
             raise ExportError("decoder and encoder blocks differ in LayerNorm eps or q/v bias; HF shares both")
         cfg.update(decoder_hidden_size=dec["dim"], decoder_num_hidden_layers=dec["depth"],
                    decoder_num_attention_heads=dec["heads"], decoder_intermediate_size=dec["mlp"],
-                   norm_pix_loss=bool(getattr(args, "normalize_target", True)))
+                   norm_pix_loss=bool(args.normalize_target))
     if arch == "VideoMAEForVideoClassification":
         n = model.head.out_features
         names = list(class_names) if class_names else [f"LABEL_{i}" for i in range(n)]
@@ -218,8 +218,7 @@ def model_card(result: ExportResult, kind: str, args: argparse.Namespace, ckpt: 
     else:
         rows += [("data", f"{_fmt(args, 'data_set')}: {_fmt(args, 'data_path')}"),
                  ("initialised from", _fmt(args, "finetune")), ("classes", _fmt(args, "nb_classes"))]
-    # Saved args name gradient accumulation accum_iter (the dest of --update_freq / --accum_iter).
-    accum = f" x {args.accum_iter} accumulation steps" if getattr(args, "accum_iter", 1) not in (None, 1) else ""
+    accum = f" x {args.accum_iter} accumulation steps" if args.accum_iter != 1 else ""  # --update_freq's dest
     rows += [("batch size per process", _fmt(args, "batch_size") + accum), ("lr", _fmt(args, "lr")),
              ("weights", weights)]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
@@ -343,9 +342,8 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: b
 
     names: list[str] | None = None
     if kind == "finetune" and not encoder_only:
-        default_names = os.path.join(str(getattr(args, "data_path", "") or ""), "classes.txt")
-        source = class_names or (default_names if getattr(args, "data_path", "") and
-                                 os.path.isfile(default_names) else None)
+        default_names = os.path.join(str(args.data_path or ""), "classes.txt")
+        source = class_names or (default_names if args.data_path and os.path.isfile(default_names) else None)
         names = read_class_names(source) if source else None
     cfg = hf_config(model, kind, args, encoder_only, names)
     arch = cfg["architectures"][0]
@@ -383,12 +381,12 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: b
     with open(out / "config.json", "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
     pe = (model.encoder if kind == "pretrain" else model).patch_embed
-    short = int(getattr(args, "short_side_size", 0) or pe.img_size[0]) if kind == "finetune" else pe.img_size[0]
+    short = int(args.short_side_size or pe.img_size[0]) if kind == "finetune" else pe.img_size[0]
     with open(out / "preprocessor_config.json", "w", encoding="utf-8") as f:
         json.dump(preprocessor_config(pe.num_frames, pe.img_size[0], short), f, indent=2)
     meta = {"args": vars(args), "kind": kind, "model_name": args.model,
             "mask_type": ckpt.get("mask_type") or (model.mask_type if kind == "pretrain" else None),
-            "mask_ratio": getattr(args, "mask_ratio", None) if kind == "pretrain" else None,
+            "mask_ratio": args.mask_ratio if kind == "pretrain" else None,
             "epoch": ckpt.get("epoch"), "source": os.path.abspath(checkpoint), "weights": key,
             "architecture": arch}
     with open(out / hf_interop.ARGS_FILE, "w", encoding="utf-8") as f:
