@@ -67,8 +67,8 @@ def eval_loader(dataset: Any, args: Any, batch_size: int) -> DataLoader:
 
 def progress(loader: Iterable, desc: str) -> Iterable:
     """A tqdm bar over ``loader`` on rank 0 (batches, rate, ETA); a log file gets a refresh every 30 s."""
-    return tqdm(loader, desc=desc.rstrip(":"), unit="batch", disable=not distributed.is_main_process(), dynamic_ncols=True,
-                mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    return tqdm(loader, desc=desc.rstrip(":"), unit="batch", disable=not distributed.is_main_process(),
+                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
 
 
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
