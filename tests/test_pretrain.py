@@ -167,15 +167,26 @@ def test_two_process_torchrun_matches_one_process_with_same_total_batch(train_li
     assert moved > 0.9 * len(a["model"])  # training really changed the weights
 
 
-@pytest.mark.parametrize("script,expect", [
-    ("scripts/pretrain/ssv2_vitb_adamae_800e.sh", {"sampling_rate": 2, "data_set": "SSV2", "accum_iter": 8}),
-    ("scripts/pretrain/k400_vitb_adamae_800e.sh", {"sampling_rate": 4, "data_set": "Kinetics-400", "accum_iter": 8}),
-    ("scripts/pretrain/ssv2_vitb_adamae_800e_1gpu.sh", {"sampling_rate": 2, "accum_iter": 64}),
-    ("scripts/pretrain/slurm_k400_vitb_adamae_800e.sbatch", {"sampling_rate": 4, "accum_iter": 1}),
+@pytest.mark.parametrize("script,env,expect", [
+    ("scripts/pretrain/ssv2_vitb_adamae_800e.sh", {}, {"sampling_rate": 2, "data_set": "SSV2", "accum_iter": 8}),
+    ("scripts/pretrain/k400_vitb_adamae_800e.sh", {"NNODES": "2", "GPUS_PER_NODE": "4"},
+     {"sampling_rate": 4, "data_set": "Kinetics-400", "accum_iter": 8}),
+    ("scripts/pretrain/k400_vitb_adamae_800e.sh", {"NNODES": "8", "ACCUM": "3"}, {"accum_iter": 3}),
+    # a torchrun launch from inside a SLURM allocation: torchrun's processes count, not the allocation's tasks
+    ("scripts/pretrain/ssv2_vitb_adamae_800e.sh", {"SLURM_NTASKS": "1"}, {"accum_iter": 8}),
+    ("scripts/pretrain/ssv2_vitb_adamae_800e_1gpu.sh", {}, {"sampling_rate": 2, "accum_iter": 64}),
+    ("scripts/pretrain/slurm_k400_vitb_adamae_800e.sbatch", {"SLURM_NTASKS": "64"},
+     {"sampling_rate": 4, "accum_iter": 1}),
+    ("scripts/pretrain/slurm_ssv2_vitb_adamae_800e.sbatch", {"SLURM_NTASKS": "16"},
+     {"sampling_rate": 2, "accum_iter": 4}),
 ])
-def test_launchers_pass_the_paper_recipe(script, expect, tmp_path):
-    """Run each launcher with torchrun/srun/python replaced by a recorder, then parse what it passed."""
-    argv = run_launcher(script, tmp_path, "run_mae_pretraining.py")
+def test_launchers_pass_the_paper_recipe(script, env, expect, tmp_path):
+    """Run each launcher with torchrun/srun/python replaced by a recorder, then parse what it passed: the paper's
+    recipe, and the accumulation that keeps its total batch of 2048 on the job's processes."""
+    argv = run_launcher(script, tmp_path, "run_mae_pretraining.py", env)
+    if "NNODES" in env:
+        assert argv[argv.index("--nnodes") + 1] == env["NNODES"]
+        assert argv[argv.index("--nproc_per_node") + 1] == env.get("GPUS_PER_NODE", "8")
     argv = argv[argv.index("run_mae_pretraining.py") + 1:]
     args = run_mae_pretraining.get_args_parser().parse_args(argv)
     assert args.model == "pretrain_videomae_base_patch16_224" and args.mask_type == "adaptive"

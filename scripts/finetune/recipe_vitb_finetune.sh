@@ -33,4 +33,4 @@ FINETUNE_RECIPE=(
 if [[ "${DEEPSPEED:-0}" == "1" ]]; then
   FINETUNE_RECIPE+=(--enable_deepspeed --zero_stage "${ZERO:-0}")
 fi
-REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/../launch_lib.sh"

@@ -7,15 +7,9 @@
 # DATA_DIR holds train.csv / val.csv / test.csv; extra arguments are passed on (e.g. --epochs 30).
 set -euo pipefail
 source "$(dirname "$0")/recipe_vitb_finetune.sh"
-NNODES=${NNODES:-1}; NODE_RANK=${NODE_RANK:-0}; GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}; MASTER_PORT=${MASTER_PORT:-29501}
-ACCUM=${ACCUM:-$(( 64 / (NNODES * GPUS_PER_NODE) > 0 ? 64 / (NNODES * GPUS_PER_NODE) : 1 ))}
-FINETUNE=${FINETUNE:-output/ssv2_vitb_adamae_0.95_800e/checkpoint-799.pth}
-OUTPUT_DIR=${OUTPUT_DIR:-output/ssv2_vitb_adamae_0.95_800e/finetune}
-cd "$REPO_DIR"
-torchrun --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$GPUS_PER_NODE" \
-  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \
-  run_class_finetuning.py "${FINETUNE_RECIPE[@]}" \
+torchrun_launch 29501 run_class_finetuning.py "${FINETUNE_RECIPE[@]}" \
   --data_set SSV2 --nb_classes 174 --data_path "${DATA_DIR:-data/ssv2}" --data_root "${DATA_ROOT:-}" \
   --sampling_rate 2 --lr 5e-4 --epochs 50 --test_num_segment 2 --test_num_crop 3 \
-  --update_freq "$ACCUM" --finetune "$FINETUNE" --output_dir "$OUTPUT_DIR" "$@"
+  --update_freq "$(accum_for 64 "$(torchrun_processes)")" \
+  --finetune "${FINETUNE:-output/ssv2_vitb_adamae_0.95_800e/checkpoint-799.pth}" \
+  --output_dir "${OUTPUT_DIR:-output/ssv2_vitb_adamae_0.95_800e/finetune}" "$@"

@@ -4,9 +4,8 @@
 # Add --use_checkpoint to trade compute for memory on smaller GPUs.
 set -euo pipefail
 source "$(dirname "$0")/recipe_vitb_adamae.sh"
-DATA_LIST=${DATA_DIR:-data/k400}/train.csv
-OUTPUT_DIR=${OUTPUT_DIR:-output/k400_vitb_adamae_0.95_800e_1gpu}
 cd "$REPO_DIR"
 python run_mae_pretraining.py "${ADAMAE_RECIPE[@]}" \
-  --data_set Kinetics-400 --data_path "$DATA_LIST" --data_root "${DATA_ROOT:-}" \
-  --sampling_rate 4 --batch_size 32 --accum_iter 64 --output_dir "$OUTPUT_DIR" "$@"
+  --data_set Kinetics-400 --data_path "${DATA_DIR:-data/k400}/train.csv" --data_root "${DATA_ROOT:-}" \
+  --sampling_rate 4 --batch_size 32 --accum_iter 64 \
+  --output_dir "${OUTPUT_DIR:-output/k400_vitb_adamae_0.95_800e_1gpu}" "$@"

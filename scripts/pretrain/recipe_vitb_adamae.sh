@@ -20,4 +20,4 @@ ADAMAE_RECIPE=(
   --save_ckpt_freq 20
   --num_workers "${NUM_WORKERS:-10}"
 )
-REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/../launch_lib.sh"

@@ -5,11 +5,9 @@
 # One node (8 GPUs):  CHECKPOINT=output/k400_vitb/checkpoint-799.pth DATA_DIR=data/k400 bash scripts/probe/attentive_probe.sh
 # Extra flags go to run_linear_probe.py, e.g. --data_set SSV2 --test_num_segment 2.
 set -euo pipefail
-REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/../launch_lib.sh"
 CHECKPOINT=${CHECKPOINT:?set CHECKPOINT to a pre-trained checkpoint or a Hugging Face VideoMAE folder}
-GPUS_PER_NODE=${GPUS_PER_NODE:-8}
-cd "$REPO_DIR"
-torchrun --nproc_per_node "$GPUS_PER_NODE" --master_port "${MASTER_PORT:-29502}" \
-  run_linear_probe.py --probe attentive --checkpoint "$CHECKPOINT" --data_path "${DATA_DIR:-data/k400}" \
-  --data_root "${DATA_ROOT:-}" --batch_size "${BATCH_SIZE:-32}" --num_workers "${NUM_WORKERS:-10}" --dist_eval \
-  --test_num_segment 5 --test_num_crop 3 --output_dir "${OUTPUT_DIR:-output/probe_attentive}" "$@"
+torchrun_launch 29502 run_linear_probe.py --probe attentive --checkpoint "$CHECKPOINT" \
+  --data_path "${DATA_DIR:-data/k400}" --data_root "${DATA_ROOT:-}" --batch_size "${BATCH_SIZE:-32}" \
+  --num_workers "${NUM_WORKERS:-10}" --dist_eval --test_num_segment 5 --test_num_crop 3 \
+  --output_dir "${OUTPUT_DIR:-output/probe_attentive}" "$@"

@@ -6,7 +6,7 @@
 #   CHECKPOINT=output/k400_vitb/checkpoint-799.pth DATA_DIR=data/k400 bash scripts/probe/linear_probe.sh
 # Extra flags go to run_linear_probe.py, e.g. --batch_size 1024 --lr 0.1 --data_set custom --nb_classes 4.
 set -euo pipefail
-REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/../launch_lib.sh"
 CHECKPOINT=${CHECKPOINT:?set CHECKPOINT to a pre-trained checkpoint or a Hugging Face VideoMAE folder}
 DATA_DIR=${DATA_DIR:-data/k400}
 OUTPUT_DIR=${OUTPUT_DIR:-output/probe_linear}
