@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import distributed
+import stall_watchdog
 from precision import autocast
 from utils import atomic_write_text, seed_worker
 
@@ -65,10 +66,14 @@ def eval_loader(dataset: Any, args: Any, batch_size: int) -> DataLoader:
                       worker_init_fn=seed_worker, persistent_workers=False)
 
 
-def progress(loader: Iterable, desc: str) -> Iterable:
-    """A tqdm bar over ``loader`` on rank 0 (batches, rate, ETA); a log file gets a refresh every 30 s."""
-    return tqdm(loader, desc=desc.rstrip(":"), unit="batch", disable=not distributed.is_main_process(),
-                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+def progress(loader: Iterable, desc: str) -> Iterator:
+    """``loader``'s batches with a tqdm bar on rank 0 (batches, rate, ETA; a log file gets a refresh every 30 s),
+    each one a beat of the stall watchdog."""
+    bar = tqdm(loader, desc=desc.rstrip(":"), unit="batch", disable=not distributed.is_main_process(),
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    for i, batch in enumerate(bar):
+        yield batch
+        stall_watchdog.beat(f"{desc.rstrip(':')} batch {i}")
 
 
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

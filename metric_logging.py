@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import stall_watchdog
 from distributed import barrier, collective_device, is_dist_avail_and_initialized, is_main_process
 from utils import PathLike
 
@@ -174,6 +175,7 @@ class MetricLogger:
             data_time.update(time.time() - end)
             yield obj
             step_time.update(time.time() - end)
+            stall_watchdog.beat(f"{header} step {i}".strip())
             if i == 0:
                 first_wait, first_step = data_time.total, step_time.total
             last = total is not None and i == total - 1

@@ -26,8 +26,9 @@ HARMLESS_FLAGS = frozenset({
     "save_ckpt_freq", "save_ckpt", "vis_freq", "vis_num_clips", "dist_url", "dist_timeout", "dist_on_itp",
     "local_rank", "rank", "gpu", "distributed", "dist_backend", "world_size", "batch_size", "accum_iter",
     "video_backend", "clip_dtype", "compile", "use_checkpoint", "max_retries", "max_broken_ratio", "device",
-    "debug", "eval", "dist_eval", "disable_eval_during_finetuning", "skip_final_test", "model_ema_force_cpu",
-    "val_list", "test_list", "test_num_segment", "test_num_crop", "short_side_size", "deepspeed_config",
+    "debug", "stall_minutes", "eval", "dist_eval", "disable_eval_during_finetuning", "skip_final_test",
+    "model_ema_force_cpu", "val_list", "test_list", "test_num_segment", "test_num_crop", "short_side_size",
+    "deepspeed_config",
     # derived at start-up from the flags above or compared through their base values
     "lr", "min_lr", "warmup_lr", "num_training_steps_per_epoch", "total_batch",
 })

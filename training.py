@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 import metric_logging
 import optim_factory
+import stall_watchdog
 from distributed import get_world_size, init_distributed_mode, is_main_process
 from precision import LossScaler, NonFiniteLossWatch, resolve_precision
 from preemption import GracefulStop, exit_preempted
@@ -40,6 +41,7 @@ def setup_run(args: argparse.Namespace) -> torch.device:
         raise UserError("--output_dir is required: it receives the checkpoints (resumable), log.txt, args.json, "
                         "TensorBoard logs and results; e.g. --output_dir output/my_run")
     init_distributed_mode(args)
+    stall_watchdog.start(args.stall_minutes, args.rank)
     device = torch.device(args.device)
     if args.precision is None:
         args.precision = "bf16" if device.type == "cuda" else "fp32"
@@ -253,6 +255,9 @@ def add_run_args(parser: argparse.ArgumentParser, *, batch_size: int | None, epo
     g.add_argument("--save_ckpt_freq", default=save_ckpt_freq, type=int, help="keep checkpoint-{epoch}.pth every N "
                    "epochs (checkpoint-latest.pth is rewritten every epoch)")
     g.add_argument("--print_freq", default=10, type=int, help="print the meters every N iterations")
+    g.add_argument("--stall_minutes", default=20.0, type=float,
+                   help="when no batch finishes for this long, print where every thread and DataLoader worker of "
+                        "the process waits (stall_watchdog; repeats while stuck, the run goes on); 0: off")
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
                    help="default: bf16 on GPUs that support it, else fp16; fp32 on CPU")
     return g

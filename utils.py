@@ -37,10 +37,12 @@ def setup_seed(seed: int) -> int:
 
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: torch does not reseed numpy/random per worker, so derive them here; stop
-    signals are left to the main process (``preemption``)."""
+    signals are left to the main process (``preemption``), and the stall watchdog may ask for the stacks."""
     from preemption import ignore_stop_signals
+    from stall_watchdog import enable_in_worker
 
     ignore_stop_signals()
+    enable_in_worker()
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)

@@ -1,0 +1,101 @@
+"""Stall watchdog: a run that stops making progress says where it waits instead of hanging silently.
+
+Training and evaluation loops call :func:`beat` once per batch. When no beat comes for ``--stall_minutes``, a
+daemon thread of each process prints one line naming the rank, how long and after what it has been stuck, then
+every thread's Python stack (``faulthandler``), and asks its DataLoader workers for theirs. A collective that one
+rank never joined, a worker stuck in a decoder, or a deadlock then shows up in the log with its stack, as users of
+VideoMAE-style code asked (decord hangs, NCCL timeouts). The report repeats every ``--stall_minutes`` while the
+stall lasts; the run itself is left alone (``--dist_timeout`` or the user decides when to give up).
+
+Workers answer SIGUSR2 with their stacks through ``faulthandler``'s C handler, which works even while the worker
+is inside a C call such as a decoder. Only children that handle SIGUSR2 (``/proc/<pid>/status``, Linux) are asked,
+so no other child process is ever killed by the signal.
+"""
+from __future__ import annotations
+
+import faulthandler
+import io
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+
+_WORKER_SIGNAL = getattr(signal, "SIGUSR2", None)  # absent on Windows: workers are then not asked
+_watchdog: _Watchdog | None = None
+
+
+class _Watchdog(threading.Thread):
+    def __init__(self, seconds: float, rank: int) -> None:
+        super().__init__(name="stall-watchdog", daemon=True)
+        self.seconds, self.rank = seconds, rank
+        self.last_beat, self.where = time.monotonic(), "start-up"
+        self.beaten = threading.Event()
+
+    def run(self) -> None:
+        while True:
+            if self.beaten.wait(self.seconds):
+                self.beaten.clear()
+            elif time.monotonic() - self.last_beat >= self.seconds:
+                self.report()
+
+    def report(self) -> None:
+        stuck = time.monotonic() - self.last_beat
+        stuck_text = f"{stuck:.0f} s" if stuck < 120 else f"{stuck / 60:.1f} min"
+        workers = _workers_that_dump()
+        sys.stderr.write(f"[rank {self.rank}] stall watchdog: no progress for {stuck_text}, since {self.where}. "
+                         f"Python stacks of this process follow, then those of its {len(workers)} DataLoader "
+                         f"worker(s) {workers}. The run keeps waiting (--stall_minutes 0 turns this off).\n")
+        sys.stderr.flush()
+        try:
+            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr replaced by an object without a file
+            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        for pid in workers:
+            try:
+                os.kill(pid, _WORKER_SIGNAL)
+            except OSError:  # the worker ended meanwhile
+                pass
+
+
+def start(minutes: float, rank: int) -> None:
+    """Watch this process from now on (once per process; ``minutes <= 0``: off)."""
+    global _watchdog
+    if minutes > 0 and _watchdog is None:
+        _watchdog = _Watchdog(minutes * 60, rank)
+        _watchdog.start()
+
+
+def beat(where: str) -> None:
+    """Progress: the loop finished ``where`` (e.g. ``"Epoch: [3] step 120"``). Cheap enough for every batch."""
+    w = _watchdog
+    if w is not None:
+        w.last_beat, w.where = time.monotonic(), where
+        w.beaten.set()
+
+
+def enable_in_worker() -> None:
+    """In a DataLoader worker: print this process's stacks to stderr when the watchdog sends SIGUSR2."""
+    if _WORKER_SIGNAL is not None:
+        faulthandler.register(_WORKER_SIGNAL, file=sys.stderr, all_threads=True)
+
+
+def _workers_that_dump() -> list[int]:
+    """This process's multiprocessing children that have ``enable_in_worker``'s handler (Linux; else none)."""
+    if _WORKER_SIGNAL is None:
+        return []
+    try:
+        children = multiprocessing.active_children()
+    except RuntimeError:  # the main thread started or reaped a worker meanwhile: ask again next report
+        return []
+    pids = []
+    for child in children:
+        try:
+            with open(f"/proc/{child.pid}/status") as f:
+                caught = next(int(line.split()[1], 16) for line in f if line.startswith("SigCgt:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+        if caught >> (int(_WORKER_SIGNAL) - 1) & 1:
+            pids.append(child.pid)
+    return pids
