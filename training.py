@@ -225,7 +225,11 @@ def run_epochs(args: argparse.Namespace, data: TrainData, resumed: Any, checkpoi
             _exit_stopped(stop, log_writer, f"in epoch {epoch} after step {done} of {steps}", written[:1])
         stats = epoch_stats
         written = checkpointer.save(epoch, (epoch + 1) * steps)
-        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, **(log_extra or {})}
+        memory = metric_logging.process_memory_mb()  # before validation: its workers are not the run's
+        if memory:
+            print(f"Memory (PSS): main process {memory['memory_main_mb']:.0f} MB, DataLoader workers "
+                  f"{memory['memory_workers_mb']:.0f} MB")
+        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, **(log_extra or {}), **memory}
         if after_epoch is not None:
             record.update(after_epoch(epoch, stats))
         metric_logging.write_log_line(args.output_dir, record)

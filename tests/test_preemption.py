@@ -26,7 +26,7 @@ TINY_MAE = json.dumps(dict(encoder_embed_dim=64, encoder_depth=2, encoder_num_he
                            decoder_num_heads=4))
 TINY_VIT = json.dumps(dict(embed_dim=64, depth=2, num_heads=4))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TIMING_KEYS = ("step_time", "data_time")  # wall-clock measurements, the only values allowed to differ
+MEASURED_KEYS = ("step_time", "data_time", "_mb")  # wall-clock times and memory: the only values that may differ
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def scalars(out: Path) -> dict[str, list[tuple[int, float]]]:
 
 def log_records(out: Path) -> list[dict]:
     recs = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if not k.endswith(TIMING_KEYS)} for r in recs]
+    return [{k: v for k, v in r.items() if not k.endswith(MEASURED_KEYS)} for r in recs]
 
 
 def assert_same_run(full: Path, resumed: Path) -> None:
