@@ -24,6 +24,7 @@ from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
 from cli import has_option
+from resume import data_fingerprint
 from video_datasets import PretrainVideoDataset, VideoClsDataset
 from video_io import BACKENDS
 from video_transforms import CropBatch, CropItem
@@ -157,6 +158,10 @@ class VideoList:
 
     def max_label(self) -> int:
         return int(self.labels.max())
+
+    def fingerprint(self) -> str:
+        """``resume.data_fingerprint`` of the listed paths and labels."""
+        return data_fingerprint(self.paths.tolist(), self.labels.tolist())
 
 
 # ----------------------------------------------------------------------------------------------------------------

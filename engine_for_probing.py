@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 import hf_interop
 import utils
 from cli import UserError
+from resume import data_fingerprint
 from checkpoint_loading import CheckpointMismatchError, read_checkpoint, select_state_dict
 from tools.export_hf import ExportError, encoder_tokens, build_our_model
 
@@ -236,6 +237,12 @@ class FeatureDataset(Dataset):
 
     def set_epoch(self, epoch: int) -> None:  # resume.start_epoch_data calls it; features have no augmentation
         pass
+
+    def fingerprint(self) -> str:
+        """What the examples are, for auto-resume: the embedded videos' ids and labels in order."""
+        s = self.store
+        return data_fingerprint([s.video_ids[r] if r >= 0 else "" for r in self.rows],
+                                [int(s.labels[r]) if r >= 0 else -1 for r in self.rows])
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         r = self.rows[index]

@@ -6,14 +6,17 @@
   clips the interrupted run already trained on.
 - ``trim_log``: records past the resume point (written by the interrupted run) are dropped so log.txt has each
   epoch once.
+- ``data_fingerprint``: what the training examples are (names and labels, in order), so that a list edited in place
+  is refused and a moved copy of the same list is not.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from torch.utils.data import DistributedSampler
 
@@ -34,6 +37,17 @@ HARMLESS_FLAGS = frozenset({
 })
 PATH_FLAGS = frozenset({"data_path", "train_list", "finetune", "data_root"})
 FLAG_NAMES = {"base_lr": "lr", "base_min_lr": "min_lr", "base_warmup_lr": "warmup_lr"}  # saved value -> its flag
+# Values the programs derive and save with the flags (args.json, checkpoints), named in messages by what they are.
+DERIVED = {"train_data_sha256": "training examples (sha256 of the list's paths and labels, in order)"}
+
+
+def data_fingerprint(names: Sequence[str], labels: Sequence[int]) -> str:
+    """sha256 of the training examples: each listed name and label, in list order. The sampler's order and a
+    mid-epoch resume's skip are positions in this sequence, so it is what a resumed run must find unchanged."""
+    h = hashlib.sha256()
+    for name, label in zip(names, labels):
+        h.update(f"{name}\t{int(label)}\n".encode())
+    return h.hexdigest()
 
 
 def _total_batch(args: Mapping[str, Any]) -> int | None:
@@ -60,10 +74,17 @@ def _norm(v: Any) -> Any:
 
 
 def run_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """``(flag, old, new)`` for every run-defining flag that differs; flags unknown to either side are skipped."""
+    """``(flag, old, new)`` for every run-defining flag that differs; flags unknown to either side are skipped.
+
+    When both sides have the training data's fingerprint, the training list is compared by it, not by its path:
+    the same list moved elsewhere may resume, one edited in place may not.
+    """
     changes = []
+    by_content = all(m.get("train_data_sha256") for m in (saved, current))
     for key in sorted(set(saved) & set(current)):
         if key in HARMLESS_FLAGS or key.startswith("_"):
+            continue
+        if by_content and key in ("data_path", "train_list"):
             continue
         old, new = saved[key], current[key]
         if key in PATH_FLAGS:
@@ -84,11 +105,11 @@ def check_run_config(saved_args: Mapping[str, Any] | None, args: argparse.Namesp
     changes = run_config_changes(saved_args, vars(args))
     if not changes:
         return
-    lines = "\n".join(f"  --{k}: {old!r} -> {new!r}" for k, old, new in changes)
+    lines = "\n".join(f"  {DERIVED[k] if k in DERIVED else '--' + k}: {old!r} -> {new!r}" for k, old, new in changes)
     raise UserError(
         f"{checkpoint} belongs to a run with different settings; auto-resume would continue it under the new "
         f"flags:\n{lines}\nEither start a new run (--no-auto_resume and a new --output_dir) or rerun with the old "
-        f"flags to continue this one.")
+        f"flags (and the old list, for the training examples) to continue this one.")
 
 
 class ResumableSampler(DistributedSampler):

@@ -192,9 +192,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
           f"(num_sample {args.num_sample})")
     criterion = build_criterion(args, mixup_fn is not None)
     print(f"criterion = {criterion}; mixup {'on' if mixup_fn is not None else 'off'}")
+    model, checkpointer, resumed = prepare_training(args, model, optim, model_ema, device)
     training.record_args(args, ("model", "finetune", "data_path", "nb_classes", "batch_size", "epochs", "lr",
                                 "num_frames", "input_size", "output_dir"))
-    model, checkpointer, resumed = prepare_training(args, model, optim, model_ema, device)
     evaluated = [("", model_without_ddp)] + ([("_ema", model_ema.module)] if model_ema is not None else [])
     results: dict[str, Any] = {"load_report": str(load_report) if load_report else None}
     if args.eval:

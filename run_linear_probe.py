@@ -147,11 +147,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     loader_test = eval_loader(dataset_test, args, args.batch_size) if dataset_test is not None else None
     optim = training.build_optimisation(args, probe, data.steps_per_epoch, device, layer_decay=1.0)
     criterion = torch.nn.CrossEntropyLoss()
-    training.record_args(args, ("probe", "checkpoint", "features", "data_path", "nb_classes", "batch_size", "epochs",
-                                "opt", "lr", "weight_decay", "output_dir"))
     checkpointer = Checkpointer(args, probe, optim.optimizer, optim.loss_scaler, kind="probe", probe=args.probe,
                                 nb_classes=args.nb_classes)
     resumed = checkpointer.resume()
+    training.record_args(args, ("probe", "checkpoint", "features", "data_path", "nb_classes", "batch_size", "epochs",
+                                "opt", "lr", "weight_decay", "output_dir"))
     checkpointer.extra["best_acc1"] = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
     train_model = training.wrap_model(model, args, device)
     trim_log(args.output_dir, args.start_epoch)

@@ -91,11 +91,11 @@ def main(args: argparse.Namespace) -> dict:
     print(f"{len(data.dataset)} videos, {data.steps_per_epoch} optimizer steps per epoch, clips per step "
           f"{args.batch_size * args.accum_iter * get_world_size() * max(1, args.num_sample)} "
           f"(num_sample {args.num_sample})")
-    training.record_args(args, ("model", "mask_type", "mask_ratio", "data_path", "batch_size", "epochs", "lr",
-                                "num_frames", "input_size", "output_dir"))
     checkpointer = Checkpointer(args, model, optim.optimizer, optim.loss_scaler, kind="pretrain",
                                 model_name=args.model, mask_type=model.mask_type, mask_ratio=args.mask_ratio)
     resumed = checkpointer.resume()
+    training.record_args(args, ("model", "mask_type", "mask_ratio", "data_path", "batch_size", "epochs", "lr",
+                                "num_frames", "input_size", "output_dir"))
     trim_log(args.output_dir, args.start_epoch)
     model = training.wrap_model(model, args, device, args.compile)
     log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step)

@@ -58,7 +58,8 @@ def setup_run(args: argparse.Namespace) -> torch.device:
 
 
 def record_args(args: argparse.Namespace, summary: Sequence[str]) -> None:
-    """All arguments to ``OUTPUT_DIR/args.json`` (rank 0, atomic); the terminal gets the ``summary`` flags only."""
+    """All arguments to ``OUTPUT_DIR/args.json`` (rank 0, atomic); the terminal gets the ``summary`` flags only.
+    Called once auto-resume has accepted the run, so a refused run never rewrites the folder's args.json."""
     if is_main_process():
         path = Path(args.output_dir) / "args.json"
         atomic_write_text(path, json.dumps(plain_args(args), indent=1, sort_keys=True) + "\n")
@@ -78,7 +79,8 @@ class TrainData:
 
 def build_train_loader(dataset: Any, args: argparse.Namespace, device: torch.device,
                        collate_fn: Callable | None = None) -> TrainData:
-    """Shuffled loader over whole batches; sets ``args.num_training_steps_per_epoch``.
+    """Shuffled loader over whole batches; sets ``args.num_training_steps_per_epoch`` and ``args.train_data_sha256``
+    (``dataset.fingerprint()``: auto-resume compares it, and it is saved with the run's arguments).
 
     DistributedSampler also for one process: the order of clips is then the same for any number of processes
     (and ``ResumableSampler`` can skip into an epoch). Refuses a set too small for one optimizer step.
@@ -94,6 +96,7 @@ def build_train_loader(dataset: Any, args: argparse.Namespace, device: torch.dev
         raise UserError(f"{len(dataset)} videos give no full step of --batch_size {args.batch_size} x "
                         f"--update_freq {args.accum_iter} x {world} processes; lower --batch_size or add data")
     args.num_training_steps_per_epoch = steps
+    args.train_data_sha256 = dataset.fingerprint()
     return TrainData(dataset, sampler, loader, steps)
 
 

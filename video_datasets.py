@@ -117,6 +117,10 @@ class _VideoDatasetBase(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch[0] = epoch
 
+    def fingerprint(self) -> str:
+        """What the examples are, for auto-resume (``resume.data_fingerprint``)."""
+        return self.videos.fingerprint()
+
     def _seed_item(self, index: int) -> None:
         """Seed the augmentation RNGs from (seed, epoch, index), so a clip's crop, flip and temporal offset do
         not depend on which worker or process loads it: runs reproduce across worker and GPU counts."""

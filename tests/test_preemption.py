@@ -179,7 +179,10 @@ def test_second_signal_exits_at_once_without_saving(data, tmp_path):
 def test_auto_resume_refuses_flag_drift_and_accepts_harmless_flags(data, tmp_path):
     import run_mae_pretraining
 
-    base = ["--data_path", str(data / "train.csv"), "--output_dir", str(tmp_path), "--model",
+    listed = tmp_path / "lists" / "train.csv"  # a copy of the list (absolute video paths), edited below
+    listed.parent.mkdir()
+    listed.write_text((data / "train.csv").read_text())
+    base = ["--data_path", str(listed), "--output_dir", str(tmp_path), "--model",
             "pretrain_videomae_small_patch16_224", "--model_kwargs", TINY_MAE, "--decoder_depth", "1", "--num_frames",
             "4", "--sampling_rate", "2", "--input_size", "32", "--batch_size", "8", "--epochs", "1", "--mask_ratio",
             "0.75", "--num_workers", "0", "--device", "cpu"]
@@ -196,12 +199,24 @@ def test_auto_resume_refuses_flag_drift_and_accepts_harmless_flags(data, tmp_pat
             assert text in res.stderr, res.stderr
         assert "--no-auto_resume" in res.stderr and "old flags" in res.stderr
 
-    # Print frequency, workers and the same list under another name are not part of the run's definition.
-    (tmp_path / "same.csv").symlink_to(data / "train.csv")
-    res = run_main(run_mae_pretraining, base + ["--print_freq", "3", "--num_workers", "1", "--data_path",
-                                                str(tmp_path / "same.csv")])
+    # The same examples in another order: the list is compared by content, and the sampler's positions moved.
+    lines = listed.read_text().splitlines(keepends=True)
+    listed.write_text("".join([lines[1], lines[0], *lines[2:]]))
+    res = run_main(run_mae_pretraining, base)
+    assert res.returncode == 2 and "training examples (sha256 of the list's paths and labels, in order)" in res.stderr
+    listed.write_text("".join(lines))
+    recorded = json.loads((tmp_path / "args.json").read_text())  # the refused runs left the folder's record alone
+    assert recorded["mask_ratio"] == 0.75 and recorded["mask_type"] == "adaptive" and recorded["batch_size"] == 8
+
+    # Print frequency, workers and the same list elsewhere (a copy, not a link) do not define the run.
+    moved = tmp_path / "moved.csv"
+    moved.write_text(listed.read_text())
+    res = run_main(run_mae_pretraining, base + ["--print_freq", "3", "--num_workers", "1", "--data_path", str(moved)])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Resumed from" in res.stdout
+    saved = json.loads((tmp_path / "args.json").read_text())["train_data_sha256"]
+    assert len(saved) == 64 and saved == torch.load(tmp_path / "checkpoint-0.pth", map_location="cpu",
+                                                    weights_only=False)["args"]["train_data_sha256"]
 
 
 @pytest.mark.parametrize("script", ["scripts/pretrain/slurm_k400_vitb_adamae_800e.sbatch",
