@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DATA ?= data/synthetic
 OUT ?= output/quickstart
 
-.PHONY: quickstart test lint bench clean
+.PHONY: quickstart test doctor lint bench clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,9 @@ quickstart: $(DATA)/train.csv
 
 test: $(BIN)/.installed-deepspeed
 	$(BIN)/python -m pytest -q
+
+doctor: $(BIN)/.installed
+	$(BIN)/python tools/doctor.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .
