@@ -185,6 +185,16 @@ main() {
         "run_mae_pretraining's default backend: ${DEFAULT_BACKEND:-?}"
     echo
     if [[ -z $TORCH || -z $TIMM ]]; then echo "torch and timm are needed"; return 1; fi
+    # The environment as tools/doctor.py sees it (a bf16 training step on the GPU, NCCL, backends agreeing, limits);
+    # what it finds broken is reported, not fatal: the sections below skip what cannot run.
+    if step doctor 90 bash -c '"$0" tools/doctor.py || echo "(doctor exit status $?)"' "$PY"; then
+        echo "## Environment (tools/doctor.py)"
+        echo
+        echo '```'
+        show "$LOG/doctor.md"
+        echo '```'
+        echo
+    fi
     if ((!SMOKE)) && [[ $CUDA != 1 ]]; then
         echo "No CUDA GPU here. Run with --cpu-smoke to check the suite on CPU."
         return 2

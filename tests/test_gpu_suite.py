@@ -8,6 +8,7 @@ stand-in Python and checked against the real argument parsers.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -102,7 +103,9 @@ def test_model_section_smoke_without_video_packages(tmp_path):
     for r in model[2:]:
         assert float(r[4]) > 0 and float(r[6]) > 0, r  # step ms, clips/s
     timings = next(t for t in tables if t[0][0] == "section")
-    assert [r[0] for r in timings[2:]] == ["probe", "model_eager"]
+    assert [r[0] for r in timings[2:]] == ["probe", "doctor", "model_eager"]
+    env = out[out.index("## Environment (tools/doctor.py)"):]  # the doctor's report, as the GPU host sees it
+    assert re.search(r"^OK +training step \(cpu, fp32\)", env, re.M) and re.search(r"^WARN +av ", env, re.M)
     assert all(r[3] == "ok" for r in timings[2:])
     # the report is kept under $OUT, with every command's output
     assert (tmp_path / "out" / "gpu_suite.md").read_text() == out
