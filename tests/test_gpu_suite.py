@@ -103,7 +103,7 @@ def test_model_section_smoke_without_video_packages(tmp_path):
     for r in model[2:]:
         assert float(r[4]) > 0 and float(r[6]) > 0, r  # step ms, clips/s
     timings = next(t for t in tables if t[0][0] == "section")
-    assert [r[0] for r in timings[2:]] == ["probe", "doctor", "model_eager"]
+    assert [r[0] for r in timings[2:]] == ["probe", "model_eager", "doctor"]
     env = out[out.index("## Environment (tools/doctor.py)"):]  # the doctor's report, as the GPU host sees it
     assert re.search(r"^OK +training step \(cpu, fp32\)", env, re.M) and re.search(r"^WARN +av ", env, re.M)
     assert all(r[3] == "ok" for r in timings[2:])
