@@ -13,7 +13,7 @@ from timm.utils import unwrap_model
 
 import distributed
 import metric_logging
-from precision import autocast
+from precision import autocast, get_grad_norm_
 from preemption import GracefulStop
 from training import Optimisation, TrainEpoch
 from losses import pretrain_losses
@@ -59,6 +59,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
     optimizer, loss_scaler, accum = optim.optimizer, optim.loss_scaler, args.accum_iter
     unwrapped = unwrap_model(model)
     patch, tubelet = unwrapped.patch_size, unwrapped.tubelet_size
+    sampler_params = unwrapped.sampler_parameters()
 
     optimizer.zero_grad(set_to_none=True)
     for it, step, global_step, update, videos in run:
@@ -68,6 +69,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
             out = pretrain_losses(model, videos, patch, tubelet, args.normalize_target, args.loss_type,
                                   args.sampling_loss_weight, noise)
         grad_norm = loss_scaler(out.loss / accum, optimizer, clip_grad=args.clip_grad, update_grad=update)
+        # The sampler's share, from the gradients just applied (unscaled; clipped when --clip_grad is set).
+        sampler_grad_norm = get_grad_norm_(sampler_params) if update and sampler_params else None
         if update:
             optimizer.zero_grad(set_to_none=True)
 
@@ -78,7 +81,7 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
                 entropy, max_prob = sampler_health(out.probs)
                 energy = motion_energy(videos, patch, tubelet)
                 stats.update(sampler_entropy=entropy, sampler_max_prob=max_prob,
-                             motion_coverage=motion_coverage(out.mask, energy))
+                             motion_coverage=motion_coverage(out.mask, energy), sampler_grad_norm=sampler_grad_norm)
         lr_stats = run.record(it, step, out.loss, **stats)
         if log_writer is not None and update:
             log_writer.update(head="loss", step=global_step, loss=stats["loss"], loss_reconstruction=stats["loss_rec"],
@@ -87,7 +90,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
                               weight_decay=lr_stats["weight_decay"], grad_norm=grad_norm)
             if "sampler_entropy" in stats:
                 log_writer.update(head="sampler", step=global_step, entropy=stats["sampler_entropy"],
-                                  max_prob=stats["sampler_max_prob"], motion_coverage=stats["motion_coverage"])
+                                  max_prob=stats["sampler_max_prob"], motion_coverage=stats["motion_coverage"],
+                                  grad_norm=sampler_grad_norm)
             if it % args.print_freq == 0:
                 log_writer.update(head="opt", step=global_step, loss_scale=loss_scaler.get_scale())
                 log_writer.update(head="data", step=global_step, data_time=run.meters.data_time.avg,

@@ -168,6 +168,13 @@ class PretrainVisionTransformer(nn.Module):
     def has_sampler(self) -> bool:
         return self.encoder.get_token_probs is not None
 
+    def sampler_parameters(self) -> list[nn.Parameter]:
+        """The token sampler's parameters (none without one). Training logs their gradient norm on its own: the
+        total norm is the encoder's and decoder's, and would not show a sampler that stopped learning."""
+        if not self.has_sampler:
+            return []
+        return [self.encoder.pos_embed_probs, *self.encoder.get_token_probs.parameters()]
+
     def forward(self, videos: torch.Tensor, mask: torch.Tensor | None = None,
                 noise: torch.Tensor | None = None) -> PretrainOutput:
         """``videos`` ``[B, 3, T, H, W]`` ImageNet-normalised; ``mask`` (optional) bool ``[B, N]`` used as is;

@@ -43,12 +43,23 @@ def tiny_args(train_list: str, out: Path, *extra: str) -> list[str]:
             "--opt_betas", "0.9", "0.95", *extra]
 
 
+def test_the_sampler_gradient_is_logged_and_comes_only_from_the_sampling_loss(train_list, tmp_path):
+    """The mask is drawn (not differentiable), so the sampler learns only through the REINFORCE term: without it,
+    its logged gradient norm is exactly 0 while the rest of the model still learns."""
+    args = run_mae_pretraining.get_args_parser().parse_args(
+        tiny_args(train_list, tmp_path, "--epochs", "1", "--sampling_loss_weight", "0", "--vis_freq", "0"))
+    stats = run_mae_pretraining.main(args)
+    assert stats["sampler_grad_norm"] == 0 and stats["grad_norm"] > 0
+
+
 def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
     args = run_mae_pretraining.get_args_parser().parse_args(
         tiny_args(train_list, tmp_path, "--save_ckpt_freq", "1", "--vis_freq", "1", "--vis_num_clips", "2"))
     stats = run_mae_pretraining.main(args)
     assert args.lr == pytest.approx(1e-2 * 4 / 256)  # linear scaling from the base lr
-    assert {"loss", "loss_rec", "loss_samp", "grad_norm", "sampler_entropy", "motion_coverage"} <= set(stats)
+    assert {"loss", "loss_rec", "loss_samp", "grad_norm", "sampler_entropy", "motion_coverage",
+            "sampler_grad_norm"} <= set(stats)
+    assert 0 < stats["sampler_grad_norm"] < stats["grad_norm"]  # the sampler learns, and is a part of the whole
     for name in ("checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-latest.pth"):
         assert (tmp_path / name).is_file()
     lines = [json.loads(x) for x in (tmp_path / "log.txt").read_text().splitlines()]
@@ -68,6 +79,7 @@ def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
     tags = set(acc.Tags()["scalars"])
     expected = {"loss/loss", "loss/loss_reconstruction", "loss/loss_sampling", "opt/lr", "opt/weight_decay",
                 "opt/grad_norm", "opt/loss_scale", "sampler/entropy", "sampler/max_prob", "sampler/motion_coverage",
+                "sampler/grad_norm",
                 "data/data_time", "data/broken_videos"}
     assert expected <= tags, expected - tags
     assert len(acc.Scalars("loss/loss")) == 2 * args.num_training_steps_per_epoch
