@@ -304,6 +304,9 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
     add("--video_backend", default="auto", choices=list(BACKENDS), type=str,
         help="auto: PyAV when installed (exact frames, decodes only the crop region), else decord")
     add("--num_workers", default=10, type=int, help="DataLoader worker processes per training process")
+    add("--worker_start_method", default=None, choices=["fork", "spawn", "forkserver"],
+        help="how workers start (default: the platform's, fork on Linux, spawn on macOS); spawn and forkserver "
+             "start clean processes, for a library that is not fork-safe (workers hang): slower start, same clips")
     add("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
     add("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory in the DataLoader")
     add("--max_retries", default=10, type=int, help="broken videos: consecutive replacements before failing")

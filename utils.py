@@ -4,6 +4,7 @@ file writes, and plain-JSON arguments. The bigger shared roles have their own mo
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -46,6 +47,12 @@ def seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+def worker_context(args: argparse.Namespace) -> str | None:
+    """``DataLoader(multiprocessing_context=...)`` for ``--worker_start_method`` (None: the platform's default;
+    DataLoader refuses a context without workers)."""
+    return args.worker_start_method if args.num_workers > 0 else None
 
 
 def seed_step(seed: int, iteration: int) -> None:

@@ -208,3 +208,20 @@ def test_launchers_pass_the_paper_recipe(script, env, expect, tmp_path):
     assert args.sampling_loss_weight == 1e-4
     for k, v in expect.items():
         assert getattr(args, k) == v, k
+
+
+def test_spawned_workers_train_exactly_as_forked_ones(train_list, tmp_path):
+    """--worker_start_method spawn (macOS's default, and the way out of a library that is not fork-safe) starts
+    workers that import everything afresh: the run must be the same, step for step."""
+    runs = {}
+    for method in ("fork", "spawn"):
+        out = tmp_path / method
+        res = subprocess.run([sys.executable, "run_mae_pretraining.py",
+                              *tiny_args(train_list, out, "--num_workers", "2", "--worker_start_method", method,
+                                         "--vis_freq", "0")],
+                             cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                             timeout=300)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        runs[method] = [{k: v for k, v in json.loads(x).items() if not k.endswith(("_time", "_mb"))}
+                        for x in (out / "log.txt").read_text().splitlines()]
+    assert len(runs["fork"]) == 2 and runs["fork"] == runs["spawn"]
