@@ -160,3 +160,24 @@ def test_check_dataset_full_finds_a_cut_webm(tmp_path, video_dir, capsys):
         rc, out, _ = _run_check([str(lst), "--video_backend", backend, "--full"], capsys)
         assert rc == 1 and "3 ok, 1 bad" in out, out  # the intact videos are not flagged
         assert f"{lst}:3: {cut}: truncated: decoded {n} of 30 frames" in out, out
+
+
+@pytest.mark.skipif(importlib.util.find_spec("decord") is None, reason="decord is not installed")
+@pytest.mark.parametrize("first", ["av", "decord"])
+def test_vp9_writing_works_or_says_why_after_decord_was_imported(tmp_path, first):
+    """decord's own FFmpeg, imported before PyAV, stops PyAV's VP9 encoder from opening: write_video then names the
+    cause and the way out instead of FFmpeg's bare 'Invalid argument'. With av imported first it writes the video."""
+    code = ("import sys; import numpy as np\n"
+            f"import {first}, {'decord' if first == 'av' else 'av'}\n"
+            "from tools.make_synthetic_dataset import write_video\n"
+            "write_video(sys.argv[1], np.zeros((4, 32, 32, 3), np.uint8), 'webm')\n")
+    out = tmp_path / "clip.webm"
+    res = subprocess.run([sys.executable, "-c", code, str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    if first == "av":
+        assert res.returncode == 0, res.stderr
+        assert num_frames(str(out), "pyav") == 4
+    elif res.returncode != 0:  # the conflict (decord 0.6.0 with PyAV 18.1): a clear message
+        assert "imported decord before av" in res.stderr and "import av first" in res.stderr, res.stderr
+    else:  # a decord / PyAV pair without the conflict writes a real video
+        assert num_frames(str(out), "pyav") == 4

@@ -57,8 +57,7 @@ def check_packages() -> list[Result]:
     results = [Result("ok" if sys.version_info >= (3, 10) else "fail", "python",
                       f"{platform.python_version()} ({sys.executable})",
                       "" if sys.version_info >= (3, 10) else "use Python 3.10 or newer (pyproject.toml)")]
-    # decord last: once decord's bundled FFmpeg is loaded, PyAV can no longer open the VP9 encoder in this process
-    # (avcodec_open2 "libvpx-vp9" fails with EINVAL; decoding is unaffected). Seen with decord 0.6.0 / PyAV 18.1.
+    # decord last: imported before av, it keeps PyAV's VP9 encoder from opening (make_synthetic_dataset.write_video)
     for name, minimum in sorted(requirements().items(), key=lambda kv: kv[0] == "decord"):
         optional = name in OPTIONAL
         try:

@@ -45,16 +45,24 @@ def write_video(path: str, frames: np.ndarray, fmt: str | None = None, fps: int 
     else:
         options = {"crf": "32", "b": "0", "deadline": "realtime", "cpu-used": "8", "threads": "1",
                    "row-mt": "0"}
-    with av.open(path, "w", options={"fflags": "+bitexact"}) as c:  # no random UIDs / dates: reproducible
-        s = c.add_stream(codec, rate=fps, options=options)
-        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-        if gop:
-            s.codec_context.gop_size = gop
-        for f in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+    try:
+        with av.open(path, "w", options={"fflags": "+bitexact"}) as c:  # no random UIDs / dates: reproducible
+            s = c.add_stream(codec, rate=fps, options=options)
+            s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+            if gop:
+                s.codec_context.gop_size = gop
+            for f in frames:
+                for pkt in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                    c.mux(pkt)
+            for pkt in s.encode():
                 c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
+    except av.error.FFmpegError as e:
+        if codec == "libvpx-vp9" and "decord" in sys.modules:
+            # Seen with decord 0.6.0 and PyAV 18.1: once decord (and its own FFmpeg) is imported first, PyAV's VP9
+            # encoder fails to open with EINVAL; decoding, and H.264 encoding, are unaffected.
+            raise RuntimeError(f"{path}: PyAV cannot open the VP9 encoder in a process that imported decord "
+                               f"before av ({e}); import av first, or write the videos in another process") from e
+        raise
 
 
 def _smooth_noise(rng: np.random.Generator, h: int, w: int, cells: int, lo: float = 40.0,
