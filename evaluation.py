@@ -70,11 +70,13 @@ def eval_loader(dataset: Any, args: Any, batch_size: int) -> DataLoader:
 def progress(loader: Iterable, desc: str) -> Iterator:
     """``loader``'s batches with a tqdm bar on rank 0 (batches, rate, ETA; a log file gets a refresh every 30 s),
     each one a beat of the stall watchdog."""
-    bar = tqdm(loader, desc=desc.rstrip(":"), unit="batch", disable=not distributed.is_main_process(),
+    name = desc.rstrip(":")
+    bar = tqdm(loader, desc=name, unit="batch", disable=not distributed.is_main_process(),
                dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    beat_name = f"{name} batch"
     for i, batch in enumerate(bar):
         yield batch
-        stall_watchdog.beat(f"{desc.rstrip(':')} batch {i}")
+        stall_watchdog.beat(beat_name, i)
 
 
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

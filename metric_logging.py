@@ -172,11 +172,12 @@ class MetricLogger:
         use_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         i = 0
         first_wait = first_step = 0.0
+        beat_name = f"{header} step".strip()
         for i, obj in enumerate(iterable):
             data_time.update(time.time() - end)
             yield obj
             step_time.update(time.time() - end)
-            stall_watchdog.beat(f"{header} step {i}".strip())
+            stall_watchdog.beat(beat_name, i)
             if i == 0:
                 first_wait, first_step = data_time.total, step_time.total
             last = total is not None and i == total - 1

@@ -30,7 +30,7 @@ class _Watchdog(threading.Thread):
     def __init__(self, seconds: float, rank: int) -> None:
         super().__init__(name="stall-watchdog", daemon=True)
         self.seconds, self.rank = seconds, rank
-        self.last_beat, self.where = time.monotonic(), "start-up"
+        self.last_beat, self.loop, self.index = time.monotonic(), "start-up", None
         self.beaten = threading.Event()
 
     def run(self) -> None:
@@ -44,7 +44,8 @@ class _Watchdog(threading.Thread):
         stuck = time.monotonic() - self.last_beat
         stuck_text = f"{stuck:.0f} s" if stuck < 120 else f"{stuck / 60:.1f} min"
         workers = _workers_that_dump()
-        sys.stderr.write(f"[rank {self.rank}] stall watchdog: no progress for {stuck_text}, since {self.where}. "
+        where = self.loop if self.index is None else f"{self.loop} {self.index}"
+        sys.stderr.write(f"[rank {self.rank}] stall watchdog: no progress for {stuck_text}, since {where}. "
                          f"Python stacks of this process follow, then those of its {len(workers)} DataLoader "
                          f"worker(s) {workers}. The run keeps waiting (--stall_minutes 0 turns this off).\n")
         sys.stderr.flush()
@@ -67,11 +68,12 @@ def start(minutes: float, rank: int) -> None:
         _watchdog.start()
 
 
-def beat(where: str) -> None:
-    """Progress: the loop finished ``where`` (e.g. ``"Epoch: [3] step 120"``). Cheap enough for every batch."""
+def beat(loop: str, index: int) -> None:
+    """Progress: ``loop`` finished its batch ``index`` (reported as e.g. ``"Epoch: [3] step 120"``). Nothing is
+    formatted here, so it costs next to nothing per batch."""
     w = _watchdog
     if w is not None:
-        w.last_beat, w.where = time.monotonic(), where
+        w.last_beat, w.loop, w.index = time.monotonic(), loop, index
         w.beaten.set()
 
 

@@ -229,7 +229,8 @@ def run_epochs(args: argparse.Namespace, data: TrainData, resumed: Any, checkpoi
             _exit_stopped(stop, log_writer, f"in epoch {epoch} after step {done} of {steps}", written[:1])
         stats = epoch_stats
         written = checkpointer.save(epoch, (epoch + 1) * steps)
-        memory = metric_logging.process_memory_mb()  # before validation: its workers are not the run's
+        # Rank 0's, which writes log.txt; before validation, whose workers are not the run's.
+        memory = metric_logging.process_memory_mb() if is_main_process() else {}
         if memory:
             print(f"Memory (PSS): main process {memory['memory_main_mb']:.0f} MB, DataLoader workers "
                   f"{memory['memory_workers_mb']:.0f} MB")
