@@ -3,7 +3,9 @@
 List files (``read_list_file``): one video per line, ``path label`` (space separated, VideoMAE) or
 ``path,label`` (comma separated); an optional header line (``path label`` / ``path,label``), blank lines and
 ``#`` comments are skipped. Pre-training lists may omit the label; VideoMAE V2's ``path start total [label]``
-is accepted too. Relative paths are joined to ``data_root``. Errors name ``file:line``.
+(pre-training) and ``folder total label`` (fine-tuning on raw frames) are accepted too, their counts unused. A
+path may name a folder of frame images instead of a video file (``frame_folders``). Relative paths are joined to
+``data_root``. Errors name ``file:line``.
 
 ``build_pretraining_dataset`` / ``build_dataset`` read the list the flags name into a :class:`VideoList` and make
 the ``video_datasets`` dataset (item formats and broken videos are described there, temporal sampling in
@@ -23,7 +25,7 @@ import torch
 from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from cli import has_option
+from cli import at_least, has_option
 from resume import data_fingerprint
 from video_datasets import PretrainVideoDataset, VideoClsDataset
 from video_io import BACKENDS
@@ -94,6 +96,9 @@ def _parse_fields(fields: List[str], line: str, list_path: str, line_no: int,
         path, label_s = fields[0], None
     elif len(fields) == 2:
         path, label_s = fields
+    elif len(fields) == 3 and require_label:  # VideoMAE V2 fine-tuning on raw frames: folder total_frames label
+        path, label_s = fields[0], fields[2]
+        _parse_int(fields[1], list_path, line_no, "total_frames")
     elif len(fields) == 3:  # VideoMAE V2 pre-training: path start_idx total_frames
         path, label_s = fields[0], None
         _parse_int(fields[1], list_path, line_no, "start_idx")
@@ -282,19 +287,19 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
     add("--data_root", default="", type=str, help="prefix for relative paths in the lists")
     add("--data_set", default="Kinetics-400", choices=list(DATA_SETS), type=str,
         help="dataset: sets the class count, SSv2's segment sampling and no-flip rule")
-    add("--num_frames", default=16, type=int, help="frames per clip")
-    add("--sampling_rate", default=4, type=int, help="frame stride for dense sampling")
-    add("--input_size", default=224, type=int, help="crop size fed to the model")
-    add("--num_sample", default=1 if pretrain else 2, type=int, help="repeated sampling: clips per decode")
+    add("--num_frames", default=16, type=at_least(1), help="frames per clip")
+    add("--sampling_rate", default=4, type=at_least(1), help="frame stride for dense sampling")
+    add("--input_size", default=224, type=at_least(1), help="crop size fed to the model")
+    add("--num_sample", default=1 if pretrain else 2, type=at_least(1), help="repeated sampling: clips per decode")
     if not pretrain:  # classification, evaluation and fine-tuning augmentation
         add("--nb_classes", default=None, type=int, help="number of classes (default: from --data_set; "
             "required for custom)")
-        add("--short_side_size", default=224, type=int, help="eval: resize the short side to this")
-        add("--num_segments", default=1, type=int, help="segments for segment (TSN) sampling")
+        add("--short_side_size", default=224, type=at_least(1), help="eval: resize the short side to this")
+        add("--num_segments", default=1, type=at_least(1), help="segments for segment (TSN) sampling")
         add("--sparse_sample", action="store_true", default=False,
             help="segment (TSN/SSv2-style) sampling for non-SSV2 sets")
-        add("--test_num_segment", default=5, type=int, help="multi-view test: temporal views per video")
-        add("--test_num_crop", default=3, type=int, help="multi-view test: spatial crops per view")
+        add("--test_num_segment", default=5, type=at_least(1), help="multi-view test: temporal views per video")
+        add("--test_num_crop", default=3, type=at_least(1), help="multi-view test: spatial crops per view")
         add("--aa", default="rand-m7-n4-mstd0.5-inc1", type=str, help="RandAugment policy ('none' to disable)")
         add("--train_interpolation", default="bicubic", type=str, help="RandAugment resample filter")
         add("--reprob", default=0.25, type=float, help="random erasing probability (tube)")
@@ -303,13 +308,13 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
     add("--no_flip", action="store_true", default=False, help="disable horizontal flip (always off for SSV2)")
     add("--video_backend", default="auto", choices=list(BACKENDS), type=str,
         help="auto: PyAV when installed (exact frames, decodes only the crop region), else decord")
-    add("--num_workers", default=10, type=int, help="DataLoader worker processes per training process")
+    add("--num_workers", default=10, type=at_least(0), help="DataLoader worker processes per training process")
     add("--worker_start_method", default=None, choices=["fork", "spawn", "forkserver"],
         help="how workers start (default: the platform's, fork on Linux, spawn on macOS); spawn and forkserver "
              "start clean processes, for a library that is not fork-safe (workers hang): slower start, same clips")
     add("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
     add("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory in the DataLoader")
-    add("--max_retries", default=10, type=int, help="broken videos: consecutive replacements before failing")
+    add("--max_retries", default=10, type=at_least(0), help="broken videos: consecutive replacements before failing")
     add("--max_broken_ratio", default=0.5, type=float,
         help="stop when more than this fraction of video loads failed (after 20 failures)")
     if not pin_mem_defined:

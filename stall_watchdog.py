@@ -78,9 +78,19 @@ def beat(loop: str, index: int) -> None:
 
 
 def enable_in_worker() -> None:
-    """In a DataLoader worker: print this process's stacks to stderr when the watchdog sends SIGUSR2."""
-    if _WORKER_SIGNAL is not None:
-        faulthandler.register(_WORKER_SIGNAL, file=sys.stderr, all_threads=True)
+    """In a DataLoader worker: print this process's stacks to stderr when the watchdog sends SIGUSR2.
+
+    faulthandler writes to a file descriptor: where ``sys.stderr`` has none (a notebook, a captured stream) the
+    process's original stderr is used, and without one the worker simply cannot dump."""
+    if _WORKER_SIGNAL is None:
+        return
+    for stream in (sys.stderr, sys.__stderr__):
+        try:
+            fd = stream.fileno()
+        except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is a ValueError and an OSError
+            continue
+        faulthandler.register(_WORKER_SIGNAL, file=fd, all_threads=True)
+        return
 
 
 def _workers_that_dump() -> list[int]:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 import metric_logging
 import optim_factory
 import stall_watchdog
+from cli import at_least
 from distributed import get_world_size, init_distributed_mode, is_main_process
 from precision import LossScaler, NonFiniteLossWatch, resolve_precision
 from preemption import GracefulStop, exit_preempted
@@ -257,14 +258,14 @@ def add_run_args(parser: argparse.ArgumentParser, *, batch_size: int | None, epo
     """The flags every training program has: batch, epochs, accumulation, checkpoint frequency, logging,
     precision (group "run", returned for the program's own additions)."""
     g = parser.add_argument_group("run")
-    g.add_argument("--batch_size", default=batch_size, type=int, help=batch_help)
-    g.add_argument("--epochs", default=epochs, type=int, help="number of training epochs")
-    g.add_argument("--update_freq", "--accum_iter", default=1, type=int, dest="accum_iter",
+    g.add_argument("--batch_size", default=batch_size, type=at_least(1), help=batch_help)
+    g.add_argument("--epochs", default=epochs, type=at_least(1), help="number of training epochs")
+    g.add_argument("--update_freq", "--accum_iter", default=1, type=at_least(1), dest="accum_iter",
                    help="gradient accumulation: batches per optimizer step")
-    g.add_argument("--save_ckpt_freq", default=save_ckpt_freq, type=int, help="keep checkpoint-{epoch}.pth every N "
-                   "epochs (checkpoint-latest.pth is rewritten every epoch)")
-    g.add_argument("--print_freq", default=10, type=int, help="print the meters every N iterations")
-    g.add_argument("--stall_minutes", default=20.0, type=float,
+    g.add_argument("--save_ckpt_freq", default=save_ckpt_freq, type=at_least(1),
+                   help="keep checkpoint-{epoch}.pth every N epochs (checkpoint-latest.pth is rewritten every epoch)")
+    g.add_argument("--print_freq", default=10, type=at_least(1), help="print the meters every N iterations")
+    g.add_argument("--stall_minutes", default=20.0, type=at_least(0, float),
                    help="when no batch finishes for this long, print where every thread and DataLoader worker of "
                         "the process waits (stall_watchdog; repeats while stuck, the run goes on); 0: off")
     g.add_argument("--precision", default=None, choices=["fp32", "fp16", "bf16"],
@@ -277,7 +278,7 @@ def add_model_args(parser: argparse.ArgumentParser, *, model: str, drop_path: fl
     """The model flags both programs have (group "model", returned for the program's own additions)."""
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=model, type=str, help="model name in the timm registry (see README, Models)")
-    g.add_argument("--tubelet_size", default=2, type=int, help="frames per token (tubelet depth)")
+    g.add_argument("--tubelet_size", default=2, type=at_least(1), help="frames per token (tubelet depth)")
     g.add_argument("--drop_path", default=drop_path, type=float, help="stochastic depth rate")
     g.add_argument("--use_checkpoint", "--with_checkpoint", action="store_true", dest="use_checkpoint",
                    help="gradient checkpointing in every block")

@@ -5,8 +5,11 @@ file writes, and plain-JSON arguments. The bigger shared roles have their own mo
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import io
+import multiprocessing
+import multiprocessing.util  # registers multiprocessing's exit handler before ours below (atexit runs LIFO)
 import os
 import random
 import shutil
@@ -47,6 +50,20 @@ def seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+def _kill_workers_left_at_exit() -> None:
+    """Kill DataLoader workers still alive when the interpreter exits.
+
+    They are alive then only after a crash (the exception's traceback keeps the loader's iterator), and they ignore
+    SIGTERM (``seed_worker``), so multiprocessing's own exit handler, which sends SIGTERM to daemonic children and
+    then joins them, would wait for them forever: the crashed program would hang instead of exiting."""
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+
+
+atexit.register(_kill_workers_left_at_exit)
 
 
 def worker_context(args: argparse.Namespace) -> str | None:

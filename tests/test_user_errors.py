@@ -131,3 +131,27 @@ def test_help_documents_every_flag_with_its_default(module, capsys):
     else:  # pre-training lists no fine-tuning flag
         for flag in ("--aa", "--reprob", "--test_num_crop", "--nb_classes", "--short_side_size"):
             assert flag not in text, flag
+
+
+@pytest.mark.parametrize("flag,value,low", [("--epochs", "0", 1), ("--update_freq", "0", 1), ("--print_freq", "0", 1),
+                                            ("--save_ckpt_freq", "0", 1), ("--sampling_rate", "0", 1),
+                                            ("--num_sample", "0", 1), ("--num_workers", "-1", 0)])
+def test_counts_below_their_minimum_name_the_flag(synthetic_dir, tmp_path, flag, value, low):
+    # Each of these once crashed with ZeroDivisionError or, worse, trained (a stride of 0: one repeated frame).
+    res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "o", flag, value)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f": must be >= {low}, got {value}" in res.stderr.strip().splitlines()[-1]
+    assert f"error: argument {flag}" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_crash_with_loader_workers_alive_exits(synthetic_dir, tmp_path):
+    """A bug's exception (not a user error) while persistent DataLoader workers run: the program prints the
+    traceback and exits 1. The workers ignore SIGTERM (the main process handles stop signals), so multiprocessing's
+    exit handler, which terminates them with SIGTERM and waits, used to hang the crashed program forever."""
+    out = tmp_path / "o"
+    (out / "checkpoint-0.pth").mkdir(parents=True)  # saving epoch 0's checkpoint fails: IsADirectoryError
+    res = pretrain(os.path.join(synthetic_dir, "train.csv"), out, "--num_workers", "2", "--save_ckpt_freq", "1",
+                   subprocess_=True)  # 300 s timeout: a hang fails the test
+    assert res.returncode == 1 and "IsADirectoryError" in res.stderr, res.stderr[-3000:]
+    assert "Epoch: [0] Total time" in res.stdout
