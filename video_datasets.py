@@ -350,7 +350,7 @@ def _short_of_container(path: str, n: int) -> str:
     .webm) opens as a shorter, valid video; evaluating it would score a different clip than the listed video.
     Allows 10% + 1 frame of slack for rounding and an audio track longer than the video.
     """
-    if os.path.splitext(path)[1].lower() in _INDEXED_CONTAINERS:
+    if os.path.splitext(path)[1].lower() in _INDEXED_CONTAINERS or os.path.isdir(path):  # a folder: no container
         return ""
     import av
 

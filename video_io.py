@@ -12,6 +12,8 @@ later keyframe lets us skip work; frames we do not need are decoded with ``skip_
 B-frames are dropped without changing any other frame). ``get_batch(indices, region)`` returns only a region of
 each frame; PyAV then converts only that region from YUV, with exactly the same pixels (``pyav_rgb``).
 
+A folder instead of a file is a video stored as frame images (``frame_folders``, VideoMAE V2's raw frames).
+
 Every failure (missing file, unreadable container, no video stream, truncated data, index out of range) is
 raised as :class:`VideoDecodeError` so that callers can catch one exception type.
 
@@ -90,7 +92,7 @@ class _DecordReader:
         return self.get_batch([0]).shape[1:3]  # decord tells the size only with a frame; the first is the cheapest
 
     def get_batch(self, indices: Sequence[int], region: Region | None = None) -> np.ndarray:
-        idx = _check_indices(self.path, indices, self._len)
+        idx = check_indices(self.path, indices, self._len)
         try:
             frames = self._vr.get_batch(idx).asnumpy()
         except Exception as e:
@@ -98,7 +100,7 @@ class _DecordReader:
         if frames.shape[0] != len(idx):
             raise VideoDecodeError(self.path, f"decord returned {frames.shape[0]} frames, expected {len(idx)}")
         if region is not None:
-            top, left, h, w = _check_region(self.path, region, frames.shape[1], frames.shape[2])
+            top, left, h, w = check_region(self.path, region, frames.shape[1], frames.shape[2])
             frames = frames[:, top:top + h, left:left + w]
         return frames
 
@@ -204,9 +206,9 @@ class _PyAVReader:
         return (cc.height, cc.width) if cc.height and cc.width else self.get_batch([0]).shape[1:3]
 
     def get_batch(self, indices: Sequence[int], region: Region | None = None) -> np.ndarray:
-        idx = _check_indices(self.path, indices, len(self))
+        idx = check_indices(self.path, indices, len(self))
         if region is not None:
-            region = _check_region(self.path, region, *self.frame_size())
+            region = check_region(self.path, region, *self.frame_size())
         targets = sorted(set(idx))
         slots: dict[int, list[int]] = {}
         for k, i in enumerate(idx):
@@ -332,14 +334,16 @@ def _probe_options(av, path: str) -> dict[str, str] | None:
     return {"skip_frame": "all"}
 
 
-def _check_region(path: str, region: Region, height: int, width: int) -> Region:
+def check_region(path: str, region: Region, height: int, width: int) -> Region:
+    """``region`` as ints; ``ValueError`` (a caller's bug, not the video's) if it does not fit the frame."""
     top, left, h, w = (int(v) for v in region)
     if top < 0 or left < 0 or h <= 0 or w <= 0 or top + h > height or left + w > width:
         raise ValueError(f"{path}: region (top, left, h, w)={region} does not fit a {height}x{width} frame")
     return top, left, h, w
 
 
-def _check_indices(path: str, indices: Sequence[int], n: int) -> list[int]:
+def check_indices(path: str, indices: Sequence[int], n: int) -> list[int]:
+    """``indices`` as ints; ``VideoDecodeError`` if one is outside a video of ``n`` frames (e.g. a short one)."""
     idx = [int(i) for i in indices]
     if not idx:
         raise VideoDecodeError(path, "no frame indices requested")
@@ -351,7 +355,7 @@ def _check_indices(path: str, indices: Sequence[int], n: int) -> list[int]:
 
 class VideoReader:
     """A video opened with one backend: ``len(r)``, ``r.frame_size()``, ``r.fps()``, ``r.get_batch(indices,
-    region)``, ``r.close()``.
+    region)``, ``r.close()``. A folder is a video stored as frame images (``frame_folders``) whatever the backend.
 
     Usable as a context manager; open it inside ``__getitem__`` and close it before returning.
     """
@@ -359,8 +363,13 @@ class VideoReader:
     def __init__(self, path: str, backend: str = "auto"):
         backend = resolve_backend(backend)
         self.path = path
-        self.backend = backend
-        self._impl = _DecordReader(path) if backend == "decord" else _PyAVReader(path)
+        if os.path.isdir(path):
+            from frame_folders import FrameFolderReader  # imports video_io: not at module level
+
+            self.backend, self._impl = "frames", FrameFolderReader(path)
+        else:
+            self.backend = backend
+            self._impl = _DecordReader(path) if backend == "decord" else _PyAVReader(path)
 
     def __len__(self) -> int:
         return len(self._impl)

@@ -5,6 +5,9 @@ flip that then runs on the training device (``resize_crops``; here on this machi
     python benchmarks/bench_dataloader.py --data_path data/synthetic/train.csv
     # a K400-like 320p H.264 video (written once, listed --copies times):
     python benchmarks/bench_dataloader.py --make_video /tmp/bench320/v.mp4 --height 320 --width 568
+    # its frames as JPEG images (a list of folders; one backend is enough, folders are read the same way):
+    python tools/prepare_videos.py /tmp/bench320/v.list /tmp/bench320f --format frames --short_side 0
+    python benchmarks/bench_dataloader.py --data_path /tmp/bench320f/v.list --backends auto
 
 In-process numbers use ``torch.set_num_threads(1)`` and one decoder thread: they are per-core costs. A worker item
 is the planned frames' crop region, decoded (uint8), with its ``num_sample`` crops; "clips/s" counts clips
@@ -145,7 +148,10 @@ def main(argv=None) -> int:
     first = first if os.path.isabs(first) else os.path.join(a.data_root, first)
     with open_video(first, "pyav") as r:
         h, w = r.get_batch([0]).shape[1:3]
-        info = f"{w}x{h}, {len(r)} frames, {r.fps():.0f} fps, keyframes every ~{len(r) / len(r._impl._keyframes):.0f}"
+        folder = r.backend == "frames"  # a folder of frame images (frame_folders), whatever the backend flag
+        info = f"{w}x{h}, {len(r)} frames, " + ("frame images" if folder else
+                                                 f"{r.fps():.0f} fps, keyframes every "
+                                                 f"~{len(r) / len(r._impl._keyframes):.0f}")
     print(f"# {a.data_path} (first video {info}); clip {a.num_frames}x{a.input_size}^2, "
           f"rate {a.sampling_rate}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, "
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
                 input_size=a.input_size, num_sample=k, video_backend=backend))
             r = bench_in_process(ds, a.n)
             loader = [bench_loader(ds, int(w), a.loader_items) for w in a.workers.split(",")]
-            name = backend if backend == ds.backend else f"{backend} ({ds.backend})"
+            name = "frames" if folder else backend if backend == ds.backend else f"{backend} ({ds.backend})"
             print(f"| {name} | {k} | {r['decode_ms']:.1f} | {r['decode_clips_s']:.1f} | {r['item_ms']:.1f} | "
                   f"{r['clips_s']:.1f} | " + " | ".join(f"{x:.1f}" for x in loader)
                   + f" | {r['device_ms_per_clip']:.1f} |", flush=True)

@@ -15,15 +15,21 @@ paths (and relative ones leading outside ``--data_root`` with ``..``) are placed
 that holds all of them, e.g. ``/data/k400/train/abseiling/x.mp4`` and ``/data/k400/train/zumba/y.mp4`` become
 ``OUT_DIR/abseiling/x.mp4`` and ``OUT_DIR/zumba/y.mp4``, and are written to the new list as absolute paths.
 
+``--format frames`` writes each video as a folder of JPEG images instead (``OUT_DIR/a/b/img_00001.jpg``, ...,
+numbered from 1 like VideoMAE V2's raw frames; short side and quality as flagged), which the training reader opens
+like a video (``frame_folders``): a clip then costs the decoding of its own 16 frames only, wherever it lies in the
+video, at many times the bytes of a video (DATASET.md has the numbers).
+
 The new list, ``OUT_DIR/<IN_LIST's file name>``, keeps the input's lines (labels, order, separators, header and
 comments) with only the paths replaced. A video that cannot be converted (missing, undecodable, truncated, or its
 output failed the check) is reported as ``list:line: path: reason`` without stopping, left out of the new list,
 and listed in ``OUT_DIR/failed.txt``; the exit status is still 0. A usage error exits with status 2.
 
-Resumable: each output is written to a temporary file next to it, checked (it opens with the project's reader and
-has the source's number of decoded frames, within 1), fsynced and renamed into place, so an existing output is a
-finished one and a rerun skips it (after any kill, SIGKILL included); temporary files of dead runs are removed.
-The encoding settings are recorded in ``OUT_DIR/.prepare_videos.json`` and a rerun with other settings is refused.
+Resumable: each output is written to a temporary file (or folder) next to it, checked (it opens with the project's
+reader and has the source's number of decoded frames, within 1), fsynced and renamed into place, so an existing
+output is a finished one and a rerun skips it (after any kill, SIGKILL included); temporary outputs of dead runs
+are removed. The settings are recorded in ``OUT_DIR/.prepare_videos.json`` and a rerun with other settings is
+refused.
 
 Finally it prints the bytes before/after and decoded clips/s of a few videos before/after, measured on the
 training reader's path (``video_io.open_video`` and pre-training's frame sampling, one process), unless
@@ -45,7 +51,7 @@ from typing import TYPE_CHECKING, Dict, List, NoReturn, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from frame_sampling import pretrain_indices  # noqa: E402
-from tools.video_reencode import convert  # noqa: E402
+from tools.video_reencode import convert, remove_output  # noqa: E402
 from video_io import BACKENDS, open_video  # noqa: E402
 
 if TYPE_CHECKING:
@@ -74,8 +80,10 @@ class Job:
 # ----------------------------------------------------------------------------------------------------------------
 # Planning: list lines -> distinct videos -> output paths
 # ----------------------------------------------------------------------------------------------------------------
-def plan_jobs(records: List[VideoRecord], out_dir: str) -> Tuple[List[Job], List[Tuple[VideoRecord, str]]]:
-    """Group lines by source video and map each source to its output; returns ``(jobs, collisions)``."""
+def plan_jobs(records: List[VideoRecord], out_dir: str,
+              extension: str = ".mp4") -> Tuple[List[Job], List[Tuple[VideoRecord, str]]]:
+    """Group lines by source video and map each source to its output (the source's path with ``extension``,
+    ``""`` for a folder of frames); returns ``(jobs, collisions)``."""
     inside, outside = {}, {}
     for r in records:
         rel = os.path.normpath(r.path)
@@ -86,10 +94,10 @@ def plan_jobs(records: List[VideoRecord], out_dir: str) -> Tuple[List[Job], List
     base = os.path.commonpath([os.path.dirname(p) for p in outside]) if outside else ""
     jobs: List[Job] = []
     for src, (rel, lines) in inside.items():
-        out_rel = os.path.splitext(rel)[0] + ".mp4"
+        out_rel = os.path.splitext(rel)[0] + extension
         jobs.append(Job(src, out_rel, out_rel, lines))
     for src, lines in outside.items():
-        out_rel = os.path.splitext(os.path.relpath(src, base))[0] + ".mp4"
+        out_rel = os.path.splitext(os.path.relpath(src, base))[0] + extension
         jobs.append(Job(src, out_rel, os.path.abspath(os.path.join(out_dir, out_rel)), lines))
     jobs.sort(key=lambda j: j.lines[0].line_no)
     taken: Dict[str, Job] = {}
@@ -137,14 +145,16 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_tmp(out_dir: str) -> int:
-    """Remove temporary outputs left by processes that no longer exist; returns how many."""
+    """Remove temporary outputs (files, or folders of frames) left by processes that no longer exist; returns how
+    many."""
     removed = 0
-    for root, _, files in os.walk(out_dir):
-        for name in files:
+    for root, dirs, files in os.walk(out_dir):
+        for name in files + dirs:
             m = TMP_RE.search(name)
             if m and not _alive(int(m.group(1))):
-                os.remove(os.path.join(root, name))
+                remove_output(os.path.join(root, name))
                 removed += 1
+        dirs[:] = [d for d in dirs if not TMP_RE.search(d)]
     return removed
 
 
@@ -182,8 +192,10 @@ def check_settings(out_dir: str, settings: dict) -> None:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             old = json.load(f)
-        if old != settings:
-            diff = ", ".join(f"--{k} {old.get(k)}" for k in settings if old.get(k) != settings[k])
+        old, new = {"format": "mp4", **old}, {"format": "mp4", **settings}  # a video folder's file names no format
+        if old != new:
+            keys = ["format"] if old["format"] != new["format"] else [k for k in new if old.get(k) != new[k]]
+            diff = ", ".join(f"--{k} {old.get(k)}" for k in keys)
             raise UsageError(f"{out_dir} was prepared with {diff}; use the same flags or another OUT_DIR")
     else:
         _write_atomic(path, json.dumps(settings, sort_keys=True) + "\n")
@@ -215,6 +227,14 @@ def bench(pairs: List[Tuple[str, str]], backend: str, num_frames: int, sampling_
     return {k: total / v for k, v in spent.items()}
 
 
+def _size(path: str) -> int:
+    """Bytes of a file, or of the files in a folder of frames."""
+    if os.path.isdir(path):
+        with os.scandir(path) as it:
+            return sum(e.stat().st_size for e in it if e.is_file())
+    return os.path.getsize(path)
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
@@ -238,6 +258,10 @@ def parse_args(argv: List[str] | None) -> argparse.Namespace:
     p.add_argument("--data_root", default="", help="folder that relative paths in IN_LIST are relative to")
     p.add_argument("-j", "--jobs", type=int, default=min(8, _cpus()),
                    help="parallel processes (each encodes one video on one thread; default: min(8, CPUs))")
+    p.add_argument("--format", default="mp4", choices=("mp4", "frames"),
+                   help="mp4: H.264 videos; frames: a folder of JPEG images per video (decoded per frame: a clip "
+                        "costs its own frames only, at many times the bytes)")
+    p.add_argument("--jpeg_quality", type=int, default=95, help="JPEG quality of --format frames (mmaction2's 95)")
     p.add_argument("--short_side", type=int, default=320, help="scale the short side down to this (even; 0: keep)")
     p.add_argument("--gop", type=int, default=32, help="largest keyframe interval, in frames")
     p.add_argument("--crf", type=int, default=23, help="x264 quality (lower: better and larger)")
@@ -258,6 +282,8 @@ def parse_args(argv: List[str] | None) -> argparse.Namespace:
             raise UsageError(f"argument {flag}: must be >= {lo}, got {value}")
     if a.short_side % 2:
         raise UsageError(f"argument --short_side: must be even (yuv420p), got {a.short_side}")
+    if not 1 <= a.jpeg_quality <= 100:
+        raise UsageError(f"argument --jpeg_quality: must be in [1, 100], got {a.jpeg_quality}")
     if not 0 <= a.crf <= 51:
         raise UsageError(f"argument --crf: must be in [0, 51], got {a.crf}")
     if not os.path.isfile(a.in_list):
@@ -285,11 +311,15 @@ def run(a: argparse.Namespace) -> int:
     if not records:
         raise UsageError(f"IN_LIST lists no videos: {a.in_list}" + (f" ({errors[0][1]})" if errors else ""))
     os.makedirs(a.out_dir, exist_ok=True)
-    check_settings(a.out_dir, {"short_side": a.short_side, "gop": a.gop, "crf": a.crf, "preset": a.preset})
+    frames = a.format == "frames"
+    settings = {"short_side": a.short_side}
+    settings.update({"format": "frames", "jpeg_quality": a.jpeg_quality} if frames else
+                    {"gop": a.gop, "crf": a.crf, "preset": a.preset})
+    check_settings(a.out_dir, settings)
     stale = remove_stale_tmp(a.out_dir)
 
     failures: List[Tuple[int, str]] = [(line, msg) for line, msg in errors]  # malformed lines
-    jobs, collisions = plan_jobs(records, a.out_dir)
+    jobs, collisions = plan_jobs(records, a.out_dir, "" if frames else ".mp4")
     for r, reason in collisions:
         failures.append((r.line_no, f"{a.in_list}:{r.line_no}: {r.path}: {reason}"))
     done = [j for j in jobs if os.path.exists(os.path.join(a.out_dir, j.rel))]
@@ -299,7 +329,7 @@ def run(a: argparse.Namespace) -> int:
     bar = tqdm(total=len(todo), unit="video", disable=a.no_progress, dynamic_ncols=True, smoothing=0.1)
     with ProcessPoolExecutor(min(a.jobs, max(1, len(todo))), initializer=_die_with_parent) as ex:
         pending = {ex.submit(convert, j.src, os.path.join(a.out_dir, j.rel), a.short_side, a.gop, a.crf,
-                             a.preset): j for j in todo}
+                             a.preset, a.jpeg_quality if frames else None): j for j in todo}
         for fut in as_completed(pending):
             j = pending[fut]
             reason, _ = fut.result()
@@ -336,13 +366,13 @@ def run(a: argparse.Namespace) -> int:
     pairs = [(j.src, os.path.join(a.out_dir, j.rel)) for j in ok]
     if pairs:
         before = sum(os.path.getsize(s) for s, _ in pairs)
-        after = sum(os.path.getsize(d) for _, d in pairs)
+        after = sum(_size(d) for _, d in pairs)
         print(f"bytes: {_mb(before)} -> {_mb(after)} ({after / before:.2f}x) for the {len(pairs)} prepared videos")
     if a.bench and pairs and a.bench_videos:
         sample = pairs[:a.bench_videos]
         cps = bench(sample, a.video_backend, a.num_frames, a.sampling_rate, a.bench_clips)
         before = sum(os.path.getsize(s) for s, _ in sample)
-        after = sum(os.path.getsize(d) for _, d in sample)
+        after = sum(_size(d) for _, d in sample)
         print(f"benchmark on {len(sample)} videos, {a.bench_clips} clips each of {a.num_frames} frames every "
               f"{a.sampling_rate}, decoded with {a.video_backend} in one process:")
         print(f"  raw:      {_mb(before):>10}, {cps['raw']:.1f} clips/s")

@@ -2,12 +2,13 @@
 
 Decodes every frame of the source and encodes it with libx264 (``tune=fastdecode``, a keyframe at least every
 ``gop`` frames, the short side scaled down, constant frame rate, no audio) into a temporary file next to the
-output, which is checked with the training reader, fsynced and renamed into place: an existing output is a
-finished one.
+output, or writes it as JPEG images into a temporary folder (``frame_folders``); the output is checked with the
+training reader, fsynced and renamed into place: an existing output is a finished one.
 """
 from __future__ import annotations
 
 import os
+import shutil
 from fractions import Fraction
 from typing import Tuple
 
@@ -22,52 +23,97 @@ def output_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
     return max(2, width // 2 * 2), max(2, height // 2 * 2)
 
 
-def encode(src: str, tmp: str, short_side: int, gop: int, crf: int, preset: str) -> int:
-    """Decode every frame of ``src`` in order and encode it to ``tmp``; returns the number of frames.
-
-    Raises ``ValueError("undecodable: ...")`` or ``ValueError("truncated: ...")`` for bad sources."""
+def _source_frames(src: str):
+    """``(frames, rate)``: every decoded frame of ``src`` in order, at its average frame rate; the generator's
+    return value is the frame count. Bad sources raise ``ValueError("undecodable: ...")`` / ``"truncated: ..."``."""
     import av
-    from av.video.frame import PictureType
-    from av.video.reformatter import Interpolation, VideoReformatter
 
     try:
         inp = av.open(src)
     except Exception as e:
         raise ValueError(f"undecodable: cannot open ({type(e).__name__}: {e})") from None
-    with inp:
-        if not inp.streams.video:
-            raise ValueError("undecodable: no video stream")
-        ist = inp.streams.video[0]
-        ist.codec_context.thread_count = 1  # the processes are the parallelism
-        # NTSC rates (30000/1001) stay exact; a variable-rate source's odd average gets a nearby simple rate
-        rate = Fraction(ist.average_rate or ist.guessed_rate or 25).limit_denominator(1001)
-        expected = declared_frames(inp, ist)
-        reformatter = VideoReformatter()
+    if not inp.streams.video:
+        inp.close()
+        raise ValueError("undecodable: no video stream")
+    ist = inp.streams.video[0]
+    ist.codec_context.thread_count = 1  # the processes are the parallelism
+    # NTSC rates (30000/1001) stay exact; a variable-rate source's odd average gets a nearby simple rate
+    rate = Fraction(ist.average_rate or ist.guessed_rate or 25).limit_denominator(1001)
+
+    def frames():
         n = 0
-        with av.open(tmp, "w", format="mp4", options={"movflags": "+faststart"}) as out:
-            ost = None
+        with inp:
+            expected = declared_frames(inp, ist)
             try:
                 for frame in inp.decode(ist):
-                    if ost is None:
-                        w, h = output_size(frame.width, frame.height, short_side)
-                        interp = Interpolation.AREA if w < frame.width else Interpolation.BICUBIC
-                        ost = out.add_stream("libx264", rate=rate, options={
-                            "crf": str(crf), "preset": preset, "tune": "fastdecode", "threads": "1"})
-                        ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
-                        ost.codec_context.gop_size = gop
-                    f = reformatter.reformat(frame, w, h, "yuv420p", interpolation=interp)
-                    f.pts, f.time_base, f.pict_type = n, 1 / rate, PictureType.NONE  # constant rate; x264 picks types
-                    out.mux(ost.encode(f))
+                    yield frame
                     n += 1
             except av.error.FFmpegError as e:
                 if n == 0:
                     raise ValueError(f"undecodable: {type(e).__name__}: {e}") from None
-                raise ValueError(f"truncated: decoding failed after {n} frames ({type(e).__name__}: {e})") from None
+                raise ValueError(f"truncated: decoding failed after {n} frames ({type(e).__name__}: {e})") \
+                    from None
+        if n == 0:
+            raise ValueError("undecodable: no frames")
+        if expected and n + max(2, expected // 50) <= expected:  # a container's count may be off by a frame
+            raise ValueError(f"truncated: {n} frames decodable of {expected} listed")
+        return n
+
+    return frames(), rate
+
+
+def _interpolation(out_width: int, in_width: int):
+    from av.video.reformatter import Interpolation
+
+    return Interpolation.AREA if out_width < in_width else Interpolation.BICUBIC
+
+
+def encode(src: str, tmp: str, short_side: int, gop: int, crf: int, preset: str) -> int:
+    """Decode every frame of ``src`` in order and encode it to ``tmp``; returns the number of frames."""
+    import av
+    from av.video.frame import PictureType
+    from av.video.reformatter import VideoReformatter
+
+    frames, rate = _source_frames(src)
+    reformatter = VideoReformatter()
+    with av.open(tmp, "w", format="mp4", options={"movflags": "+faststart"}) as out:
+        ost = None
+        n = 0
+        for frame in frames:
             if ost is None:
-                raise ValueError("undecodable: no frames")
-            out.mux(ost.encode())
-    if expected and n + max(2, expected // 50) <= expected:  # a container's count/duration may be off by a frame
-        raise ValueError(f"truncated: {n} frames decodable of {expected} listed")
+                w, h = output_size(frame.width, frame.height, short_side)
+                interp = _interpolation(w, frame.width)
+                ost = out.add_stream("libx264", rate=rate, options={
+                    "crf": str(crf), "preset": preset, "tune": "fastdecode", "threads": "1"})
+                ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
+                ost.codec_context.gop_size = gop
+            f = reformatter.reformat(frame, w, h, "yuv420p", interpolation=interp)
+            f.pts, f.time_base, f.pict_type = n, 1 / rate, PictureType.NONE  # constant rate; x264 picks types
+            out.mux(ost.encode(f))
+            n += 1
+        out.mux(ost.encode())
+    return n
+
+
+def write_frames(src: str, tmp: str, short_side: int, quality: int) -> int:
+    """Decode every frame of ``src`` and write it as ``tmp/img_00001.jpg``, ... (VideoMAE V2's names, numbered
+    from 1), each file fsynced; returns the number of frames."""
+    from av.video.reformatter import VideoReformatter
+
+    frames, _ = _source_frames(src)
+    reformatter = VideoReformatter()
+    os.makedirs(tmp)
+    n = 0
+    for frame in frames:
+        if n == 0:
+            w, h = output_size(frame.width, frame.height, short_side)
+            interp = _interpolation(w, frame.width)
+        image = reformatter.reformat(frame, w, h, "rgb24", interpolation=interp).to_image()
+        n += 1
+        with open(os.path.join(tmp, f"img_{n:05d}.jpg"), "wb") as f:
+            image.save(f, format="JPEG", quality=quality)
+            f.flush()
+            os.fsync(f.fileno())
     return n
 
 
@@ -93,14 +139,19 @@ def verify(path: str, frames: int) -> None:
         raise ValueError(f"output check failed: {n} frames, the source decodes to {frames}")
 
 
-def convert(src: str, dst: str, short_side: int, gop: int, crf: int, preset: str) -> Tuple[str | None, int]:
-    """Write the prepared copy of ``src`` to ``dst`` atomically; returns ``(error or None, frames)``."""
+def convert(src: str, dst: str, short_side: int, gop: int, crf: int, preset: str,
+            jpeg_quality: int | None = None) -> Tuple[str | None, int]:
+    """Write the prepared copy of ``src`` to ``dst`` atomically, a video, or a folder of JPEG frames when
+    ``jpeg_quality`` is given; returns ``(error or None, frames)``."""
     if not os.path.exists(src):
         return "missing: file not found", 0
     tmp = f"{dst}.{os.getpid()}.tmp"
     try:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        n = encode(src, tmp, short_side, gop, crf, preset)
+        if jpeg_quality is None:
+            n = encode(src, tmp, short_side, gop, crf, preset)
+        else:
+            n = write_frames(src, tmp, short_side, jpeg_quality)
         verify(tmp, n)
         _fsync(tmp)
         os.replace(tmp, dst)
@@ -111,5 +162,12 @@ def convert(src: str, dst: str, short_side: int, gop: int, crf: int, preset: str
     except Exception as e:  # anything else from FFmpeg or the file system: report it, keep going
         return f"failed: {type(e).__name__}: {e}", 0
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        remove_output(tmp)
+
+
+def remove_output(path: str) -> None:
+    """Remove a (temporary) output, a file or a folder of frames, if it exists."""
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
