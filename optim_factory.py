@@ -12,6 +12,8 @@ import torch.nn as nn
 
 from timm.utils import unwrap_model
 
+from cli import at_least
+
 
 __all__ = ["add_optimizer_args", "create_optimizer", "scale_lr", "cosine_scheduler", "apply_schedule", "get_lr_stats"]
 
@@ -156,6 +158,6 @@ def add_optimizer_args(parser: argparse.ArgumentParser, lr: float, min_lr: float
     g.add_argument("--lr", default=lr, type=float, help="base lr; the run uses lr * total_batch / 256")
     g.add_argument("--warmup_lr", default=warmup_lr, type=float, help="warm-up start (scaled like --lr)")
     g.add_argument("--min_lr", default=min_lr, type=float, help="final lr (scaled like --lr)")
-    g.add_argument("--warmup_epochs", default=warmup_epochs, type=int, help="linear warm-up epochs")
+    g.add_argument("--warmup_epochs", default=warmup_epochs, type=at_least(0), help="linear warm-up epochs")
     g.add_argument("--warmup_steps", default=-1, type=int, help="overrides --warmup_epochs when > 0")
     return g

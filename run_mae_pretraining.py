@@ -21,7 +21,7 @@ import metric_logging
 import optim_factory
 import training
 from checkpointing import Checkpointer
-from cli import HelpFormatter, add_debug_arg, run_program
+from cli import HelpFormatter, add_debug_arg, at_least, run_program
 from datasets import add_data_args, build_pretraining_dataset, get_broken_count, multiple_samples_collate
 from distributed import get_world_size, is_main_process
 from engine_for_pretraining import clips_to_device, train_one_epoch
@@ -42,7 +42,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = training.add_model_args(p, model="pretrain_videomae_base_patch16_224", drop_path=0.0,
                                 kwargs_example='{"encoder_depth": 4}')
-    g.add_argument("--decoder_depth", default=4, type=int, help="decoder blocks (AdaMAE/VideoMAE: 4)")
+    g.add_argument("--decoder_depth", default=4, type=at_least(0), help="decoder blocks (AdaMAE/VideoMAE: 4)")
     g.add_argument("--normalize_target", "--normlize_target", default=True, action=argparse.BooleanOptionalAction,
                    help="per-tubelet normalised pixel targets (paper); --no-normalize_target for raw pixels")
     g.add_argument("--loss_type", default="mse", choices=["mse", "l1"],
@@ -58,19 +58,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="divides the sampler's logits (AdaMAE's --softmax_temp was never applied: 1.0 is faithful)")
     g.add_argument("--sampler_type", default="mha", choices=["mha", "mlp"],
                    help="token sampler body: mha (AdaMAE) or mlp (ablation f)")
-    g.add_argument("--sampler_depth", default=1, type=int, help="token sampler blocks (ablation f)")
-    g.add_argument("--sampler_dim", default=None, type=int, help="sampler width (default: encoder width)")
-    g.add_argument("--sampler_heads", default=8, type=int, help="token sampler attention heads")
+    g.add_argument("--sampler_depth", default=1, type=at_least(0), help="token sampler blocks (ablation f)")
+    g.add_argument("--sampler_dim", default=None, type=at_least(1), help="sampler width (default: encoder width)")
+    g.add_argument("--sampler_heads", default=8, type=at_least(1), help="token sampler attention heads")
     g.add_argument("--sampler_detach_input", action="store_true",
                    help="stop the sampling loss from training the shared patch embedding")
 
     optim_factory.add_optimizer_args(p, lr=1.5e-4, min_lr=1e-5, warmup_lr=0.0, warmup_epochs=40)
 
     g = training.add_output_args(p, "output and resume", "checkpoints, log.txt, args.json, TensorBoard")
-    g.add_argument("--vis_freq", default=20, type=int,
+    g.add_argument("--vis_freq", default=20, type=at_least(0),
                    help="every N epochs log the Video|Prediction|Error|CAT|Mask grid of fixed clips to TensorBoard "
                         "(0: never)")
-    g.add_argument("--vis_num_clips", default=4, type=int, help="clips in the TensorBoard mask grid")
+    g.add_argument("--vis_num_clips", default=4, type=at_least(1), help="clips in the TensorBoard mask grid")
 
     add_data_args(p, pretrain=True)
     distributed.add_distributed_args(p)

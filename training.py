@@ -296,5 +296,6 @@ def add_output_args(parser: argparse.ArgumentParser, title: str, output_help: st
     g.add_argument("--resume", default="", help="checkpoint to resume from (other flags allowed: no drift check)")
     g.add_argument("--auto_resume", default=True, action=argparse.BooleanOptionalAction,
                    help="resume from the newest checkpoint in --output_dir")
-    g.add_argument("--start_epoch", default=0, type=int, help="first epoch (set by resuming; rarely needed by hand)")
+    g.add_argument("--start_epoch", default=0, type=at_least(0),
+                   help="first epoch (set by resuming; rarely needed by hand)")
     return g

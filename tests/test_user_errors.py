@@ -135,10 +135,16 @@ def test_help_documents_every_flag_with_its_default(module, capsys):
 
 @pytest.mark.parametrize("flag,value,low", [("--epochs", "0", 1), ("--update_freq", "0", 1), ("--print_freq", "0", 1),
                                             ("--save_ckpt_freq", "0", 1), ("--sampling_rate", "0", 1),
-                                            ("--num_sample", "0", 1), ("--num_workers", "-1", 0)])
+                                            ("--num_sample", "0", 1), ("--num_workers", "-1", 0),
+                                            ("--vis_num_clips", "0", 1), ("--sampler_heads", "0", 1),
+                                            ("--warmup_epochs", "-1", 0), ("--test_num_crop", "0", 1)])
 def test_counts_below_their_minimum_name_the_flag(synthetic_dir, tmp_path, flag, value, low):
-    # Each of these once crashed with ZeroDivisionError or, worse, trained (a stride of 0: one repeated frame).
-    res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "o", flag, value)
+    # Each of these once crashed (ZeroDivisionError, IndexError) or, worse, trained (a frame stride of 0: one
+    # repeated frame; a negative warm-up).
+    if flag == "--test_num_crop":
+        res = finetune(synthetic_dir, tmp_path / "o", "--data_set", "custom", "--nb_classes", "4", flag, value)
+    else:
+        res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "o", flag, value)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert f": must be >= {low}, got {value}" in res.stderr.strip().splitlines()[-1]
     assert f"error: argument {flag}" in res.stderr.strip().splitlines()[-1]
