@@ -312,6 +312,9 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
     add("--worker_start_method", default=None, choices=["fork", "spawn", "forkserver"],
         help="how workers start (default: the platform's, fork on Linux, spawn on macOS); spawn and forkserver "
              "start clean processes, for a library that is not fork-safe (workers hang): slower start, same clips")
+    add("--prefetch_factor", default=2, type=at_least(1),
+        help="batches each DataLoader worker prepares ahead (torch's default); host memory holds about num_workers "
+             "x prefetch_factor batches of uint8 pixels: lower it when that is too much")
     add("--pin_mem", action="store_true", help="pin CPU memory in the DataLoader")
     add("--no_pin_mem", action="store_false", dest="pin_mem", help="do not pin CPU memory in the DataLoader")
     add("--max_retries", default=10, type=at_least(0), help="broken videos: consecutive replacements before failing")

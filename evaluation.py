@@ -29,7 +29,7 @@ from tqdm import tqdm
 import distributed
 import stall_watchdog
 from precision import autocast
-from utils import atomic_write_text, seed_worker, worker_context
+from utils import atomic_write_text, worker_kwargs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -61,10 +61,9 @@ def eval_loader(dataset: Any, args: Any, batch_size: int) -> DataLoader:
     """In-order loader without drop_last; with ``--dist_eval`` this rank's contiguous part only."""
     shard = args.dist_eval and args.distributed
     sampler = ShardSampler(len(dataset)) if shard else ShardSampler(len(dataset), 0, 1)
-    return DataLoader(dataset, sampler=sampler, batch_size=batch_size, num_workers=args.num_workers,
+    return DataLoader(dataset, sampler=sampler, batch_size=batch_size,
                       pin_memory=args.pin_mem and args.device.startswith("cuda"), drop_last=False,
-                      worker_init_fn=seed_worker, persistent_workers=False,
-                      multiprocessing_context=worker_context(args))
+                      persistent_workers=False, **worker_kwargs(args))
 
 
 def progress(loader: Iterable, desc: str) -> Iterator:

@@ -28,7 +28,7 @@ from distributed import get_world_size, init_distributed_mode, is_main_process
 from precision import LossScaler, NonFiniteLossWatch, resolve_precision
 from preemption import GracefulStop, exit_preempted
 from resume import ResumableSampler, start_epoch_data
-from utils import atomic_write_text, plain_args, seed_step, seed_worker, setup_seed, worker_context
+from utils import atomic_write_text, plain_args, seed_step, setup_seed, worker_kwargs
 
 
 def setup_run(args: argparse.Namespace) -> torch.device:
@@ -88,10 +88,9 @@ def build_train_loader(dataset: Any, args: argparse.Namespace, device: torch.dev
     """
     world = get_world_size()
     sampler = ResumableSampler(dataset, num_replicas=world, rank=args.rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.num_workers,
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
                         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
-                        worker_init_fn=seed_worker, persistent_workers=args.num_workers > 0, collate_fn=collate_fn,
-                        multiprocessing_context=worker_context(args))
+                        persistent_workers=args.num_workers > 0, collate_fn=collate_fn, **worker_kwargs(args))
     steps = len(loader) // args.accum_iter
     if steps == 0:
         from cli import UserError

@@ -66,10 +66,14 @@ def _kill_workers_left_at_exit() -> None:
 atexit.register(_kill_workers_left_at_exit)
 
 
-def worker_context(args: argparse.Namespace) -> str | None:
-    """``DataLoader(multiprocessing_context=...)`` for ``--worker_start_method`` (None: the platform's default;
-    DataLoader refuses a context without workers)."""
-    return args.worker_start_method if args.num_workers > 0 else None
+def worker_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The DataLoader keywords of the worker flags (``--num_workers``, ``--worker_start_method``: None is the
+    platform's default, ``--prefetch_factor``) with ``seed_worker``; DataLoader refuses the last two without
+    workers."""
+    if args.num_workers == 0:
+        return {"num_workers": 0}
+    return {"num_workers": args.num_workers, "worker_init_fn": seed_worker,
+            "multiprocessing_context": args.worker_start_method, "prefetch_factor": args.prefetch_factor}
 
 
 def seed_step(seed: int, iteration: int) -> None:

@@ -80,12 +80,21 @@ def run_and_signal(cmd: list[str], *steps: tuple[str, object], env: dict | None 
     return proc.wait(timeout=300), "".join(lines)
 
 
-def sigterm_rank(launcher: subprocess.Popen, index: int) -> None:
-    """SIGTERM to one of torchrun's two rank processes (as SLURM signals the processes of a job)."""
-    ranks = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True,
-                           text=True).stdout.split()
-    assert len(ranks) == 2, ranks
-    os.kill(int(ranks[index]), signal.SIGTERM)
+class Ranks:
+    """torchrun's two rank processes, found early: ``ps`` can take several training steps on a loaded machine, and
+    a signal that arrives that late in the last epoch lets the run finish (by design) instead of stopping."""
+
+    def __init__(self) -> None:
+        self.pids: list[int] = []
+
+    def find(self, launcher: subprocess.Popen) -> None:
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True)
+        self.pids = [int(x) for x in out.stdout.split()]
+        assert len(self.pids) == 2, self.pids
+
+    def sigterm(self, index: int):
+        """SIGTERM to one rank (as SLURM signals the processes of a job)."""
+        return lambda launcher: os.kill(self.pids[index], signal.SIGTERM)
 
 
 def sigint(proc: subprocess.Popen) -> None:
@@ -136,8 +145,9 @@ def test_sigterm_to_one_rank_of_torchrun_pretraining_stops_all_and_resumes_bit_e
     run_uninterrupted(pretrain_cmd(data, full, _free_port()))
 
     # Only one rank gets the signal: both must stop at the same step.
-    rc, out = run_and_signal(pretrain_cmd(data, cut, _free_port()),
-                             (r"Epoch: \[0\]\s+\[\s*1/8\]", lambda p: sigterm_rank(p, 1)))
+    ranks = Ranks()
+    rc, out = run_and_signal(pretrain_cmd(data, cut, _free_port()), (r"Epoch: \[0\]\s+\[\s*0/8\]", ranks.find),
+                             (r"Epoch: \[0\]\s+\[\s*1/8\]", ranks.sigterm(1)))
     # torchrun exits 1 and names the first rank's PREEMPTED_EXIT_CODE; it terminates the ranks still shutting down.
     codes = re.findall(r"exitcode  : (-?\d+)", out)
     assert rc == 1 and str(PREEMPTED_EXIT_CODE) in codes and set(codes) <= {str(PREEMPTED_EXIT_CODE), "-15"}, \
@@ -154,8 +164,9 @@ def test_sigterm_to_one_rank_of_torchrun_pretraining_stops_all_and_resumes_bit_e
 def test_sigterm_to_torchrun_finetuning_with_workers_resumes_bit_exact(data, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     run_uninterrupted(finetune_cmd(data, full, _free_port()))
-    rc, out = run_and_signal(finetune_cmd(data, cut, _free_port()),
-                             (r"Epoch: \[1\]\s+\[\s*1/8\]", lambda p: sigterm_rank(p, 0)))
+    ranks = Ranks()
+    rc, out = run_and_signal(finetune_cmd(data, cut, _free_port()), (r"Epoch: \[0\]\s+\[\s*0/8\]", ranks.find),
+                             (r"Epoch: \[1\]\s+\[\s*0/8\]", ranks.sigterm(0)))
     assert rc == 1 and f"exitcode  : {PREEMPTED_EXIT_CODE}" in out, out[-3000:]
     ours = r"(run_\w+|engine_\w+|training|checkpointing|evaluation|utils)\.py\", line"
     assert not re.search(ours, out)  # no traceback through our code
@@ -208,10 +219,11 @@ def test_auto_resume_refuses_flag_drift_and_accepts_harmless_flags(data, tmp_pat
     recorded = json.loads((tmp_path / "args.json").read_text())  # the refused runs left the folder's record alone
     assert recorded["mask_ratio"] == 0.75 and recorded["mask_type"] == "adaptive" and recorded["batch_size"] == 8
 
-    # Print frequency, workers and the same list elsewhere (a copy, not a link) do not define the run.
+    # Print frequency, workers, prefetching and the same list elsewhere (a copy, not a link) do not define the run.
     moved = tmp_path / "moved.csv"
     moved.write_text(listed.read_text())
-    res = run_main(run_mae_pretraining, base + ["--print_freq", "3", "--num_workers", "1", "--data_path", str(moved)])
+    res = run_main(run_mae_pretraining, base + ["--print_freq", "3", "--num_workers", "1", "--prefetch_factor", "1",
+                                                "--data_path", str(moved)])
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "Resumed from" in res.stdout
     saved = json.loads((tmp_path / "args.json").read_text())["train_data_sha256"]

@@ -212,13 +212,20 @@ def test_launchers_pass_the_paper_recipe(script, env, expect, tmp_path):
 
 def test_spawned_workers_train_exactly_as_forked_ones(train_list, tmp_path):
     """--worker_start_method spawn (macOS's default, and the way out of a library that is not fork-safe) starts
-    workers that import everything afresh: the run must be the same, step for step."""
+    workers that import everything afresh: the run must be the same, step for step (also with fewer batches
+    prepared ahead, --prefetch_factor 1)."""
+    from utils import worker_kwargs
+
+    parse = run_mae_pretraining.get_args_parser().parse_args
+    got = worker_kwargs(parse(["--num_workers", "2", "--worker_start_method", "spawn", "--prefetch_factor", "1"]))
+    assert (got["num_workers"], got["multiprocessing_context"], got["prefetch_factor"]) == (2, "spawn", 1)
+    assert worker_kwargs(parse(["--num_workers", "0"])) == {"num_workers": 0}
     runs = {}
     for method in ("fork", "spawn"):
         out = tmp_path / method
         res = subprocess.run([sys.executable, "run_mae_pretraining.py",
                               *tiny_args(train_list, out, "--num_workers", "2", "--worker_start_method", method,
-                                         "--vis_freq", "0")],
+                                         "--vis_freq", "0", "--prefetch_factor", "2" if method == "fork" else "1")],
                              cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                              timeout=300)
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
