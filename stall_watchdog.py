@@ -7,9 +7,12 @@ rank never joined, a worker stuck in a decoder, or a deadlock then shows up in t
 VideoMAE-style code asked (decord hangs, NCCL timeouts). The report repeats every ``--stall_minutes`` while the
 stall lasts; the run itself is left alone (``--dist_timeout`` or the user decides when to give up).
 
-Workers answer SIGUSR2 with their stacks through ``faulthandler``'s C handler, which works even while the worker
-is inside a C call such as a decoder. Only children that handle SIGUSR2 (``/proc/<pid>/status``, Linux) are asked,
-so no other child process is ever killed by the signal.
+Workers answer SIGUSR2 with the stack of their main thread, where the dataset's code and the decoder run, through
+``faulthandler``'s C handler, which works even while the worker is inside a C call such as a decoder. The signal
+goes to that thread (``tgkill``) and only that thread's stack is printed: a C signal handler that walks the stacks
+of the worker's other threads while they run (the one that hands batches' shared memory to the main process) could
+crash the worker, and with it the run (seen in a test, once in a few runs on a loaded machine). Only children that
+handle SIGUSR2 (``/proc/<pid>/status``, Linux) are asked, so no other child process is ever killed by the signal.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ class _Watchdog(threading.Thread):
             faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
         for pid in workers:
             try:
-                os.kill(pid, _WORKER_SIGNAL)
+                _signal_main_thread(pid, _WORKER_SIGNAL)
             except OSError:  # the worker ended meanwhile
                 pass
 
@@ -78,7 +81,8 @@ def beat(loop: str, index: int) -> None:
 
 
 def enable_in_worker() -> None:
-    """In a DataLoader worker: print this process's stacks to stderr when the watchdog sends SIGUSR2.
+    """In a DataLoader worker: print the stack of the thread the watchdog's SIGUSR2 interrupts (the main one) to
+    stderr; it is not running meanwhile, so reading its frames is safe (see the module docstring).
 
     faulthandler writes to a file descriptor: where ``sys.stderr`` has none (a notebook, a captured stream) the
     process's original stderr is used, and without one the worker simply cannot dump."""
@@ -89,8 +93,21 @@ def enable_in_worker() -> None:
             fd = stream.fileno()
         except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is a ValueError and an OSError
             continue
-        faulthandler.register(_WORKER_SIGNAL, file=fd, all_threads=True)
+        faulthandler.register(_WORKER_SIGNAL, file=fd, all_threads=False)
         return
+
+
+def _signal_main_thread(pid: int, sig: int) -> None:
+    """``sig`` to the main thread of process ``pid`` (its thread id is ``pid``) with glibc's ``tgkill``; where there
+    is none, to the process (the kernel then picks a thread, whose own stack is what gets printed)."""
+    try:
+        import ctypes
+
+        tgkill = ctypes.CDLL(None, use_errno=True).tgkill
+    except (OSError, AttributeError):  # not glibc >= 2.30 (musl, macOS)
+        tgkill = None
+    if tgkill is None or tgkill(pid, pid, int(sig)) != 0:
+        os.kill(pid, sig)
 
 
 def _workers_that_dump() -> list[int]:
