@@ -174,7 +174,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = data.steps_per_epoch if data is not None else 0
 
     mixup_fn = build_mixup(args, args.nb_classes)
-    if mixup_fn is not None and (args.batch_size * max(1, args.num_sample)) % 2 and args.mixup_mode == "batch":
+    if mixup_fn is not None and (args.batch_size * args.num_sample) % 2 and args.mixup_mode == "batch":
         raise UserError("mixup/cutmix in batch mode needs an even number of clips per batch")
     model = create_classifier(args)
     # --eval of a pre-training checkpoint would report chance accuracy: insist on a classifier head.
@@ -188,7 +188,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model_ema = build_model_ema(args, model)
     optim = training.build_optimisation(args, model, steps_per_epoch, device, layer_decay=args.layer_decay)
     print(f"{len(sets.get('train', []))} training videos, {steps_per_epoch} optimizer steps per epoch, clips per "
-          f"step {args.batch_size * args.accum_iter * get_world_size() * max(1, args.num_sample)} "
+          f"step {args.batch_size * args.accum_iter * get_world_size() * args.num_sample} "
           f"(num_sample {args.num_sample})")
     criterion = build_criterion(args, mixup_fn is not None)
     print(f"criterion = {criterion}; mixup {'on' if mixup_fn is not None else 'off'}")

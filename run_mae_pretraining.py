@@ -89,7 +89,7 @@ def main(args: argparse.Namespace) -> dict:
           f"({model.num_visible} of {model.num_patches} tokens visible)")
     optim = training.build_optimisation(args, model, data.steps_per_epoch, device)
     print(f"{len(data.dataset)} videos, {data.steps_per_epoch} optimizer steps per epoch, clips per step "
-          f"{args.batch_size * args.accum_iter * get_world_size() * max(1, args.num_sample)} "
+          f"{args.batch_size * args.accum_iter * get_world_size() * args.num_sample} "
           f"(num_sample {args.num_sample})")
     checkpointer = Checkpointer(args, model, optim.optimizer, optim.loss_scaler, kind="pretrain",
                                 model_name=args.model, mask_type=model.mask_type, mask_ratio=args.mask_ratio)
@@ -113,7 +113,7 @@ def main(args: argparse.Namespace) -> dict:
 
     def visualise(epoch: int, _: dict[str, float]) -> dict[str, Any]:
         if vis_clips is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
-            first_clips = clips_to_device(vis_clips, device)[::max(1, args.num_sample)]  # one clip per video
+            first_clips = clips_to_device(vis_clips, device)[::args.num_sample]  # one clip per video
             log_mask_images(log_writer, model_without_ddp, normalize_clips(first_clips),
                             step=(epoch + 1) * data.steps_per_epoch, normalize_target=args.normalize_target)
         return {}

@@ -17,7 +17,6 @@ handle SIGUSR2 (``/proc/<pid>/status``, Linux) are asked, so no other child proc
 from __future__ import annotations
 
 import faulthandler
-import io
 import multiprocessing
 import os
 import signal
@@ -52,10 +51,9 @@ class _Watchdog(threading.Thread):
                          f"Python stacks of this process follow, then those of its {len(workers)} DataLoader "
                          f"worker(s) {workers}. The run keeps waiting (--stall_minutes 0 turns this off).\n")
         sys.stderr.flush()
-        try:
-            faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-        except (AttributeError, ValueError, io.UnsupportedOperation):  # stderr replaced by an object without a file
-            faulthandler.dump_traceback(file=sys.__stderr__, all_threads=True)
+        fd = _stderr_fd()
+        if fd is not None:  # called from Python code (GIL held): walking every thread's frames is safe here
+            faulthandler.dump_traceback(file=fd, all_threads=True)
         for pid in workers:
             try:
                 _signal_main_thread(pid, _WORKER_SIGNAL)
@@ -84,17 +82,21 @@ def enable_in_worker() -> None:
     """In a DataLoader worker: print the stack of the thread the watchdog's SIGUSR2 interrupts (the main one) to
     stderr; it is not running meanwhile, so reading its frames is safe (see the module docstring).
 
-    faulthandler writes to a file descriptor: where ``sys.stderr`` has none (a notebook, a captured stream) the
-    process's original stderr is used, and without one the worker simply cannot dump."""
-    if _WORKER_SIGNAL is None:
-        return
+    Without a file descriptor for stderr (``_stderr_fd``) the worker simply cannot dump."""
+    fd = _stderr_fd()
+    if _WORKER_SIGNAL is not None and fd is not None:
+        faulthandler.register(_WORKER_SIGNAL, file=fd, all_threads=False)
+
+
+def _stderr_fd() -> int | None:
+    """The file descriptor faulthandler writes to: ``sys.stderr``'s, else (a notebook, a captured stream) the
+    process's original stderr's, else None."""
     for stream in (sys.stderr, sys.__stderr__):
         try:
-            fd = stream.fileno()
+            return stream.fileno()
         except (AttributeError, ValueError, OSError):  # io.UnsupportedOperation is a ValueError and an OSError
             continue
-        faulthandler.register(_WORKER_SIGNAL, file=fd, all_threads=False)
-        return
+    return None
 
 
 def _signal_main_thread(pid: int, sig: int) -> None:

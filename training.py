@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 import metric_logging
 import optim_factory
 import stall_watchdog
-from cli import at_least
+from cli import UserError, at_least
 from distributed import get_world_size, init_distributed_mode, is_main_process
 from precision import LossScaler, NonFiniteLossWatch, resolve_precision
 from preemption import GracefulStop, exit_preempted
@@ -38,7 +38,6 @@ def setup_run(args: argparse.Namespace) -> torch.device:
     A run without ``--output_dir`` is refused: it would train and keep nothing (no checkpoint, log or results).
     """
     if not args.output_dir:
-        from cli import UserError
         raise UserError("--output_dir is required: it receives the checkpoints (resumable), log.txt, args.json, "
                         "TensorBoard logs and results; e.g. --output_dir output/my_run")
     init_distributed_mode(args)
@@ -93,7 +92,6 @@ def build_train_loader(dataset: Any, args: argparse.Namespace, device: torch.dev
                         persistent_workers=args.num_workers > 0, collate_fn=collate_fn, **worker_kwargs(args))
     steps = len(loader) // args.accum_iter
     if steps == 0:
-        from cli import UserError
         raise UserError(f"{len(dataset)} videos give no full step of --batch_size {args.batch_size} x "
                         f"--update_freq {args.accum_iter} x {world} processes; lower --batch_size or add data")
     args.num_training_steps_per_epoch = steps

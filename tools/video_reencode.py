@@ -24,8 +24,8 @@ def output_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
 
 
 def _source_frames(src: str):
-    """``(frames, rate)``: every decoded frame of ``src`` in order, at its average frame rate; the generator's
-    return value is the frame count. Bad sources raise ``ValueError("undecodable: ...")`` / ``"truncated: ..."``."""
+    """``(frames, rate)``: every decoded frame of ``src`` in order, at its average frame rate. Bad sources raise
+    ``ValueError("undecodable: ...")`` / ``"truncated: ..."`` (the latter once the frames run out)."""
     import av
 
     try:
@@ -57,7 +57,6 @@ def _source_frames(src: str):
             raise ValueError("undecodable: no frames")
         if expected and n + max(2, expected // 50) <= expected:  # a container's count may be off by a frame
             raise ValueError(f"truncated: {n} frames decodable of {expected} listed")
-        return n
 
     return frames(), rate
 
