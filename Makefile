@@ -4,21 +4,26 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA ?= data/synthetic
 OUT ?= output/quickstart
+# LOCKED=1 installs the exact versions of requirements-lock.txt (the ones CI passed with) instead of the newest
+# releases the requirement ranges admit; `make lock` rewrites it from this .venv.
+LOCK := $(if $(LOCKED),-c requirements-lock.txt,)
+STAMP := $(BIN)/.installed$(if $(LOCKED),-locked,)
 
-.PHONY: quickstart test doctor lint bench clean
+.PHONY: quickstart test doctor lint bench lock clean
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt $(if $(LOCKED),requirements-lock.txt,)
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -r requirements-dev.txt
+	$(BIN)/pip install -r requirements-dev.txt $(LOCK)
+	rm -f $(BIN)/.installed $(BIN)/.installed-locked $(BIN)/.installed-deepspeed
 	touch $@
 
 # DeepSpeed (optional at run time, exercised by the tests) builds against the venv's torch.
-$(BIN)/.installed-deepspeed: $(BIN)/.installed requirements-deepspeed.txt
-	$(BIN)/pip install --no-build-isolation -r requirements-deepspeed.txt
+$(BIN)/.installed-deepspeed: $(STAMP) requirements-deepspeed.txt
+	$(BIN)/pip install --no-build-isolation -r requirements-deepspeed.txt $(LOCK)
 	touch $@
 
-$(DATA)/train.csv: $(BIN)/.installed
+$(DATA)/train.csv: $(STAMP)
 	$(BIN)/python tools/make_synthetic_dataset.py --out $(DATA) --num_videos 240 --num_classes 4 --seed 0
 
 # A small AdaMAE pre-trained on the synthetic set on CPU in a few minutes (see PRETRAIN.md, "Quickstart").
@@ -34,14 +39,21 @@ quickstart: $(DATA)/train.csv
 test: $(BIN)/.installed-deepspeed
 	$(BIN)/python -m pytest -q
 
-doctor: $(BIN)/.installed
+doctor: $(STAMP)
 	$(BIN)/python tools/doctor.py
 
-lint: $(BIN)/.installed
+lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(BIN)/.installed
+bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pretrain_step.py
+
+# Run after `make test` passed in this .venv: the lock then records versions the whole suite passed with.
+lock: $(BIN)/.installed-deepspeed
+	{ echo "# Exact versions the test suite passed with: Python $$($(BIN)/python -c 'import platform; print(platform.python_version())'), $$(uname -sm)."; \
+	  echo "# Install with them: make test LOCKED=1 (or pip install -r requirements-dev.txt -c requirements-lock.txt)."; \
+	  echo "# Regenerate after a passing make test: make lock."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -E '^(pip|setuptools|wheel)=='; } > requirements-lock.txt
 
 clean:
 	rm -rf $(VENV) output

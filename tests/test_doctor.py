@@ -34,6 +34,7 @@ def test_doctor_passes_here_with_real_clips_and_a_real_step(tmp_path):
                   "backends agree (VP9)", "training step (cpu, fp32)", "open files"):
         assert status(res.stdout, check) == "OK", check
     assert "every parameter got a gradient (sampler included)" in res.stdout
+    assert status(res.stdout, "lock") in ("OK", "INFO")  # INFO once newer releases than the lock's are installed
     assert re.search(r"^Ready \(\d+ warning\(s\)\)$", res.stdout, re.M)
 
 
@@ -48,3 +49,38 @@ def test_one_backend_missing_is_a_warning_and_no_backend_a_failure(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     assert status(res.stdout, "video backend") == "FAIL" and "FAILED: video backend" in res.stdout
     assert status(res.stdout, "training step (cpu, fp32)") == "OK"  # the rest is still checked
+
+
+def test_the_lock_pins_a_version_every_requirement_file_admits():
+    from packaging.requirements import Requirement
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from doctor import lock_pins
+
+    pins = lock_pins()
+    assert len(pins) > 20  # the whole environment, not only the direct requirements
+    for name in ("requirements.txt", "requirements-dev.txt", "requirements-deepspeed.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if not line or line.startswith("-r"):
+                continue
+            req = Requirement(line)
+            key = req.name.replace("_", "-").lower()
+            assert key in pins, f"{name}: {req.name} is not in requirements-lock.txt"
+            assert req.specifier.contains(pins[key], prereleases=True), f"{name}: {line} vs lock {pins[key]}"
+
+
+def test_doctor_names_the_packages_that_differ_from_the_lock(tmp_path):
+    import importlib.metadata
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    from doctor import LOCK, check_lock
+
+    here = importlib.metadata.version("numpy")
+    lock = tmp_path / "requirements-lock.txt"
+    lock.write_text(LOCK.read_text().replace(f"numpy=={here}", "numpy==1.24.0") + "einops==0.1\n")
+    r = check_lock(lock)
+    assert r.status == "info"  # the ranges allow newer releases: information, not a failure
+    assert f"numpy {here} (lock 1.24.0)" in r.detail and "einops" in r.detail and "LOCKED=1" in r.detail
+    assert "tqdm" not in r.detail
+    assert check_lock(tmp_path / "missing.txt").detail == "missing.txt not found"

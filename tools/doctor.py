@@ -49,6 +49,43 @@ def requirements() -> dict[str, str]:
     return out
 
 
+LOCK = ROOT / "requirements-lock.txt"
+
+
+def lock_pins(path: Path = LOCK) -> dict[str, str]:
+    """``{package: version}`` pinned in a lock file (``name==version`` lines; names normalised as pip does)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
+        if m:
+            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    return pins
+
+
+def check_lock(path: Path = LOCK) -> Result:
+    """Installed versions of the direct requirements against the lock's (the versions the test suite passed with).
+
+    Newer releases are allowed by the requirement ranges, so a difference is information, not a warning: it is where
+    to look first when something that passed CI fails here.
+    """
+    if not path.exists():
+        return Result("info", "lock", f"{path.name} not found")
+    pins = lock_pins(path)
+    differ = []
+    for name in [*requirements(), *OPTIONAL]:
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        try:
+            version = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        if key in pins and pins[key] != version:
+            differ.append(f"{name} {version} (lock {pins[key]})")
+    if not differ:
+        return Result("ok", "lock", f"installed versions are {path.name}'s, which the test suite passed with")
+    return Result("info", "lock", f"differs from {path.name}: " + ", ".join(differ)
+                  + "; if something that passed CI fails here, `make test LOCKED=1` installs the lock's versions")
+
+
 def _version_tuple(v: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.findall(r"\d+", v.split("+")[0])[:3])
 
@@ -80,6 +117,7 @@ def check_packages() -> list[Result]:
     if not any(r.check in ("av", "decord") and r.status == "ok" for r in results):
         results.append(Result("fail", "video backend", "no video backend can be imported",
                               "pip install av (PyAV, the default backend)"))
+    results.append(check_lock())
     return results
 
 
