@@ -6,7 +6,9 @@
 #   bash benchmarks/gpu_suite.sh                     # on a machine with a CUDA GPU
 #   WHEELS=wheels OUT=/tmp/out bash benchmarks/gpu_suite.sh
 #   bash benchmarks/gpu_suite.sh --cpu-smoke         # every section, tiny sizes, on CPU (checks the suite)
-#   bash benchmarks/gpu_suite.sh --sections model,loader   # some of: model, loader, e2e, compile
+#   bash benchmarks/gpu_suite.sh --sections model,loader   # some of: model, loader, e2e, compile, frames
+#   SUITE_BUDGET=420 bash benchmarks/gpu_suite.sh --sections model,loader,e2e,compile,frames
+#       # frames (not in the default run): the videos as JPEG frame folders, loader alone and whole iterations
 #
 # Environment:
 #   WHEELS=DIR     install av / decord / tqdm from wheels in DIR (offline) when they are not importable
@@ -34,7 +36,7 @@ while (($#)); do
     shift
 done
 for s in ${SECTIONS//,/ }; do
-    case $s in model | loader | e2e | compile) ;; *) echo "gpu_suite.sh: unknown section: $s" >&2; exit 2 ;; esac
+    case $s in model | loader | e2e | compile | frames) ;; *) echo "gpu_suite.sh: unknown section: $s" >&2; exit 2 ;; esac
 done
 want() { [[ ,$SECTIONS, == *,$1,* ]]; }
 
@@ -241,7 +243,7 @@ main() {
     fi
 
     local raw_list="" prep_list=""
-    if want loader || want e2e; then
+    if want loader || want e2e || want frames; then
         echo "## Videos"
         echo
         if [[ -z $AV ]]; then
@@ -249,7 +251,7 @@ main() {
         elif step videos 75 "$PY" benchmarks/gpu_suite_tools.py videos "$WORK/videos" "${vid_args[@]}"; then
             raw_list=$WORK/videos/raw.list
             show "$LOG/videos.md"
-            if [[ -n $TQDM ]] && step prepare 75 "$PY" tools/prepare_videos.py "$raw_list" "$WORK/videos/prepared" \
+            if [[ -n $TQDM ]] && { want loader || want e2e; } && step prepare 75 "$PY" tools/prepare_videos.py "$raw_list" "$WORK/videos/prepared" \
                 --no_progress "${prep_args[@]}"; then
                 prep_list=$WORK/videos/prepared/raw.list
                 show "$LOG/prepare.md" | sed 's/^/    /'
@@ -305,6 +307,33 @@ main() {
         "$PY" benchmarks/gpu_suite_tools.py merge --label setting --last_of epoch "${items[@]}" ||
             echo "(merging the tables failed)"
         echo
+    fi
+
+    if want frames && [[ -n $raw_list && -n $TQDM ]]; then
+        echo "## Frame folders (tools/prepare_videos.py --format frames: the raw videos as JPEG images)"
+        echo
+        local frames_list=$WORK/videos/frames/raw.list
+        if step prepare_frames 75 "$PY" tools/prepare_videos.py "$raw_list" "$WORK/videos/frames" --format frames \
+            --no_progress "${prep_args[@]}"; then
+            show "$LOG/prepare_frames.md" | sed 's/^/    /'
+            echo
+            step loader_frames 55 "$PY" benchmarks/bench_dataloader.py --data_path "$frames_list" --backends auto \
+                --num_samples 1,4 --workers "$workers" "${loader_args[@]}" || true
+            grep -h '^# ' "$LOG/loader_frames.md" 2>/dev/null | sed 's/^# /- /' || true
+            echo
+            "$PY" benchmarks/gpu_suite_tools.py merge --label videos frames="$LOG/loader_frames.md" ||
+                echo "(merging the tables failed)"
+            echo
+            step e2e_frames 50 "$PY" benchmarks/bench_pretrain.py --bench_epochs "$e2e_epochs" \
+                --data_path "$frames_list" ${e2e_common[@]+"${e2e_common[@]}"} --num_workers "$workers" \
+                --precision bf16 --batch_size "$rec_batch" --num_sample 4 || true
+            "$PY" benchmarks/gpu_suite_tools.py merge --label setting --last_of epoch \
+                "frame folders, bf16, batch $rec_batch x num_sample 4=$LOG/e2e_frames.md" ||
+                echo "(merging the tables failed)"
+        fi
+        echo
+    elif want frames; then
+        note "frame folders: no raw videos, or no tqdm for tools/prepare_videos.py"
     fi
 
     if want compile; then

@@ -131,22 +131,31 @@ fi
 """
 
 
-def test_gpu_run_commands_parse(tmp_path):
-    """The GPU run's commands (not taken by the smoke run), checked against the real argument parsers."""
+def _fake_gpu_run(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Dict[str, List[List[str]]]]:
+    """The suite as on a 16-core CUDA host, with Python replaced by FAKE_PYTHON: its output and the command lines
+    it ran, by script."""
     fake, log = tmp_path / "python", tmp_path / "commands"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
-    env = {**os.environ, "PYTHON": str(fake), "FAKE_LOG": str(log), "REAL_PYTHON": sys.executable}
-    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh")], cwd=REPO, env=env,
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_LOG": str(log), "REAL_PYTHON": sys.executable,
+           "WORK_DIR": str(tmp_path / "work")}
+    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), *args], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     cmds = [c.split("\0")[:-1] for c in log.read_text().split("\n\0") if c]
     by_script: Dict[str, List[List[str]]] = {}
     for c in cmds:
         by_script.setdefault(c[0], []).append(c[1:])
+    return res, by_script
+
+
+def test_gpu_run_commands_parse(tmp_path):
+    """The GPU run's commands (not taken by the smoke run), checked against the real argument parsers."""
+    res, by_script = _fake_gpu_run(tmp_path)
     assert len(by_script["benchmarks/bench_pretrain_step.py"]) == 2  # eager, compiled
     assert len(by_script["benchmarks/bench_dataloader.py"]) == 2  # raw, prepared
     assert len(by_script["benchmarks/bench_pretrain.py"]) == 3  # defaults, raw tuned, recommended
+    assert "Frame folders" not in res.stdout  # opt-in
 
     from bench_pretrain_step import build_parser
     eager, compiled = (build_parser().parse_args(a) for a in by_script["benchmarks/bench_pretrain_step.py"])
@@ -168,10 +177,33 @@ def test_gpu_run_commands_parse(tmp_path):
     assert "| recommended: prepared videos, auto, bf16, batch 16 x num_sample 4 |" in res.stdout
 
 
+def test_gpu_run_frames_section_commands_parse(tmp_path):
+    """The opt-in frames section: the raw videos become JPEG frame folders, then the loader alone and whole
+    iterations run on their list, with the recommended settings."""
+    res, by_script = _fake_gpu_run(tmp_path, "--sections", "frames")
+    sys.path.insert(0, str(REPO))
+    from tools.prepare_videos import parse_args
+
+    (tmp_path / "work" / "videos").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "work" / "videos" / "raw.list").write_text("")  # the list the stand-in did not write
+    (prep,) = [parse_args(a) for a in by_script["tools/prepare_videos.py"]]
+    assert prep.format == "frames" and prep.jobs == 16 and prep.in_list.endswith("videos/raw.list")
+    frames_list = os.path.join(prep.out_dir, "raw.list")
+    (loader,) = by_script["benchmarks/bench_dataloader.py"]
+    assert loader[loader.index("--data_path") + 1] == frames_list and loader[loader.index("--workers") + 1] == "15"
+    (e2e,) = by_script["benchmarks/bench_pretrain.py"]
+    import run_mae_pretraining
+
+    a = run_mae_pretraining.get_args_parser().parse_args(e2e[2:] + ["--output_dir", str(tmp_path)])
+    assert (a.data_path, a.num_workers, a.batch_size, a.num_sample, a.precision) == (frames_list, 15, 16, 4, "bf16")
+    assert "## Frame folders" in res.stdout and "bench_pretrain_step.py" not in by_script
+    assert "| frame folders, bf16, batch 16 x num_sample 4 |" in res.stdout
+
+
 @pytest.mark.skipif(os.environ.get("GPU_SUITE_FULL_SMOKE") != "1",
                     reason="2-3 minutes on 2 cores; set GPU_SUITE_FULL_SMOKE=1")
 def test_full_smoke(tmp_path):
-    res = _suite(tmp_path, timeout=400)
+    res = _suite(tmp_path, "--sections", "model,loader,e2e,compile,frames", timeout=500)
     assert res.returncode == 0, res.stdout + res.stderr
     tables = _check_tables(res.stdout)
     heads = [t[0][0] for t in tables]
@@ -180,3 +212,7 @@ def test_full_smoke(tmp_path):
     assert {r[0] for r in loader[2:]} == {"raw", "prepared"} and len(loader) == 2 + 8
     e2e = next(t for t in tables if t[0][0] == "setting")
     assert len(e2e) == 2 + 3 and all(r[6] not in ("", "no result") for r in e2e[2:])
+    frames = [t for t in tables if t[0][0] == "videos"][1]
+    assert {r[0] for r in frames[2:]} == {"frames"} and len(frames) == 2 + 4  # one backend (auto), ns 1 and 4
+    frames_e2e = [t for t in tables if t[0][0] == "setting"][1]
+    assert len(frames_e2e) == 3 and frames_e2e[2][6] not in ("", "no result")
