@@ -294,6 +294,16 @@ def load_pretrained_encoder(model: nn.Module, path_or_state: str | os.PathLike |
     report.missing = list(result.missing_keys)
     report.unexpected = list(result.unexpected_keys)
     report.loaded = [k for k in sd if k in target]
+    if report.head_loaded:
+        # A classifier's head reads what fc_norm / norm leave; a checkpoint trained with other pooling (--use_cls vs
+        # mean pooling) loads every block yet gives meaningless outputs.
+        around = [k for k in report.missing + report.unexpected + list(report.dropped)
+                  if k.startswith(("norm.", "fc_norm."))]
+        if around:
+            raise CheckpointMismatchError(
+                f"{report.source} is a classifier whose layers before the head do not match this model's "
+                f"({_short(around)} missing, unexpected or dropped): was it fine-tuned with another --use_cls / "
+                f"--use_mean_pooling setting?")
     if require_head and not report.head_loaded:
         raise CheckpointMismatchError(
             f"{report.source} has no classifier head for {getattr(model, 'num_classes', '?')} classes (it looks "

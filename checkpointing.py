@@ -80,6 +80,12 @@ def _set_rng_state(state: Mapping[str, Any]) -> None:
             torch.cuda.set_rng_state_all(states)
 
 
+def keeps_epoch(args: argparse.Namespace, epoch: int) -> bool:
+    """Whether ``epoch``'s checkpoint is kept as ``checkpoint-{epoch}`` (every ``--save_ckpt_freq`` epochs and the
+    last); the others are only the latest, replaced by the next."""
+    return (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 >= args.epochs
+
+
 def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.Module,
                     optimizer: torch.optim.Optimizer | None, loss_scaler: LossScaler | None,
                     global_step: int, extra: Mapping[str, Any] | None = None, model_ema: Any = None,
@@ -135,9 +141,8 @@ def save_checkpoint(args: argparse.Namespace, epoch: int, model_without_ddp: nn.
         path = out / f"checkpoint-{tag if tag is not None else 'latest'}.pth"
         atomic_torch_save(ckpt, path)
         return [str(path)]
-    is_last = epoch + 1 >= args.epochs
     latest = out / "checkpoint-latest.pth"
-    if (epoch + 1) % args.save_ckpt_freq == 0 or is_last:
+    if keeps_epoch(args, epoch):
         numbered = out / f"checkpoint-{epoch}.pth"
         atomic_torch_save(ckpt, numbered)
         _atomic_copy(numbered, latest)  # one serialisation, two files

@@ -21,18 +21,23 @@ from masking_generator import motion_coverage, motion_energy, sampler_health
 from video_transforms import CropBatch, resize_crops
 
 
-def mask_noise(seed: int, iteration: int, batch: int, num_tokens: int, device: torch.device) -> torch.Tensor:
-    """Uniform draws for the masks of this process's ``batch`` clips at a given iteration.
+def mask_noise(seed: int, iteration: int, batch: int, num_tokens: int, device: torch.device, num_sample: int = 1,
+               world: int | None = None, rank: int | None = None) -> torch.Tensor:
+    """Uniform draws for the masks of this process's ``batch`` clips (``num_sample`` per video, consecutive) at a
+    given iteration.
 
-    Every process draws the same ``[batch * world, N]`` table from a generator seeded by (seed, iteration) and
-    keeps rows ``rank::world``, which are exactly the global-batch positions that DistributedSampler's
-    interleaving gives it. Masks thus depend on a clip's place in the global batch, not on how many processes
-    share it: a 2-process run takes the same steps as a 1-process run with the same total batch.
+    Every process draws the same ``[videos * world, num_sample, N]`` table from a generator seeded by (seed,
+    iteration) and keeps the videos ``rank::world``, which are exactly the global-batch positions that
+    DistributedSampler's interleaving gives it. Masks thus depend on a clip's place in the global batch, not on how
+    many processes share it: a 2-process run takes the same steps as a 1-process run with the same total batch
+    (the sampler's dropout, drawn by each process, aside). ``world`` / ``rank`` default to this process's.
     """
-    world, rank = distributed.get_world_size(), distributed.get_rank()
+    world = distributed.get_world_size() if world is None else world
+    rank = distributed.get_rank() if rank is None else rank
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + iteration) % (2 ** 63))
-    return torch.rand(batch * world, num_tokens, generator=gen, device=device)[rank::world]
+    table = torch.rand(batch // num_sample * world, num_sample, num_tokens, generator=gen, device=device)
+    return table[rank::world].reshape(batch, num_tokens)
 
 
 def clips_to_device(batch: CropBatch | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -64,7 +69,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
     optimizer.zero_grad(set_to_none=True)
     for it, step, global_step, update, videos in run:
         videos = clips_to_device(videos, device)
-        noise = mask_noise(args.seed, run.start_step * accum + it, videos.shape[0], unwrapped.num_patches, device)
+        noise = mask_noise(args.seed, run.start_step * accum + it, videos.shape[0], unwrapped.num_patches, device,
+                           args.num_sample)
         with autocast(device, args.precision):
             out = pretrain_losses(model, videos, patch, tubelet, args.normalize_target, args.loss_type,
                                   args.sampling_loss_weight, noise)
@@ -92,7 +98,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
                 log_writer.update(head="sampler", step=global_step, entropy=stats["sampler_entropy"],
                                   max_prob=stats["sampler_max_prob"], motion_coverage=stats["motion_coverage"],
                                   grad_norm=sampler_grad_norm)
-            if it % args.print_freq == 0:
+            if step % args.print_freq == 0:  # optimizer steps: `it` is never a multiple on update iterations when
+                # --update_freq and --print_freq share a factor
                 log_writer.update(head="opt", step=global_step, loss_scale=loss_scaler.get_scale())
                 log_writer.update(head="data", step=global_step, data_time=run.meters.data_time.avg,
                                   broken_videos=broken_count() if broken_count else 0)

@@ -9,13 +9,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import socket
 from typing import Any
 
 import torch
 
 import distributed
-from checkpointing import CheckpointError, ResumeInfo
+from checkpointing import CheckpointError, ResumeInfo, keeps_epoch
 from distributed import all_gather_objects, get_rank, get_world_size
 from resume import check_run_config
 from utils import get_model_state_dict, plain_args
@@ -87,23 +89,24 @@ def init_deepspeed(args: argparse.Namespace, model: torch.nn.Module, optimizer: 
 
 
 class DeepSpeedCheckpointer:
-    """``checkpointing.Checkpointer``'s interface over DeepSpeed checkpoint folders ``checkpoint-{epoch}`` (every
-    ``--save_ckpt_freq`` epochs and at the last), ``checkpoint-{tag}`` and, for a stop inside an epoch,
-    ``checkpoint-{epoch}-step{k}``; each carries the resume state of the plain path (epoch, step within the epoch,
-    every rank's meters, EMA, the run's arguments for the flag-drift check, ``extra``)."""
+    """``checkpointing.Checkpointer``'s interface over DeepSpeed checkpoint folders: ``checkpoint-{epoch}`` after
+    every epoch (kept every ``--save_ckpt_freq`` epochs and at the last; another epoch's folder is removed once the
+    next one is written, so the ``latest`` tag always names a complete folder, as ``checkpoint-latest.pth`` does on
+    the plain path), ``checkpoint-{tag}`` (``best``) and, for a stop inside an epoch, ``checkpoint-{epoch}-step{k}``;
+    each carries the resume state of the plain path (epoch, step within the epoch, every rank's meters, EMA, the
+    run's arguments for the flag-drift check, ``extra``)."""
 
     def __init__(self, args: argparse.Namespace, engine: Any, model_ema: Any = None, enabled: bool = True,
                  **extra: Any) -> None:
         self.args, self.engine, self.model_ema, self.enabled, self.extra = args, engine, model_ema, enabled, extra
+        self._transient: str | None = None  # the folder the next epoch or step save replaces
 
     def save(self, epoch: int, global_step: int, tag: str | None = None, step_in_epoch: int | None = None,
              rank_state: dict[str, Any] | None = None) -> list[str]:
-        """Collective; returns the folder written (on every rank), or nothing when this epoch keeps none."""
+        """Collective; returns the folder written (on every rank), or nothing with ``--no_save_ckpt``."""
         args = self.args
-        if step_in_epoch is None:
-            periodic = (epoch + 1) % args.save_ckpt_freq == 0 or epoch + 1 == args.epochs
-            if not self.enabled or (tag is None and not periodic):
-                return []
+        if step_in_epoch is None and not self.enabled:
+            return []
         client_state: dict[str, Any] = {"epoch": epoch, "global_step": global_step, "args": plain_args(args),
                                         **self.extra}
         if self.model_ema is not None:
@@ -112,9 +115,15 @@ class DeepSpeedCheckpointer:
             client_state.update(step_in_epoch=int(step_in_epoch), rank_state=all_gather_objects(rank_state))
             tag = f"{epoch}-step{step_in_epoch}"
         name = f"checkpoint-{tag if tag is not None else epoch}"
-        self.engine.save_checkpoint(args.output_dir, tag=name, client_state=client_state,
-                                    save_latest=tag is None or step_in_epoch is not None)
-        return [os.path.join(args.output_dir, name)]
+        path = os.path.join(args.output_dir, name)
+        resumable = tag is None or step_in_epoch is not None
+        self.engine.save_checkpoint(args.output_dir, tag=name, client_state=client_state, save_latest=resumable)
+        if resumable:  # save_checkpoint ends with a barrier: every rank has written the new folder
+            old = self._transient
+            self._transient = None if step_in_epoch is None and keeps_epoch(args, epoch) else path
+            if old is not None and os.path.abspath(old) != os.path.abspath(path) and get_rank() == 0:
+                shutil.rmtree(old, ignore_errors=True)
+        return [path]
 
     def resume(self) -> ResumeInfo:
         """Resume from ``--resume`` (a DeepSpeed folder) or the ``latest`` tag in ``--output_dir`` (refusing a run
@@ -131,6 +140,10 @@ class DeepSpeedCheckpointer:
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load a checkpoint from {load_dir} (tag {tag})")
+        folder = os.path.dirname(str(path))
+        m = re.fullmatch(r"checkpoint-(\d+)(-step\d+)?", os.path.basename(folder))
+        if not args.resume and m and (m.group(2) or not keeps_epoch(args, int(m.group(1)))):
+            self._transient = folder  # the run's own latest-only folder (auto-resumed): replaced by the next save
         if not args.resume:
             check_run_config(client_state.get("args"), args, str(path))
         if self.model_ema is not None and client_state.get("model_ema") is not None:

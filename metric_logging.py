@@ -26,13 +26,19 @@ _MAX_PENDING = 1024
 
 
 class SmoothedValue:
-    """Windowed and global statistics; tensors are kept as-is and read to host only when printed."""
+    """Windowed and global statistics; tensors are kept as-is and read to host only when printed.
+
+    Non-finite values are counted in ``nonfinite`` and left out of the statistics: an fp16 step that the GradScaler
+    skipped (inf/NaN gradient norm) would otherwise turn the epoch's average grad norm into inf/NaN. A non-finite
+    loss stops the run on its own (``precision.NonFiniteLossWatch``), so nothing is hidden by this.
+    """
 
     def __init__(self, window_size: int = 20, fmt: str | None = None) -> None:
         self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
         self.deque: deque[float] = deque(maxlen=window_size)
         self.total = 0.0
         self.count = 0
+        self.nonfinite = 0
         self._pending: list[tuple[torch.Tensor, int]] = []
 
     def update(self, value: Number, n: int = 1) -> None:
@@ -46,6 +52,9 @@ class SmoothedValue:
         self._push(float(value), n)
 
     def _push(self, v: float, n: int) -> None:
+        if not math.isfinite(v):
+            self.nonfinite += n
+            return
         self.deque.append(v)
         self.count += n
         self.total += v * n
@@ -71,10 +80,10 @@ class SmoothedValue:
         self._materialize()
         if not is_dist_avail_and_initialized():
             return
-        t = torch.tensor([self.count, self.total], dtype=torch.float64, device=collective_device())
+        t = torch.tensor([self.count, self.total, self.nonfinite], dtype=torch.float64, device=collective_device())
         barrier()
         dist.all_reduce(t)
-        self.count, self.total = int(t[0].item()), float(t[1].item())
+        self.count, self.total, self.nonfinite = int(t[0].item()), float(t[1].item()), int(t[2].item())
 
     @property
     def median(self) -> float:
@@ -107,13 +116,14 @@ class SmoothedValue:
 
     def state_dict(self) -> dict[str, Any]:
         self._materialize()
-        return {"window": list(self.deque), "total": self.total, "count": self.count}
+        return {"window": list(self.deque), "total": self.total, "count": self.count, "nonfinite": self.nonfinite}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._pending = []
         self.deque.clear()
         self.deque.extend(float(v) for v in state["window"])
         self.total, self.count = float(state["total"]), int(state["count"])
+        self.nonfinite = int(state.get("nonfinite", 0))
 
 
 class MetricLogger:
@@ -148,7 +158,11 @@ class MetricLogger:
             meter.synchronize_between_processes()
 
     def global_averages(self) -> dict[str, float]:
-        return {k: m.global_avg for k, m in self.meters.items()}
+        """Each meter's average over its finite values, plus ``{name}_nonfinite`` (how many were not finite: for
+        ``grad_norm`` in fp16, the steps the GradScaler skipped) where there were any."""
+        out = {k: m.global_avg for k, m in self.meters.items()}
+        out.update({f"{k}_nonfinite": m.nonfinite for k, m in self.meters.items() if m.nonfinite})
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """The meters so far, so that an epoch resumed mid-way reports the same averages as an uninterrupted one."""

@@ -8,6 +8,7 @@ import math
 from typing import Any, Iterable, Mapping, Union
 
 import torch
+import torch.distributed as dist
 
 
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -63,8 +64,8 @@ class LossScaler:
 
     fp16 uses a real ``torch.amp.GradScaler``; bf16/fp32 use a disabled one so the call is a plain
     backward/step with the same interface. The returned grad norm is a tensor (no ``.item()``), None on
-    accumulation micro-steps. ``num_nonfinite`` counts steps whose grad norm was inf/NaN (skipped by the
-    GradScaler in fp16), as a tensor, so the log can tell a skipped step from a divergence.
+    accumulation micro-steps; it is inf/NaN on a step the GradScaler skipped in fp16 (the meters count those steps
+    as ``grad_norm_nonfinite`` and average the others, ``metric_logging.SmoothedValue``).
     """
 
     state_dict_key = "amp_scaler"
@@ -78,7 +79,6 @@ class LossScaler:
         self.enabled = self.precision == "fp16"
         self._scaler = torch.amp.GradScaler(self.device_type, enabled=self.enabled, init_scale=init_scale,
                                             growth_interval=growth_interval)
-        self.num_nonfinite: torch.Tensor | None = None
 
     def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, clip_grad: float | None = None,
                  parameters: Iterable[torch.Tensor] | None = None, create_graph: bool = False,
@@ -100,9 +100,6 @@ class LossScaler:
             norm = torch.nn.utils.clip_grad_norm_(parameters, float(clip_grad))
         else:
             norm = get_grad_norm_(parameters)
-        nonfinite = (~torch.isfinite(norm)).to(torch.int64)
-        self.num_nonfinite = nonfinite if self.num_nonfinite is None else self.num_nonfinite + nonfinite.to(
-            self.num_nonfinite.device)
         self._scaler.step(optimizer)
         self._scaler.update()
         return norm
@@ -149,7 +146,15 @@ class NonFiniteLossWatch:
         self.first_bad = torch.where(newly_bad, torch.full_like(self.first_bad, step), self.first_bad)
 
     def check(self) -> None:
-        bad = int(self.first_bad)
+        """Collective under torch.distributed (every rank checks at the same steps): the earliest bad step of any
+        rank, so that all ranks stop together instead of the others waiting in the next all-reduce."""
+        first = self.first_bad
+        if dist.is_available() and dist.is_initialized():
+            never = torch.iinfo(first.dtype).max
+            first = torch.where(first < 0, torch.full_like(first, never), first)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == never, torch.full_like(first, -1), first)
+        bad = int(first)
         if bad >= 0:
             raise NonFiniteLossError(
                 f"loss is not finite at epoch {self.epoch}, step {bad} of {self.steps_per_epoch} (global step "

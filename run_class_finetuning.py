@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import time
 from typing import Any
 
@@ -29,7 +30,7 @@ import metric_logging
 import optim_factory
 import training
 from checkpoint_loading import load_pretrained_encoder
-from checkpointing import Checkpointer, ResumeInfo
+from checkpointing import Checkpointer, ResumeInfo, torch_load
 from cli import HelpFormatter, UserError, add_debug_arg, run_program
 from datasets import add_data_args, build_dataset, get_broken_count, multiple_samples_collate
 from distributed import get_world_size
@@ -141,18 +142,33 @@ def build_model_ema(args: argparse.Namespace, model: torch.nn.Module) -> ModelEm
                       device=torch.device("cpu") if args.model_ema_force_cpu else None)
 
 
+def ema_of_evaluated_checkpoint(args: argparse.Namespace, model_ema: ModelEmaV3) -> ModelEmaV3 | None:
+    """``--eval --finetune X --model_ema``: the EMA to evaluate is X's own (``model_ema`` in our checkpoints), not a
+    copy of X's model weights; a file without one has no EMA result."""
+    ckpt = torch_load(args.finetune) if os.path.isfile(args.finetune) else None
+    if isinstance(ckpt, dict) and ckpt.get("model_ema") is not None:
+        load_pretrained_encoder(model_ema.module, {"model": ckpt["model_ema"], "args": ckpt.get("args")},
+                                model_key="model", require_head=True, verbose=False)
+        print(f"Model EMA: the EMA weights of {args.finetune}")
+        return model_ema
+    print(f"Note: {args.finetune} holds no EMA weights, so there is no EMA result (--model_ema is ignored)")
+    return None
+
+
 def prepare_training(args: argparse.Namespace, model: torch.nn.Module, optim: training.Optimisation,
                      model_ema: ModelEmaV3 | None, device: torch.device) -> tuple[torch.nn.Module, Any, ResumeInfo]:
     """The model to train (DeepSpeed engine, or compiled / DDP-wrapped), its checkpointer, and what was resumed.
     ``--eval --finetune X`` evaluates X as given (no resume)."""
     extra = {"kind": "finetune", "model_name": args.model, "nb_classes": args.nb_classes, "best_acc1": -1.0}
+    evaluate_as_given = args.eval and args.finetune and not args.resume
     if args.enable_deepspeed:
         engine = init_deepspeed(args, model, optim.optimizer)
         checkpointer = DeepSpeedCheckpointer(args, engine, model_ema, enabled=args.save_ckpt, **extra)
-        return engine, checkpointer, checkpointer.resume()
+        return engine, checkpointer, ResumeInfo(start_epoch=args.start_epoch) if evaluate_as_given \
+            else checkpointer.resume()
     checkpointer = Checkpointer(args, model, optim.optimizer, optim.loss_scaler, model_ema, enabled=args.save_ckpt,
                                 **extra)
-    if args.eval and args.finetune and not args.resume:
+    if evaluate_as_given:
         return model, checkpointer, ResumeInfo(start_epoch=args.start_epoch)
     resumed = checkpointer.resume()
     return training.wrap_model(model, args, device, args.compile), checkpointer, resumed
@@ -174,8 +190,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     steps_per_epoch = data.steps_per_epoch if data is not None else 0
 
     mixup_fn = build_mixup(args, args.nb_classes)
-    if mixup_fn is not None and (args.batch_size * args.num_sample) % 2 and args.mixup_mode == "batch":
-        raise UserError("mixup/cutmix in batch mode needs an even number of clips per batch")
+    if mixup_fn is not None and (args.batch_size * args.num_sample) % 2:  # timm's Mixup asserts it in every mode
+        raise UserError(f"mixup/cutmix needs an even number of clips per batch (--batch_size {args.batch_size} x "
+                        f"--num_sample {args.num_sample}); or turn them off with --mixup 0 --cutmix 0")
     model = create_classifier(args)
     # --eval of a pre-training checkpoint would report chance accuracy: insist on a classifier head.
     load_report = load_pretrained_encoder(model, args.finetune, model_key=args.model_key, require_head=args.eval) \
@@ -195,6 +212,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model, checkpointer, resumed = prepare_training(args, model, optim, model_ema, device)
     training.record_args(args, ("model", "finetune", "data_path", "nb_classes", "batch_size", "epochs", "lr",
                                 "num_frames", "input_size", "output_dir"))
+    if model_ema is not None and args.eval and not resumed.resumed:
+        model_ema = ema_of_evaluated_checkpoint(args, model_ema)
     evaluated = [("", model_without_ddp)] + ([("_ema", model_ema.module)] if model_ema is not None else [])
     results: dict[str, Any] = {"load_report": str(load_report) if load_report else None}
     if args.eval:
@@ -208,7 +227,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     trim_log(args.output_dir, args.start_epoch)
     log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step)
-    checkpointer.extra["best_acc1"] = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
+    best = resumed.extra.get("best_acc1")
+    checkpointer.extra["best_acc1"] = -1.0 if best is None else float(best)
 
     def train_epoch(epoch: int, first_step: int, meters: metric_logging.MetricLogger) -> Any:
         return train_one_epoch(model, criterion, data.loader, optim, device, epoch, args, model_ema=model_ema,

@@ -114,8 +114,9 @@ def main(args: argparse.Namespace) -> dict:
     def visualise(epoch: int, _: dict[str, float]) -> dict[str, Any]:
         if vis_clips is not None and ((epoch + 1) % args.vis_freq == 0 or epoch + 1 == args.epochs):
             first_clips = clips_to_device(vis_clips, device)[::args.num_sample]  # one clip per video
+            # At the epoch's last step: a run resumed from this epoch's checkpoint purges the steps after it only.
             log_mask_images(log_writer, model_without_ddp, normalize_clips(first_clips),
-                            step=(epoch + 1) * data.steps_per_epoch, normalize_target=args.normalize_target)
+                            step=(epoch + 1) * data.steps_per_epoch - 1, normalize_target=args.normalize_target)
         return {}
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")

@@ -211,10 +211,11 @@ def run_epochs(args: argparse.Namespace, data: TrainData, resumed: Any, checkpoi
                stop: GracefulStop, log_writer: metric_logging.TensorboardLogger | None,
                after_epoch: Callable[[int, dict[str, float]], dict[str, Any]] | None = None,
                log_extra: dict[str, Any] | None = None) -> dict[str, float]:
-    """Epochs ``args.start_epoch .. args.epochs - 1``: train (``train_epoch(epoch, first_step, meters)``), save
-    (``checkpointer.save``), run ``after_epoch`` (validation, pictures; its dict joins the epoch's log.txt record)
-    and log. A stop signal inside an epoch saves a mid-epoch checkpoint; one between epochs stops after the
-    epoch's checkpoint; either way the run exits 75 with the command to resume. Returns the last epoch's meters.
+    """Epochs ``args.start_epoch .. args.epochs - 1``: train (``train_epoch(epoch, first_step, meters)``), run
+    ``after_epoch`` (validation, pictures; its dict joins the epoch's log.txt record), log, save
+    (``checkpointer.save``). A stop signal inside an epoch saves a mid-epoch checkpoint; one between epochs stops
+    after the epoch's checkpoint; either way the run exits 75 with the command to resume. Returns the last epoch's
+    meters.
     """
     stats: dict[str, float] = {}
     steps = data.steps_per_epoch
@@ -226,7 +227,6 @@ def run_epochs(args: argparse.Namespace, data: TrainData, resumed: Any, checkpoi
                                         rank_state={"meters": meters.state_dict()})
             _exit_stopped(stop, log_writer, f"in epoch {epoch} after step {done} of {steps}", written[:1])
         stats = epoch_stats
-        written = checkpointer.save(epoch, (epoch + 1) * steps)
         # Rank 0's, which writes log.txt; before validation, whose workers are not the run's.
         memory = metric_logging.process_memory_mb() if is_main_process() else {}
         if memory:
@@ -238,6 +238,10 @@ def run_epochs(args: argparse.Namespace, data: TrainData, resumed: Any, checkpoi
         metric_logging.write_log_line(args.output_dir, record)
         if log_writer is not None:
             log_writer.flush()
+        # Saved last, so that what the checkpoint says (best accuracy so far) includes this epoch's validation and a
+        # run that dies before the save redoes the whole epoch (its log record is trimmed on resume), rather than
+        # resuming after an epoch whose validation and log record never happened.
+        written = checkpointer.save(epoch, (epoch + 1) * steps)
         if epoch + 1 < args.epochs and stop.sync():
             _exit_stopped(stop, log_writer, f"at the end of epoch {epoch}", written[-1:])
     return stats

@@ -103,6 +103,23 @@ def test_fails_loudly_on_missing_or_misshaped_encoder_and_on_eval_of_pretrain(tm
         load_pretrained_encoder(classifier(), {"epoch": 1}, verbose=False)
 
 
+def test_a_classifier_with_other_pooling_is_refused_not_half_loaded():
+    """A fine-tuned head over first-token LayerNorm (--use_cls) loaded into a mean-pooling model (or the reverse)
+    would load every block and the head, leave fc_norm at its initialisation, and give meaningless accuracy."""
+    cls_pooled = classifier(num_classes=3, use_mean_pooling=False)
+    mean_pooled = classifier(num_classes=3)
+    for src, dst in ((cls_pooled, classifier(num_classes=3)), (mean_pooled, classifier(num_classes=3,
+                                                                                        use_mean_pooling=False))):
+        for require_head in (True, False):
+            with pytest.raises(CheckpointMismatchError, match="another --use_cls"):
+                load_pretrained_encoder(dst, {"model": src.state_dict()}, require_head=require_head, verbose=False)
+    # the same pooling loads; another class count drops the head and keeps the (fresh) pooling norm as it is
+    report = load_pretrained_encoder(classifier(num_classes=3), {"model": mean_pooled.state_dict()}, verbose=False)
+    assert report.head_loaded and not report.missing
+    report = load_pretrained_encoder(classifier(num_classes=7), {"model": cls_pooled.state_dict()}, verbose=False)
+    assert not report.head_loaded and "norm.weight" in report.dropped
+
+
 def test_interpolate_pos_embed_time_and_space():
     d = 3
     # values = t: time is resized linearly (half-pixel centres), space is left alone

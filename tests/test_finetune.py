@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import run_class_finetuning  # noqa: E402
-from conftest import run_launcher  # noqa: E402
+from conftest import run_launcher, run_main  # noqa: E402
 import run_mae_pretraining  # noqa: E402
 from evaluation import ShardSampler, merge_view_files, merge_views, view_file  # noqa: E402
 from video_mixup import VideoMixup  # noqa: E402
@@ -184,15 +184,29 @@ def test_pretrain_then_finetune_then_multiview_test_then_eval(synthetic_dir, pre
     assert log[-1]["Final top-1"] == pytest.approx(result["top1"]) and "Final EMA top-1" in log[-1]
     ckpt = torch.load(out / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
     assert ckpt["kind"] == "finetune" and "model_ema" in ckpt and ckpt["epoch"] == 1
+    for e in (0, 1):  # an epoch's checkpoint knows the best accuracy including its own validation
+        saved = torch.load(out / f"checkpoint-{e}.pth", map_location="cpu", weights_only=False)["best_acc1"]
+        assert saved == pytest.approx(max(x["val_acc1"] for x in log[:e + 1])) and saved >= 0
 
-    # --eval of the fine-tuned checkpoint (a fresh output dir) reproduces the per-video predictions
+    # --eval of the fine-tuned checkpoint (a fresh output dir) reproduces the per-video predictions, and with
+    # --model_ema those of the checkpoint's own EMA weights
     ev = tmp_path / "eval"
     eargs = run_class_finetuning.get_args_parser().parse_args(
-        ft_args(synthetic_dir, ev, "--eval", "--finetune", str(out / "checkpoint-latest.pth")))
+        ft_args(synthetic_dir, ev, "--eval", "--finetune", str(out / "checkpoint-latest.pth"), "--model_ema"))
     eres = run_class_finetuning.main(eargs)
     again = json.loads((ev / "test_results.json").read_text())
     assert again["predictions"] == result["predictions"] and eres["test"]["top1"] == result["top1"]
     assert eres["val"]["num_clips"] == len(Path(synthetic_dir, "val.csv").read_text().split("\n")) - 1
+    again_ema = json.loads((ev / "test_results_ema.json").read_text())
+    assert again_ema["predictions"] == json.loads((out / "test_results_ema.json").read_text())["predictions"]
+    assert eres["val_ema"]["loss"] == log[1]["val_ema_loss"]  # the same weights, data and arithmetic: exactly
+    assert eres["val_ema"]["loss"] != eres["val"]["loss"]  # not the model's weights again
+    no_ema = tmp_path / "no_ema.pth"
+    torch.save({k: v for k, v in ckpt.items() if k != "model_ema"}, no_ema)
+    eres = run_class_finetuning.main(run_class_finetuning.get_args_parser().parse_args(
+        ft_args(synthetic_dir, tmp_path / "eval2", "--eval", "--finetune", str(no_ema), "--model_ema",
+                "--test_num_segment", "1", "--test_num_crop", "1")))
+    assert "val" in eres and "val_ema" not in eres and "test_ema" not in eres
 
     # --eval of a pre-training checkpoint is refused (it would report chance accuracy)
     with pytest.raises(Exception, match="no classifier head"):
@@ -209,6 +223,15 @@ def test_pretrain_then_finetune_then_multiview_test_then_eval(synthetic_dir, pre
     run_class_finetuning.main(rargs)
     log = [json.loads(x) for x in (out / "log.txt").read_text().splitlines()]
     assert [x["epoch"] for x in log if "epoch" in x] == [0, 1, 2]
+
+
+def test_mixup_with_an_odd_batch_is_a_user_error_in_every_mode(synthetic_dir, tmp_path):
+    """timm's Mixup asserts an even batch in every mode: refused at start-up, not at the first step."""
+    for mode in ("batch", "pair", "elem"):
+        res = run_main(run_class_finetuning, ft_args(synthetic_dir, tmp_path / mode, "--batch_size", "3",
+                                                     "--num_sample", "1", "--mixup_mode", mode))
+        assert res.returncode == 2 and "even number of clips per batch" in res.stderr, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
 
 
 def test_accumulation_fp32_no_mixup_and_learnable_pos_from_scratch(synthetic_dir, tmp_path):

@@ -31,10 +31,11 @@ def test_visible_counts_follow_each_reference_without_float_error():
 @pytest.mark.parametrize("kind,ratio", [("tube", 0.9), ("random", 0.9), ("frame", 0.875)])
 def test_mask_generators_exact_counts_dtype_device(kind, ratio):
     gen = MaskGenerator(kind, (8, 14, 14), ratio)
+    torch.manual_seed(0)  # a frame mask keeps 1 of 8 slices: two samples may agree, the whole batch should not
     mask = gen(4, torch.device("cpu"))
     assert mask.dtype == torch.bool and mask.shape == (4, 1568)
     assert ((~mask).sum(1) == gen.num_visible).all()
-    assert not torch.equal(mask[0], mask[1])  # independent per sample
+    assert not all(torch.equal(mask[0], m) for m in mask[1:])  # independent per sample
 
 
 def test_gumbel_topk_matches_multinomial_without_replacement():
@@ -219,3 +220,20 @@ def test_no_weight_decay_names_exist():
     names = dict(model.named_parameters())
     for n in model.no_weight_decay():
         assert n in names or n == "pos_embed"
+
+
+@pytest.mark.parametrize("num_sample", [1, 2, 3])
+def test_mask_noise_follows_each_clip_to_its_process(num_sample):
+    """With 2 processes, rank r's clips (num_sample per video, videos r, r+2, ... of the global batch) get exactly the
+    noise rows the 1-process run gives the same clips; with num_sample 1 the table is what it always was."""
+    from engine_for_pretraining import mask_noise
+
+    videos, n, cpu = 3, 5, torch.device("cpu")
+    full = mask_noise(7, 11, 2 * videos * num_sample, n, cpu, num_sample, world=1, rank=0)
+    full = full.view(2 * videos, num_sample, n)
+    for rank in (0, 1):
+        mine = mask_noise(7, 11, videos * num_sample, n, cpu, num_sample, world=2, rank=rank)
+        assert torch.equal(mine.view(videos, num_sample, n), full[rank::2])
+    if num_sample == 1:
+        gen = torch.Generator().manual_seed(7 * 1_000_003 + 11)
+        assert torch.equal(full.view(2 * videos, n), torch.rand(2 * videos, n, generator=gen))

@@ -260,3 +260,20 @@ def test_sigint_under_deepspeed_saves_a_step_folder_and_resumes_bit_exact(data, 
     assert rc == PREEMPTED_EXIT_CODE and m, out[-3000:]
     assert Path(m.group(2)).is_dir() and (cut / "latest").read_text().strip() == Path(m.group(2)).name
     assert f"step {m.group(1)} of epoch 0" in resume_and_compare(finetune_cmd(data, cut) + extra, full, cut, env)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="DeepSpeed not installed (pip install -r requirements-deepspeed.txt)")
+def test_a_stop_between_epochs_under_deepspeed_saves_that_epoch_and_resumes_bit_exact(data, tmp_path):
+    """Every epoch leaves a resumable folder (not only every --save_ckpt_freq epochs): a signal at the end of epoch 0
+    saves checkpoint-0; once checkpoint-1 is written, checkpoint-0 (not one to keep) is removed."""
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    extra = ["--enable_deepspeed", "--save_ckpt_freq", "5"]
+    env = {**ENV, "DS_ACCELERATOR": "cpu"}
+    run_uninterrupted(finetune_cmd(data, full) + extra, env)
+    rc, out = run_and_signal(finetune_cmd(data, cut) + extra, (r"Epoch: \[0\] Total time", sigint), env=env)
+    assert rc == PREEMPTED_EXIT_CODE and "at the end of epoch 0; saved checkpoint " in out, out[-3000:]
+    assert (cut / "latest").read_text().strip() == "checkpoint-0" and (cut / "checkpoint-0").is_dir()
+    assert "start_epoch 1" in resume_and_compare(finetune_cmd(data, cut) + extra, full, cut, env)
+    assert (cut / "latest").read_text().strip() == "checkpoint-1"
+    assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-best"]

@@ -83,8 +83,8 @@ def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
                 "data/data_time", "data/broken_videos"}
     assert expected <= tags, expected - tags
     assert len(acc.Scalars("loss/loss")) == 2 * args.num_training_steps_per_epoch
-    grids = acc.Images("vis/masks")  # the mask grid of fixed clips, once per epoch
-    assert [g.step for g in grids] == [args.num_training_steps_per_epoch * (e + 1) for e in range(2)]
+    grids = acc.Images("vis/masks")  # the mask grid of fixed clips, once per epoch, at its last step
+    assert [g.step for g in grids] == [args.num_training_steps_per_epoch * (e + 1) - 1 for e in range(2)]
 
 
 def final_steps_per_epoch(out: Path) -> int:
@@ -136,6 +136,51 @@ def test_sigkill_mid_epoch_then_same_command_resumes_and_finishes(train_list, tm
     out = res.stdout + res.stderr
     assert "checkpoint-latest.pth is truncated or unreadable" in out
     assert re.search(r"Resumed from \S*checkpoint-2\.pth", out)
+
+
+def test_accumulation_logs_every_tensorboard_tag(train_list, tmp_path):
+    """With --update_freq and --print_freq both even, the periodic tags (loss scale, data time) are still written."""
+    args = run_mae_pretraining.get_args_parser().parse_args(
+        tiny_args(train_list, tmp_path, "--update_freq", "2", "--print_freq", "2", "--batch_size", "2",
+                  "--epochs", "1", "--vis_freq", "0"))
+    run_mae_pretraining.main(args)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    steps = args.num_training_steps_per_epoch
+    assert [e.step for e in acc.Scalars("loss/loss")] == list(range(steps))
+    for tag in ("opt/loss_scale", "data/data_time", "data/broken_videos"):
+        assert [e.step for e in acc.Scalars(tag)] == list(range(0, steps, 2)), tag
+
+
+def test_a_crash_in_the_epoch_end_work_redoes_that_epoch_and_loses_no_record(train_list, tmp_path, monkeypatch):
+    """The epoch's checkpoint is written after its end-of-epoch work (here the mask pictures; validation when
+    fine-tuning) and its log record: a crash there resumes from the previous epoch, so no epoch goes without its
+    record, and the pictures an earlier epoch logged survive the resumed run's TensorBoard purge."""
+    import mask_visualization
+
+    calls = []
+
+    def crash_in_epoch_1(*a, **k):
+        calls.append(k["step"])
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in the pictures (injected)")
+        return mask_visualization.log_mask_images(*a, **k)
+
+    monkeypatch.setattr(run_mae_pretraining, "log_mask_images", crash_in_epoch_1)
+    args = tiny_args(train_list, tmp_path, "--vis_freq", "1", "--vis_num_clips", "2")
+    with pytest.raises(RuntimeError, match="injected"):
+        run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(args))
+    ckpt = torch.load(tmp_path / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 0  # epoch 1 was not saved: its pictures and record were not done
+    run_mae_pretraining.main(run_mae_pretraining.get_args_parser().parse_args(args))
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "log.txt").read_text().splitlines()]
+    assert epochs == [0, 1]
+    steps = final_steps_per_epoch(tmp_path)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [g.step for g in acc.Images("vis/masks")] == [steps - 1, 2 * steps - 1]
 
 
 def test_non_finite_loss_stops_naming_epoch_and_step_and_saves_nothing(train_list, tmp_path):

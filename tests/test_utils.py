@@ -178,7 +178,7 @@ def test_loss_scaler_interfaces():
     assert float(get_grad_norm_([nn.Parameter(torch.ones(2))])) == 0.0
 
 
-def test_loss_scaler_fp16_state_and_nonfinite_count():
+def test_loss_scaler_fp16_state_and_skipped_step():
     model = nn.Linear(3, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = LossScaler("fp16", "cpu", init_scale=1024.0)
@@ -187,8 +187,9 @@ def test_loss_scaler_fp16_state_and_nonfinite_count():
     assert isinstance(norm, torch.Tensor) and scaler.get_scale() == 1024.0
     opt.zero_grad()
     loss = model(torch.randn(4, 3)).sum() * float("inf")
-    scaler(loss, opt)  # inf gradients: the GradScaler skips the step and halves the scale
-    assert scaler.get_scale() == 512.0 and int(scaler.num_nonfinite) == 1
+    before = model.weight.detach().clone()
+    skipped = scaler(loss, opt)  # inf gradients: the GradScaler skips the step and halves the scale
+    assert scaler.get_scale() == 512.0 and not torch.isfinite(skipped) and torch.equal(model.weight, before)
     assert float(scaler.get_scale_tensor()) == 512.0
     assert float(LossScaler("bf16", "cpu").get_scale_tensor()) == 1.0
     sd = scaler.state_dict()
@@ -278,6 +279,21 @@ def test_print_silenced_on_non_master(capsys):
 
 
 # ------------------------------------------------------------------------------------------------ logging
+
+def test_a_skipped_fp16_step_is_counted_not_averaged():
+    """A step the GradScaler skipped has an inf/NaN grad norm: the epoch's average is over the applied steps and
+    the record says how many were skipped, also after a mid-epoch resume of the meters."""
+    ml = metric_logging.MetricLogger()
+    for v in (1.0, float("inf"), 3.0, float("nan")):
+        ml.update(grad_norm=torch.tensor(v), loss=torch.tensor(0.5))
+    again = metric_logging.MetricLogger()
+    for k, state in ml.state_dict().items():
+        again.meters[k].load_state_dict(state)
+    for m in (ml, again):
+        avg = m.global_averages()
+        assert avg["grad_norm"] == 2.0 and avg["grad_norm_nonfinite"] == 2 and "loss_nonfinite" not in avg
+    assert again.meters["grad_norm"].count == 2
+
 
 def test_metric_logger_lazy_tensors_and_output(capsys):
     ml = metric_logging.MetricLogger(delimiter="  ")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import utils  # noqa: E402
 import checkpointing
 import distributed
-from precision import LossScaler
+from precision import LossScaler, NonFiniteLossError, NonFiniteLossWatch
 import metric_logging  # noqa: E402
 
 
@@ -88,6 +88,17 @@ def main() -> None:
     assert info.global_step == 5 and ck_args.start_epoch == 1
     assert torch.equal(model2.weight, model.weight)
     assert torch.equal(torch.rand(1), expected_next) and not torch.equal(rng_before, expected_next)
+
+    # a loss that is not finite on one rank only stops both ranks at the same check (no rank waits for the other)
+    watch = NonFiniteLossWatch(epoch=3, steps_per_epoch=10, start_step=30, device=torch.device("cpu"))
+    watch.update(torch.tensor(1.0), step=0)
+    watch.check()  # finite on both ranks
+    watch.update(torch.tensor(float("nan") if rank == 1 else 1.0), step=4)
+    try:
+        watch.check()
+        raise AssertionError(f"rank {rank} did not stop")
+    except NonFiniteLossError as e:
+        assert "epoch 3, step 4 of 10" in str(e), e
 
     print("this line is silenced on rank 1")
     print(f"RANK{rank} OK", force=True)
