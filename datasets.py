@@ -1,11 +1,12 @@
 """Datasets as the programs name them: list files, splits and class counts, the data flags and the builders.
 
 List files (``read_list_file``): one video per line, ``path label`` (space separated, VideoMAE) or
-``path,label`` (comma separated); an optional header line (``path label`` / ``path,label``), blank lines and
-``#`` comments are skipped. Pre-training lists may omit the label; VideoMAE V2's ``path start total [label]``
-(pre-training) and ``folder total label`` (fine-tuning on raw frames) are accepted too, their counts unused. A
-path may name a folder of frame images instead of a video file (``frame_folders``). Relative paths are joined to
-``data_root``. Errors name ``file:line``.
+``path,label`` (comma separated), UTF-8 (a byte-order mark is dropped); an optional header line (``path label`` /
+``path,label``), blank lines and ``#`` comments are skipped (a line starting with ``#`` whose first field names an
+existing file or folder is a video: HMDB51 has names starting with ``#``). Pre-training lists may omit the label;
+VideoMAE V2's ``path start total [label]`` (pre-training) and ``folder total label`` (fine-tuning on raw frames)
+are accepted too, their counts unused. A path may name a folder of frame images instead of a video file
+(``frame_folders``). Relative paths are joined to ``data_root``. Errors name ``file:line``.
 
 ``build_pretraining_dataset`` / ``build_dataset`` read the list the flags name into a :class:`VideoList` and make
 the ``video_datasets`` dataset (item formats and broken videos are described there, temporal sampling in
@@ -15,20 +16,21 @@ videos they met. Every data default is its flag's (``add_data_args``).
 from __future__ import annotations
 
 import argparse
+import codecs
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, List, Sequence, Tuple
+from typing import Any, Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 from torch.utils.data._utils.collate import default_collate
 
-from cli import at_least, has_option
+from cli import UserError, at_least, has_option
 from resume import data_fingerprint
 from video_datasets import PretrainVideoDataset, VideoClsDataset
-from video_io import BACKENDS
+from video_io import BACKENDS, DEFAULT_BACKEND
 from video_transforms import CropBatch, CropItem
 
 DATASET_CLASSES = {"SSV2": 174, "Kinetics-400": 400, "UCF101": 101, "HMDB51": 51}
@@ -52,6 +54,28 @@ def _is_header(fields: List[str]) -> bool:
     return low[0] in ("path", "video", "video_path", "filename", "file") or "label" in low[1:]
 
 
+def _join_root(data_root: str, path: str) -> str:
+    return path if os.path.isabs(path) or not data_root else os.path.join(data_root, path)
+
+
+def list_lines(list_path: str) -> Iterator[Tuple[int, str]]:
+    """``(line number, text)`` for every line of a list file: UTF-8, with the byte-order mark some editors put
+    first dropped (else it sticks to the first path); a line in another encoding is a ``cli.UserError`` naming
+    ``file:line``, not a bare ``UnicodeDecodeError``."""
+    if not os.path.isfile(list_path):
+        raise FileNotFoundError(f"list file not found: {list_path}")
+    with open(list_path, "rb") as f:
+        data = f.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    for line_no, raw in enumerate(data.splitlines(), start=1):
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{list_path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                            f"{e.start + 1}); save the list as UTF-8") from None
+
+
 def read_list_file(list_path: str, data_root: str = "", require_label: bool = True,
                    errors: List[Tuple[int, str]] | None = None) -> List[VideoRecord]:
     """Parse a list file into records; raises ``ValueError("file:line: ...")`` on malformed lines.
@@ -59,32 +83,30 @@ def read_list_file(list_path: str, data_root: str = "", require_label: bool = Tr
     With ``errors`` (a list), malformed lines are appended to it as ``(line_no, message)`` and skipped instead
     (used by tools/check_dataset.py to report every bad line at once).
     """
-    if not os.path.isfile(list_path):
-        raise FileNotFoundError(f"list file not found: {list_path}")
     records: List[VideoRecord] = []
     seen: dict = {}
     first = True
-    with open(list_path, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            fields = [x.strip() for x in line.split(",")] if "," in line else line.split()
-            if first and _is_header(fields):
-                first = False
-                continue
+    for line_no, raw in list_lines(list_path):
+        line = raw.strip()
+        if not line:
+            continue
+        fields = [x.strip() for x in line.split(",")] if "," in line else line.split()
+        if line.startswith("#") and not os.path.exists(_join_root(data_root, fields[0])):
+            continue  # a comment (a '#' line naming an existing file or folder is a video: HMDB51 has such names)
+        if first and _is_header(fields):
             first = False
-            try:
-                path, label = _parse_fields(fields, line, list_path, line_no, require_label)
-            except ValueError as e:
-                if errors is None:
-                    raise
-                errors.append((line_no, str(e)))
-                continue
-            video_id = path if path not in seen else f"{path}#L{line_no}"
-            seen[path] = line_no
-            full = path if os.path.isabs(path) or not data_root else os.path.join(data_root, path)
-            records.append(VideoRecord(path, full, label, line_no, video_id))
+            continue
+        first = False
+        try:
+            path, label = _parse_fields(fields, line, list_path, line_no, require_label)
+        except ValueError as e:
+            if errors is None:
+                raise
+            errors.append((line_no, str(e)))
+            continue
+        video_id = path if path not in seen else f"{path}#L{line_no}"
+        seen[path] = line_no
+        records.append(VideoRecord(path, _join_root(data_root, path), label, line_no, video_id))
     if not records and errors is None:
         raise ValueError(f"{list_path}: no videos listed")
     return records
@@ -123,6 +145,16 @@ def _parse_int(s: str, list_path: str, line_no: int, what: str) -> int:
         raise ValueError(f"{list_path}:{line_no}: {what} {s!r} is not an integer") from None
 
 
+def check_labels(source: str, rows: Iterable[Tuple[int, int, str]], nb_classes: int) -> None:
+    """``cli.UserError`` naming ``source:line`` and the path of the first ``(line, label, path)`` whose label is
+    outside ``[0, nb_classes)``: a wrong class count or list would otherwise fail later as an index error (or
+    silently score against the wrong classes)."""
+    for line_no, label, path in rows:
+        if not 0 <= label < nb_classes:
+            raise UserError(f"{source}:{line_no}: label {label} outside [0, {nb_classes}) for {path} "
+                            f"(check --nb_classes / --data_set)")
+
+
 class VideoList:
     """Records stored as numpy arrays (no per-item Python objects, so DataLoader workers do not slowly copy
     the list through reference counting)."""
@@ -131,10 +163,7 @@ class VideoList:
                  nb_classes: int | None = None):
         recs = read_list_file(list_path, data_root, require_label)
         if nb_classes is not None:
-            for r in recs:
-                if r.label is not None and not 0 <= r.label < nb_classes:
-                    raise ValueError(f"{list_path}:{r.line_no}: label {r.label} outside [0, {nb_classes}) "
-                                     f"for {r.path} (check --nb_classes / --data_set)")
+            check_labels(list_path, ((r.line_no, r.label, r.path) for r in recs if r.label is not None), nb_classes)
         self.list_path = list_path
         self.paths = np.array([r.path for r in recs])
         self.full_paths = np.array([r.full_path for r in recs])
@@ -306,7 +335,7 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
         add("--remode", default="pixel", type=str, help="random erasing fill mode (timm)")
         add("--recount", default=1, type=int, help="random erasing count (timm)")
     add("--no_flip", action="store_true", default=False, help="disable horizontal flip (always off for SSV2)")
-    add("--video_backend", default="auto", choices=list(BACKENDS), type=str,
+    add("--video_backend", default=DEFAULT_BACKEND, choices=list(BACKENDS), type=str,
         help="auto: PyAV when installed (exact frames, decodes only the crop region), else decord")
     add("--num_workers", default=10, type=at_least(0), help="DataLoader worker processes per training process")
     add("--worker_start_method", default=None, choices=["fork", "spawn", "forkserver"],

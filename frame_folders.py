@@ -3,7 +3,8 @@
 A folder's frames are its image files (``.jpg``, ``.jpeg``, ``.png``) in the order of the number in their names
 (the last run of digits: ``img_00001.jpg``, ``00001.jpg``, ``frame_7.png``), which must run without gaps or
 repeats; frame ``i`` is the ``i``-th of them whatever the first number is (VideoMAE V2's ``--start_idx`` and
-``--fname_tmpl`` are therefore not needed). The folder is listed once per open; nothing is read from the list's
+``--fname_tmpl`` are therefore not needed); next to mmaction2's flow images (``flow_x_*``, ``flow_y_*``) only the
+``img_*`` files are frames. The folder is listed once per open; nothing is read from the list's
 frame-count column.
 
 Every frame is a separate image, so a clip costs the decoding of its own frames only, wherever it lies in the
@@ -25,19 +26,29 @@ from torchvision.io import ImageReadMode, decode_image, read_file
 from video_io import Region, VideoDecodeError, check_indices, check_region
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+FLOW_PREFIXES = ("flow_x_", "flow_y_")  # mmaction2's optical-flow images beside the RGB frames
+RGB_PREFIX = "img_"
 _NUMBER = re.compile(r"(\d+)(?!.*\d)")  # the last run of digits in a file name
 
 
 def list_frames(folder: str) -> list[str]:
-    """The folder's frame image file names in frame order; raises ``ValueError`` naming what is wrong."""
-    numbered = []
+    """The folder's frame image file names in frame order; raises ``ValueError`` naming what is wrong.
+
+    mmaction2 extracts optical flow next to the RGB frames (``img_00001.jpg``, ``flow_x_00001.jpg``,
+    ``flow_y_00001.jpg``): when flow images are there, only the ``img_`` files are the video's frames."""
     with os.scandir(folder) as it:
-        for e in it:
-            if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS:
-                m = _NUMBER.search(os.path.splitext(e.name)[0])
-                if m is None:
-                    raise ValueError(f"frame image {e.name!r} has no frame number in its name")
-                numbered.append((int(m.group(1)), e.name))
+        names = [e.name for e in it if os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS]
+    if any(n.startswith(FLOW_PREFIXES) for n in names):
+        names = [n for n in names if n.startswith(RGB_PREFIX)]
+        if not names:
+            raise ValueError(f"only optical-flow images ({', '.join(p + '*' for p in FLOW_PREFIXES)}), no "
+                             f"{RGB_PREFIX}* frames in the folder")
+    numbered = []
+    for name in names:
+        m = _NUMBER.search(os.path.splitext(name)[0])
+        if m is None:
+            raise ValueError(f"frame image {name!r} has no frame number in its name")
+        numbered.append((int(m.group(1)), name))
     if not numbered:
         raise ValueError(f"no frame images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
     numbered.sort()

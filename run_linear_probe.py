@@ -29,7 +29,7 @@ import optim_factory
 import training
 from checkpointing import Checkpointer
 from cli import HelpFormatter, UserError, add_debug_arg, run_program
-from datasets import add_data_args, build_dataset
+from datasets import add_data_args, build_dataset, check_labels
 from engine_for_finetuning import train_one_epoch
 from engine_for_probing import PROBES, FeatureDataset, ProbedEncoder, build_probe, load_frozen_encoder, probe_summary
 from evaluation import eval_loader, evaluate, final_test
@@ -101,6 +101,11 @@ def build_data(args: argparse.Namespace) -> tuple[Any, Any, Any, int | None, str
         if len(train.labels) and int(train.labels.min()) < 0:
             raise UserError(f"{splits['train']}: the training list has unlabelled videos (label -1)")
         args.nb_classes = args.nb_classes or int(train.labels.max()) + 1
+        for split, store in stores.items():  # every split: a val/test class the probe has no output for
+            if store is not None:
+                listed = store.meta.get("settings", {}).get("list") or splits[split]
+                check_labels(f"{split} split: {listed}", zip(store.lines, (int(x) for x in store.labels),
+                                                              store.paths), args.nb_classes)
         views = (stores["test"] or train).meta["settings"]["views"]
         return (FeatureDataset(train, "train"),
                 FeatureDataset(stores["val"], "validation") if stores["val"] else None,

@@ -32,7 +32,7 @@ from checkpoint_loading import read_model_checkpoint
 from checkpointing import CheckpointError
 from frame_sampling import pretrain_indices
 from utils import strip_state_dict_prefixes
-from video_io import BACKENDS, VideoDecodeError, open_video
+from video_io import BACKENDS, DEFAULT_BACKEND, VideoDecodeError, open_video
 from video_transforms import EvalTransform
 
 # Pre-training's own flag defaults (the released AdaMAE setting), so each default lives in one place.
@@ -72,8 +72,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--normalize_target", default=None, action=argparse.BooleanOptionalAction,
                    help="whether the model was trained on per-tubelet normalised targets [checkpoint's or yes]")
     g = p.add_argument_group("run")
-    g.add_argument("--video_backend", default="decord", choices=list(BACKENDS),
-                   help="decord fails on some tiny widths (< 64 px); pyav reads them")
+    g.add_argument("--video_backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
+                   help="decoder (default: training's; decord fails on some tiny widths (< 64 px), pyav reads them)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--seed", default=0, type=int, help="seed of the mask draw (the same for every clip)")
     g.add_argument("--fps", default=8.0, type=float, help="GIF frame rate")
@@ -193,7 +193,7 @@ def expand_videos(entries: list[str], data_root: str = "") -> list[str]:
     return paths
 
 
-def load_clip(path: str, cfg: Mapping[str, Any], backend: str = "decord") -> tuple[torch.Tensor, list[int]]:
+def load_clip(path: str, cfg: Mapping[str, Any], backend: str = DEFAULT_BACKEND) -> tuple[torch.Tensor, list[int]]:
     """``[1, 3, T, S, S]`` ImageNet-normalised clip (centre start, short side resized to ``input_size``, centre
     crop) and the frame indices used; raises VideoDecodeError naming the file."""
     with open_video(path, backend) as reader:

@@ -40,7 +40,7 @@ from torch.utils.data import Dataset, get_worker_info
 from cli import UserError
 from frame_sampling import (dense_center_indices, dense_test_indices, dense_train_indices, pretrain_indices,
                             segment_center_indices, segment_test_indices, segment_train_indices)
-from video_io import BACKENDS, Region, VideoDecodeError, VideoReader, declared_frames, open_video, resolve_backend
+from video_io import BACKENDS, Region, VideoDecodeError, VideoReader, open_video, resolve_backend
 from video_transforms import Crop, CropItem, EvalTransform, PretrainTransform, TrainTransform
 
 if TYPE_CHECKING:
@@ -142,10 +142,6 @@ class _VideoDatasetBase(Dataset):
             if len(r) < self.min_frames:
                 raise VideoDecodeError(path, f"too short: {len(r)} frames < {self.min_frames}")
             return read(r)
-
-    def _decode(self, vid: int, index_fn: Callable[[int], List[int]]) -> np.ndarray:
-        """Frames ``index_fn(len)`` of video ``vid``."""
-        return self._read(vid, lambda r: r.get_batch(index_fn(len(r))))
 
     def _decode_with_retry(self, vid: int, index_fn: Callable[[int], List[int]]) -> Tuple[int, np.ndarray]:
         return self._read_with_retry(vid, lambda r: r.get_batch(index_fn(len(r))))
@@ -321,14 +317,14 @@ class VideoClsDataset(_VideoDatasetBase):
             return self._cache[1]
         path = self.videos.path(vid)
 
-        def checked_fn(n: int) -> List[int]:
-            short = _short_of_container(path, n)
+        def checked_read(r: VideoReader) -> np.ndarray:
+            short = _short_of_container(r)
             if short:
                 raise VideoDecodeError(path, short)
-            return fn(n)
+            return r.get_batch(fn(len(r)))
 
         try:
-            frames, reason = self._decode(vid, checked_fn), ""
+            frames, reason = self._read(vid, checked_read), ""
             self.broken_counter.record_ok()
         except Exception as e:
             reason = e.reason if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}"
@@ -339,26 +335,18 @@ class VideoClsDataset(_VideoDatasetBase):
 
 
 # Containers whose frame index is the sample table that both backends read: a cut file fails to open or to
-# decode, so comparing with the declared length adds nothing (and would cost an extra open per video).
+# decode, so comparing with the declared duration adds nothing (and would cost an extra open per video with decord).
 _INDEXED_CONTAINERS = (".mp4", ".m4v", ".mov")
 
 
-def _short_of_container(path: str, n: int) -> str:
-    """Why a video with ``n`` indexable frames is truncated, or "" if it is not (or the container does not say).
+def _short_of_container(r: VideoReader) -> str:
+    """Why the open video ``r`` is truncated, or "" if it is not (or its container does not say).
 
     A demuxer indexes only the packets it finds, so a file cut short whose header keeps the full duration (e.g. a
     .webm) opens as a shorter, valid video; evaluating it would score a different clip than the listed video.
-    Allows 10% + 1 frame of slack for rounding and an audio track longer than the video.
     """
-    if os.path.splitext(path)[1].lower() in _INDEXED_CONTAINERS or os.path.isdir(path):  # a folder: no container
+    if os.path.splitext(r.path)[1].lower() in _INDEXED_CONTAINERS:
         return ""
-    import av
-
-    try:
-        with av.open(path) as c:
-            declared = declared_frames(c, c.streams.video[0])
-    except Exception:  # unreadable header: the decode itself reports it
-        return ""
-    if n < 0.9 * declared - 1:
-        return f"truncated: {n} decodable frames, the container declares {declared}"
-    return ""
+    n = len(r)
+    declared = r.declared_frames()
+    return f"truncated: {n} decodable frames, the container declares {declared}" if declared > n else ""

@@ -1,7 +1,9 @@
 """Video decoding backends: PyAV and decord; ``auto`` (the default) picks PyAV when it is installed.
 
 Both backends decode only the frames a clip needs and return identical ``uint8 [T, H, W, 3]`` RGB arrays for
-identical frame indices (tested on H.264 .mp4 and VP9 .webm).
+identical frame indices on even frame sizes (tested on H.264 .mp4 and VP9 .webm; odd sizes differ by a few grey
+levels). decord is wrong where PyAV is exact: mp4 edit lists that cut leading frames, AVI (MPEG-4 Part 2) with
+B-frames (DATASET.md, section 3).
 
 Frame numbering is the same for both: frame ``i`` is the ``i``-th frame in presentation (pts) order, counted
 over the packets of the first video stream. decord builds this table itself. For PyAV it comes from an mp4's
@@ -34,6 +36,8 @@ import numpy as np
 from pyav_rgb import frame_to_rgb
 
 BACKENDS = ("auto", "decord", "pyav")
+# Every program's --video_backend default (training, checker, visualisation): check with what you train with.
+DEFAULT_BACKEND = "auto"
 Region = Tuple[int, int, int, int]  # (top, left, height, width) in frame pixels
 
 
@@ -104,6 +108,21 @@ class _DecordReader:
             frames = frames[:, top:top + h, left:left + w]
         return frames
 
+    def declared_frames(self) -> int:
+        n = self._len
+        try:
+            t = [self._vr.get_frame_timestamp(i)[0] for i in (0, max(n - 2, 0), n - 1)]
+        except Exception:
+            return n
+        span = frames_span(*t) if n > 1 else (1.0 / self.fps() if self.fps() else 0.0)
+        import av
+
+        try:
+            with av.open(self.path) as c:
+                return declared_frames(c, c.streams.video[0], n, span)
+        except Exception:  # unreadable header: the decode itself reports it
+            return n
+
     def close(self) -> None:
         self._vr = None
 
@@ -136,10 +155,13 @@ class _PyAVReader:
         self._keyframes = sorted(set(keyframes) | {0})
 
     def _index_by_demux(self) -> None:
-        """Frame index from one demux pass (no decoding): pts of every packet, in presentation order."""
+        """Frame index from one demux pass (no decoding): pts of every packet, in presentation order.
+
+        Packets flagged discard (the frames an mp4 edit list cuts from the start, e.g. after a stream-copy trim) are
+        decoded only as references and never output, so they are not frames of the video."""
         pts, key = [], []
         for pkt in self._container.demux(self._stream):
-            if pkt.pts is None or pkt.size == 0:
+            if pkt.pts is None or pkt.size == 0 or _is_discard(pkt):
                 continue
             pts.append(pkt.pts)
             key.append(bool(pkt.is_keyframe))
@@ -195,6 +217,14 @@ class _PyAVReader:
     def fps(self) -> float:
         rate = self._stream.average_rate or self._stream.guessed_rate
         return float(rate) if rate else 0.0
+
+    def declared_frames(self) -> int:
+        p, tb = self._pts, self._stream.time_base
+        if len(p) > 1:
+            span = frames_span(*(float(x * tb) for x in (p[0], p[-2], p[-1])))
+        else:
+            span = 1.0 / self.fps() if self.fps() else 0.0
+        return declared_frames(self._container, self._stream, len(p), span)
 
     def _seek(self, frame_idx: int) -> None:
         # Seek to the keyframe at or before frame_idx. Frame 0 seeks to the very start of the stream.
@@ -316,6 +346,11 @@ class _PyAVReader:
             self._container = None
 
 
+def _is_discard(pkt) -> bool:
+    """``Packet.is_discard`` (AV_PKT_FLAG_DISCARD; present on PyAV 12-19, feature-detected all the same)."""
+    return bool(getattr(pkt, "is_discard", False))
+
+
 def _probe_options(av, path: str) -> dict[str, str] | None:
     """Options for ``av.open`` that stop FFmpeg's open-time probe from decoding mp4/mov frames.
 
@@ -360,7 +395,7 @@ class VideoReader:
     Usable as a context manager; open it inside ``__getitem__`` and close it before returning.
     """
 
-    def __init__(self, path: str, backend: str = "auto"):
+    def __init__(self, path: str, backend: str = DEFAULT_BACKEND):
         backend = resolve_backend(backend)
         self.path = path
         if os.path.isdir(path):
@@ -392,6 +427,11 @@ class VideoReader:
         """
         return self._impl.get_batch(indices, region)
 
+    def declared_frames(self) -> int:
+        """Frames the container declares (``video_io.declared_frames``): ``len(r)`` unless the indexed frames end
+        clearly before the declared duration, i.e. the file was cut short (a frame folder declares nothing)."""
+        return self._impl.declared_frames() if self.backend != "frames" else len(self)
+
     def close(self) -> None:
         self._impl.close()
 
@@ -402,33 +442,83 @@ class VideoReader:
         self.close()
 
 
-def open_video(path: str, backend: str = "auto") -> VideoReader:
+def open_video(path: str, backend: str = DEFAULT_BACKEND) -> VideoReader:
     """Open ``path`` with ``backend`` ('auto', 'decord' or 'pyav'); raises VideoDecodeError if it cannot be opened."""
     return VideoReader(path, backend)
 
 
-def num_frames(path: str, backend: str = "auto") -> int:
+def num_frames(path: str, backend: str = DEFAULT_BACKEND) -> int:
     """Number of frames of the first video stream (same count for both backends)."""
     with open_video(path, backend) as r:
         return len(r)
 
 
-def read_frames(path: str, indices: Sequence[int], backend: str = "auto") -> np.ndarray:
+def read_frames(path: str, indices: Sequence[int], backend: str = DEFAULT_BACKEND) -> np.ndarray:
     """Decode only the frames at ``indices``: ``uint8 [len(indices), H, W, 3]`` RGB."""
     with open_video(path, backend) as r:
         return r.get_batch(indices)
 
 
-def declared_frames(container, stream) -> int:
-    """Frames an open PyAV ``container`` declares for its video ``stream``, without decoding: the stream's frame
-    count, else its (or the file's) duration x average rate; 0 if it declares neither."""
-    if stream.frames:
-        return int(stream.frames)
-    rate = stream.average_rate or stream.guessed_rate
-    if stream.duration is not None and stream.time_base:
-        seconds = float(stream.duration * stream.time_base)
-    elif container.duration:
-        seconds = container.duration / 1e6
-    else:
+def display_rotation(path: str) -> int:
+    """Degrees (counter-clockwise, in (-180, 180], as ffprobe reports them) a player would rotate ``path``'s frames
+    by (a phone video's display matrix); 0 if none or unknown.
+
+    Neither backend applies it: frames come out as stored, so such a video trains sideways; the checker warns.
+    Read from the first decoded frame (``VideoFrame.rotation``, feature-detected), else the old ``rotate`` tag."""
+    if os.path.isdir(path):
         return 0
-    return round(seconds * float(rate)) if rate else 0
+    try:
+        import av
+
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            frame = next(c.decode(s), None)
+            rot = getattr(frame, "rotation", None)
+            if rot is None:
+                rot = int(float(s.metadata.get("rotate", 0)))
+            rot = int(round(rot)) % 360
+            return rot - 360 if rot > 180 else rot
+    except Exception:  # no PyAV, or unreadable: decoding reports the file itself
+        return 0
+
+
+def declared_seconds(container, stream) -> float | None:
+    """Seconds of video the container declares for ``stream``, without decoding, or None if it declares none.
+
+    The stream's own duration (mp4: its edit list's length), else Matroska's per-track ``DURATION`` tag, else the
+    file's duration only when the video is the file's only stream (an audio track may be longer)."""
+    if stream.duration is not None and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION")
+    if tag:  # "HH:MM:SS.nnnnnnnnn"
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            pass
+    if container.duration and len(container.streams) == 1:
+        return container.duration / 1e6
+    return None
+
+
+def frames_span(first: float, before_last: float, last: float) -> float:
+    """Seconds covered by frames presented at ``first`` ... ``before_last``, ``last`` (sorted): up to the end of
+    the last one, whose duration is taken as the last gap (right for variable frame rates too)."""
+    return last - first + max(last - before_last, 0.0)
+
+
+def declared_frames(container, stream, n: int, span: float) -> int:
+    """Frames an open PyAV ``container`` declares for its video ``stream`` of which ``n`` frames covering ``span``
+    seconds (``frames_span``) were indexed or decoded: ``n`` when they reach the declared duration, else the
+    count at their own average rate.
+
+    Times, not counts: a demuxer indexes only the packets it finds, so a file cut short whose header keeps the full
+    duration (e.g. a .webm) opens as a shorter, valid video; but the count a duration implies at the *average*
+    rate is wrong for variable-frame-rate files, and an mp4's sample count includes edit-list-discarded frames.
+    Slack: two frames or 2 % of the duration, for rounding and muxers' last-frame durations."""
+    declared = declared_seconds(container, stream)
+    if not declared or n <= 0 or span <= 0:
+        return n
+    if span >= declared - max(2 * span / n, 0.02 * declared):
+        return n
+    return max(n + 1, round(declared * n / span))

@@ -271,3 +271,25 @@ def test_probe_resumes_exactly_after_a_stop_mid_epoch(cached_features, tmp_path,
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     results = [json.loads((tmp_path / d / "test_results.json").read_text()) for d in ("straight", "stopped")]
     assert results[0]["predictions"] == results[1]["predictions"]
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_linear_probe_on_features_checks_every_splits_labels(tmp_path, split):
+    """A val/test label the probe has no output for used to fail later as an index error (or be scored wrong):
+    every split is checked against --nb_classes, naming the split, the list line and the video."""
+    from conftest import run_main
+
+    feats = tmp_path / "feats"
+    for name in ("train", "val", "test"):
+        labels = [0, 1, 2, 3, 0, 1] if name != split else [0, 1, 4]
+        d = feats / name
+        d.mkdir(parents=True)
+        plan = xf.Plan({"views": "1x1", "pooling": "mean", "list": f"/data/{name}.csv"})
+        rows = [{"path": f"v{i}.mp4", "line": i + 2, "label": lab, "video_id": f"v{i}.mp4", "reason": ""}
+                for i, lab in enumerate(labels)]
+        xf.write_shard(d / xf.shard_name(0), plan, rows, [torch.randn(8) for _ in labels], 8)
+        (d / xf.MANIFEST).write_text(json.dumps({"plan_key": plan.key, "settings": plan.settings, "complete": True,
+                                                 "dim": 8, "shards": [xf.shard_name(0)]}))
+    res = run_main(run_linear_probe, probe_flags(tmp_path / "out", "--probe", "linear", "--features", str(feats)))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"error: {split} split: /data/{split}.csv:4: label 4 outside [0, 4) for v2.mp4" in res.stderr

@@ -187,3 +187,20 @@ def test_check_dataset_reports_a_broken_folder(tmp_path):
     for full in (False, True):
         report = check_list(str(lst), backend="pyav", nb_classes=2, full=full, progress=False)
         assert report["bad"] == [(2, gap, "undecodable: frame images numbered 1..6 miss numbers [4]")], report
+
+
+def test_mmaction2_folder_with_flow_images_reads_only_the_rgb_frames(tmp_path):
+    """mmaction2's rawframes put flow_x_/flow_y_ images beside img_ ones with the same numbers: they are not frames
+    (and used to be rejected as duplicate numbers)."""
+    frames = coded_frames(6, 16, 24)
+    folder = write_folder(tmp_path / "v", frames)
+    for i in range(1, 7):
+        for axis in ("x", "y"):
+            Image.fromarray(np.full((16, 24), 100, np.uint8)).save(tmp_path / "v" / f"flow_{axis}_{i:05d}.jpg")
+    with open_video(folder) as r:
+        assert len(r) == 6
+        np.testing.assert_array_equal(r.get_batch([0, 5]), frames[[0, 5]])
+    for f in (tmp_path / "v").glob("img_*"):
+        f.unlink()
+    with pytest.raises(VideoDecodeError, match="only optical-flow images"):
+        open_video(folder)

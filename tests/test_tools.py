@@ -181,3 +181,26 @@ def test_vp9_writing_works_or_says_why_after_decord_was_imported(tmp_path, first
         assert "imported decord before av" in res.stderr and "import av first" in res.stderr, res.stderr
     else:  # a decord / PyAV pair without the conflict writes a real video
         assert num_frames(str(out), "pyav") == 4
+
+
+def test_synthetic_lists_survive_a_space_in_out_and_bad_flags_exit_2(tmp_path, capsys):
+    """A space in --out used to split the path of every line (space-separated lists); such lists are written as
+    `path,label`. Flags that cannot work are argparse's one-line errors (exit 2), not tracebacks."""
+    from tools.make_synthetic_dataset import main as synth_main
+
+    out = tmp_path / "my data"
+    lists = make_synthetic_dataset(str(out), num_videos=4, num_classes=2, size=16, frames=4)
+    recs = read_list_file(lists["train"])
+    assert recs and all(os.path.isfile(r.full_path) and r.label in (0, 1) for r in recs)
+    assert "," in open(lists["train"]).readline()
+    rel = make_synthetic_dataset(str(tmp_path / "rel"), num_videos=4, num_classes=2, size=16, frames=4,
+                                 relative=True)
+    assert "," not in open(rel["train"]).readline()  # VideoMAE's `path label` where it works
+    for flags, needle in ((["--num_classes", "9"], "--num_classes"), (["--size", "15"], "--size"),
+                          (["--frames", "0"], "--frames"), (["--distractor_prob", "2"], "--distractor_prob"),
+                          (["--num_videos", "x"], "--num_videos")):
+        with pytest.raises(SystemExit) as e:
+            synth_main(["--out", str(tmp_path / "bad"), *flags])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and needle in err and "Traceback" not in err, err
+    assert not (tmp_path / "bad").exists()

@@ -3,7 +3,8 @@
 Checks every line: malformed line, duplicate path, missing file, undecodable / truncated video (opens it and
 decodes the first, middle and last frame; ``--full`` decodes every frame and also flags a video with fewer
 decodable frames than its container declares, e.g. a .webm cut short whose header keeps the full duration), and
-too short (fewer than ``--min_frames`` frames). With ``--nb_classes`` and/or ``--data_set`` the labels are checked
+too short (fewer than ``--min_frames`` frames); a video with a display-matrix rotation (decoded unrotated) is a
+warning, not a bad line. With ``--nb_classes`` and/or ``--data_set`` the labels are checked
 as fine-tuning checks them (the same parser and class count as ``datasets.VideoList``): every line needs a label
 in ``[0, nb_classes)``. Without either, labels are optional (pre-training lists) and only negative ones are bad.
 
@@ -24,40 +25,10 @@ from concurrent.futures import ProcessPoolExecutor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import DATA_SETS, VideoList, class_count, read_list_file  # noqa: E402
-from video_io import BACKENDS, VideoDecodeError, open_video  # noqa: E402
+from video_io import BACKENDS, DEFAULT_BACKEND, VideoDecodeError, display_rotation, open_video  # noqa: E402
 
 FULL_CHUNK = 32  # --full decodes this many frames per call: bounded memory for long videos
 SHOWN_BAD = 20  # bad lines printed on the terminal (all of them go to the report)
-
-
-def declared_frames(path: str) -> tuple[int, bool] | None:
-    """``(frames, exact)`` the container declares for its first video stream, or None if it declares none.
-
-    mp4/mov store it (the sample count); Matroska/WebM only store a duration, which a truncated file keeps, so the
-    count is duration x frame rate: the stream's own duration (or its ``DURATION`` tag), the file's only when the
-    video is the file's only stream (an audio track may be longer).
-    """
-    import av
-
-    try:
-        with av.open(path) as c:
-            s = c.streams.video[0]
-            if s.frames:
-                return int(s.frames), True
-            rate = s.average_rate or s.guessed_rate
-            if not rate:
-                return None
-            seconds = None
-            if s.duration is not None and s.time_base is not None:
-                seconds = float(s.duration * s.time_base)
-            elif "DURATION" in s.metadata:  # Matroska per-track tag, "HH:MM:SS.nnnnnnnnn"
-                h, m, sec = s.metadata["DURATION"].split(":")
-                seconds = int(h) * 3600 + int(m) * 60 + float(sec)
-            elif c.duration and len(c.streams) == 1:
-                seconds = c.duration / av.time_base
-            return (round(seconds * float(rate)), False) if seconds else None
-    except Exception:  # no header to trust: decoding reports the file itself
-        return None
 
 
 def _decodable(reader, n: int) -> int:
@@ -78,17 +49,15 @@ def _decodable(reader, n: int) -> int:
     return ok
 
 
-def check_video(path: str, backend: str = "decord", min_frames: int = 1, full: bool = False) -> tuple:
+def check_video(path: str, backend: str = DEFAULT_BACKEND, min_frames: int = 1, full: bool = False) -> tuple:
     """Return ``(num_frames, problem)``; ``problem`` is None when the video is fine."""
     try:
         with open_video(path, backend) as r:
             n = len(r)
             if full:
                 got = _decodable(r, n)
-                declared, exact = declared_frames(path) or (0, True)
-                want = max(n, declared)
-                slack = 0 if exact or declared <= n else 1  # a duration x rate count may round up by a frame
-                if got < want - slack:
+                want = max(n, r.declared_frames())  # more than indexed: the file was cut short
+                if got < want:
                     return got, f"truncated: decoded {got} of {want} frames"
             else:
                 r.get_batch(sorted({0, n // 2, n - 1}))
@@ -102,14 +71,23 @@ def check_video(path: str, backend: str = "decord", min_frames: int = 1, full: b
     return n, None
 
 
+def rotation_warning(path: str) -> str | None:
+    """A warning for a video whose header asks players to rotate it: both backends return it unrotated."""
+    rot = display_rotation(path)
+    return (f"its display matrix rotates it by {rot} degrees; decoded unrotated, as stored (re-encode it rotated if "
+            f"the orientation matters)") if rot else None
+
+
 def _check_args(a):
-    return check_video(*a)
+    n, problem = check_video(*a)
+    return n, problem, None if problem else rotation_warning(a[0])
 
 
-def check_list(list_path: str, data_root: str = "", backend: str = "decord", nb_classes: int | None = None,
+def check_list(list_path: str, data_root: str = "", backend: str = DEFAULT_BACKEND, nb_classes: int | None = None,
                min_frames: int = 1, full: bool = False, workers: int = 1, require_label: bool | None = None,
                progress: bool = True) -> dict:
-    """Check a list; returns ``{'total': n_lines, 'bad': [(line, path, problem)], 'counts': Counter, ...}``.
+    """Check a list; returns ``{'total': n_lines, 'bad': [(line, path, problem)], 'counts': Counter, 'warnings':
+    [(line, path, warning)], ...}``.
 
     Labels are required when ``nb_classes`` is given (as in fine-tuning) unless ``require_label`` says otherwise.
     Raises FileNotFoundError / ValueError (the list's path in the message) for a missing or empty list.
@@ -152,16 +130,19 @@ def check_list(list_path: str, data_root: str = "", backend: str = "decord", nb_
             results = list(tqdm(ex.map(_check_args, jobs, chunksize=8), total=len(jobs), disable=not progress))
     else:
         results = list(tqdm(map(_check_args, jobs), total=len(jobs), disable=not progress))
-    frames = []
-    for r, (n, problem) in zip(to_decode, results):
+    frames, warnings = [], []
+    for r, (n, problem, warning) in zip(to_decode, results):
         if problem:
             bad.append((r.line_no, r.path, problem))
         else:
             frames.append(n)
+        if warning:
+            warnings.append((r.line_no, r.path, warning))
     bad.sort()
     counts = collections.Counter(p.split(":")[0] for _, _, p in bad)
     labels = collections.Counter(r.label for r in records if r.label is not None)
-    return {"total": len(records) + len(errors), "bad": bad, "counts": counts, "frames": frames, "labels": labels}
+    return {"total": len(records) + len(errors), "bad": bad, "counts": counts, "frames": frames, "labels": labels,
+            "warnings": warnings}
 
 
 def _class_count(nb_classes: int | None, data_set: str | None) -> int | None:
@@ -172,12 +153,12 @@ def _class_count(nb_classes: int | None, data_set: str | None) -> int | None:
     return class_count(data_set or "custom", nb_classes)
 
 
-def main(argv=None) -> int:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("list", help="list file (path label per line)")
     p.add_argument("--data_root", default="", help="prefix for relative paths in the list")
-    p.add_argument("--video_backend", default="decord", choices=list(BACKENDS),
-                   help="decoder to check with (use the one you train with)")
+    p.add_argument("--video_backend", default=DEFAULT_BACKEND, choices=list(BACKENDS),
+                   help="decoder to check with (use the one you train with; the default is training's)")
     p.add_argument("--nb_classes", type=int, default=None,
                    help="labels required and in [0, nb_classes) (alone: a custom set)")
     p.add_argument("--data_set", default=None, choices=list(DATA_SETS),
@@ -189,7 +170,11 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=1, help="parallel processes")
     p.add_argument("--report", default=None, help="report path (default: LIST.bad.txt)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    a = get_args_parser().parse_args(argv)
     try:
         nb = _class_count(a.nb_classes, a.data_set)
         res = check_list(a.list, a.data_root, a.video_backend, nb, a.min_frames, a.full, a.workers,
@@ -210,6 +195,8 @@ def main(argv=None) -> int:
         if empty:
             shown = ", ".join(map(str, empty[:10])) + (", ..." if len(empty) > 10 else "")
             print(f"  note: {len(empty)} of {nb} classes have no video in this list ({shown})")
+    for line, path, warning in res["warnings"]:  # not bad lines: the exit status ignores them
+        print(f"{a.list}:{line}: {path}: warning: {warning}")
     for line, path, problem in bad[:SHOWN_BAD]:
         print(f"{a.list}:{line}: {path + ': ' if path else ''}{problem}")
     if len(bad) > SHOWN_BAD:

@@ -26,6 +26,9 @@ from typing import Dict
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cli import at_least  # noqa: E402
+
 CLASS_NAMES = ["up", "down", "horizontal", "circle", "bounce", "grow", "shrink", "static"]
 BACKGROUND_RANGE = (90.0, 165.0)  # grey levels of the background's colour grid (see render_video)
 
@@ -162,6 +165,22 @@ def render_video(cls: int, rng: np.random.Generator, size: int = 112, frames: in
     return out
 
 
+def settings_problem(out_dir: str, num_classes: int, fmt: str, size: int, relative: bool,
+                     distractor_prob: float) -> str | None:
+    """What is wrong with these settings (named as the command line's flags), or None."""
+    if not 2 <= num_classes <= len(CLASS_NAMES):
+        return f"--num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}"
+    if fmt not in ("mp4", "webm"):
+        return f"--format must be mp4 or webm, got {fmt!r}"
+    if size % 2 or size < 8:
+        return f"--size must be even (yuv420p) and >= 8, got {size}"
+    if not 0.0 <= distractor_prob <= 1.0:
+        return f"--distractor_prob must be in [0, 1], got {distractor_prob}"
+    if not relative and "," in os.path.abspath(out_dir):
+        return f"--out {out_dir!r} contains a comma, which no list format can hold: use another folder or --relative"
+    return None
+
+
 def make_synthetic_dataset(out_dir: str, num_videos: int = 240, num_classes: int = 4, fmt: str = "mp4",
                            seed: int = 0, size: int = 112, frames: int = 32, fps: int = 25,
                            split: tuple = (0.7, 0.15, 0.15), relative: bool = False,
@@ -170,12 +189,9 @@ def make_synthetic_dataset(out_dir: str, num_videos: int = 240, num_classes: int
 
     Returns ``{'train': path, 'val': path, 'test': path}``.
     """
-    if not 2 <= num_classes <= len(CLASS_NAMES):
-        raise ValueError(f"num_classes must be in [2, {len(CLASS_NAMES)}], got {num_classes}")
-    if fmt not in ("mp4", "webm"):
-        raise ValueError(f"format must be mp4 or webm, got {fmt!r}")
-    if size % 2:
-        raise ValueError("size must be even (yuv420p)")
+    problem = settings_problem(out_dir, num_classes, fmt, size, relative, distractor_prob)
+    if problem:
+        raise ValueError(problem)
     out_dir = os.path.abspath(out_dir)
     vdir = os.path.join(out_dir, "videos")
     os.makedirs(vdir, exist_ok=True)
@@ -202,10 +218,12 @@ def make_synthetic_dataset(out_dir: str, num_videos: int = 240, num_classes: int
     lists = {}
     for part, idx in rows.items():
         p = os.path.join(out_dir, f"{part}.csv")
-        with open(p, "w") as f:
-            for i in sorted(idx):
-                rel = os.path.join("videos", f"{i:05d}_{CLASS_NAMES[labels[i]]}.{fmt}")
-                f.write(f"{rel if relative else os.path.join(out_dir, rel)} {labels[i]}\n")
+        paths = [os.path.join("videos", f"{i:05d}_{CLASS_NAMES[labels[i]]}.{fmt}") for i in sorted(idx)]
+        paths = paths if relative else [os.path.join(out_dir, x) for x in paths]
+        # VideoMAE's `path label`, unless a path holds whitespace: then `path,label` (datasets.read_list_file)
+        sep = "," if any(x != "".join(x.split()) for x in paths) else " "
+        with open(p, "w", encoding="utf-8") as f:
+            f.writelines(f"{x}{sep}{labels[i]}\n" for x, i in zip(paths, sorted(idx)))
         lists[part] = p
     with open(os.path.join(out_dir, "classes.txt"), "w") as f:
         f.write("".join(f"{c} {CLASS_NAMES[c]}\n" for c in range(num_classes)))
@@ -215,17 +233,20 @@ def make_synthetic_dataset(out_dir: str, num_videos: int = 240, num_classes: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
-    p.add_argument("--num_videos", type=int, default=240)
-    p.add_argument("--num_classes", type=int, default=4)
+    p.add_argument("--num_videos", type=at_least(1), default=240)
+    p.add_argument("--num_classes", type=int, default=4, help=f"2 to {len(CLASS_NAMES)}")
     p.add_argument("--format", choices=["mp4", "webm"], default="mp4")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--size", type=int, default=112, help="frame side in pixels (even)")
-    p.add_argument("--frames", type=int, default=32)
-    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--seed", type=at_least(0), default=0)
+    p.add_argument("--size", type=int, default=112, help="frame side in pixels (even, >= 8)")
+    p.add_argument("--frames", type=at_least(1), default=32)
+    p.add_argument("--fps", type=at_least(1), default=25)
     p.add_argument("--relative", action="store_true", help="write paths relative to --out (use --data_root)")
     p.add_argument("--distractor_prob", type=float, default=0.0,
                    help="probability of a static textured distractor object in a video")
     a = p.parse_args(argv)
+    problem = settings_problem(a.out, a.num_classes, a.format, a.size, a.relative, a.distractor_prob)
+    if problem:
+        p.error(problem)  # exit 2, one line naming the flag
     t0 = time.time()
     lists = make_synthetic_dataset(a.out, a.num_videos, a.num_classes, a.format, a.seed, a.size, a.frames,
                                    a.fps, relative=a.relative, distractor_prob=a.distractor_prob)

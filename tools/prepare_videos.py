@@ -173,16 +173,17 @@ def _write_atomic(path: str, text: str) -> None:
 def rewrite_list(in_list: str, new_paths: Dict[int, str], dropped: set) -> str:
     """The input list with the path of each line in ``new_paths`` (by line number) replaced and the lines in
     ``dropped`` left out; blank, comment and header lines are kept as they are."""
+    from datasets import list_lines
+
     out = []
-    with open(in_list, encoding="utf-8") as f:
-        for line_no, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if line_no in new_paths:
-                # the path is the first field: up to the first comma in comma lists, the first token otherwise
-                end = line.index(",") if "," in line else re.match(r"\S+", line).end()
-                out.append(new_paths[line_no] + line[end:])
-            elif line_no not in dropped:
-                out.append(line)
+    for line_no, raw in list_lines(in_list):
+        line = raw.strip()
+        if line_no in new_paths:
+            # the path is the first field: up to the first comma in comma lists, the first token otherwise
+            end = line.index(",") if "," in line else re.match(r"\S+", line).end()
+            out.append(new_paths[line_no] + line[end:])
+        elif line_no not in dropped:
+            out.append(line)
     return "".join(x + "\n" for x in out)
 
 
@@ -306,8 +307,8 @@ def run(a: argparse.Namespace) -> int:
     errors: List[Tuple[int, str]] = []
     try:
         records = read_list_file(a.in_list, a.data_root, require_label=False, errors=errors)
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"IN_LIST cannot be read: {a.in_list}: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: cli.UserError, naming the list's line
+        raise UsageError(f"IN_LIST cannot be read: {e}") from None
     if not records:
         raise UsageError(f"IN_LIST lists no videos: {a.in_list}" + (f" ({errors[0][1]})" if errors else ""))
     os.makedirs(a.out_dir, exist_ok=True)

@@ -12,7 +12,7 @@ import shutil
 from fractions import Fraction
 from typing import Tuple
 
-from video_io import declared_frames, open_video
+from video_io import declared_frames, frames_span, open_video
 
 
 def output_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
@@ -41,11 +41,14 @@ def _source_frames(src: str):
     rate = Fraction(ist.average_rate or ist.guessed_rate or 25).limit_denominator(1001)
 
     def frames():
-        n = 0
+        n, times = 0, [0.0, 0.0, 0.0]  # presentation times of the first, second-last and last decoded frame
         with inp:
-            expected = declared_frames(inp, ist)
             try:
                 for frame in inp.decode(ist):
+                    t = float(frame.time) if frame.time is not None else n / float(rate)
+                    times[1:] = times[2], t
+                    if n == 0:
+                        times = [t, t, t]
                     yield frame
                     n += 1
             except av.error.FFmpegError as e:
@@ -53,9 +56,10 @@ def _source_frames(src: str):
                     raise ValueError(f"undecodable: {type(e).__name__}: {e}") from None
                 raise ValueError(f"truncated: decoding failed after {n} frames ({type(e).__name__}: {e})") \
                     from None
-        if n == 0:
-            raise ValueError("undecodable: no frames")
-        if expected and n + max(2, expected // 50) <= expected:  # a container's count may be off by a frame
+            if n == 0:
+                raise ValueError("undecodable: no frames")
+            expected = declared_frames(inp, ist, n, frames_span(*times) if n > 1 else 1.0 / float(rate))
+        if expected > n:
             raise ValueError(f"truncated: {n} frames decodable of {expected} listed")
 
     return frames(), rate
