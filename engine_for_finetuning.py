@@ -68,7 +68,8 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
             stats["class_acc"] = (output.detach().argmax(-1) == hard_targets).float().mean()
         lr_stats = run.record(it, step, loss, **stats)
         if log_writer is not None and update:
-            log_writer.update(head="loss", step=global_step, loss=stats["loss"], class_acc=stats.get("class_acc"))
+            avg = run.step_average()  # over the step's --update_freq batches
+            log_writer.update(head="loss", step=global_step, loss=avg["loss"], class_acc=avg.get("class_acc"))
             log_writer.update(head="opt", step=global_step, lr=lr_stats["lr"], min_lr=lr_stats["min_lr"],
                               weight_decay=lr_stats["weight_decay"], grad_norm=grad_norm)
     return run.finish()

@@ -90,13 +90,14 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
                              motion_coverage=motion_coverage(out.mask, energy), sampler_grad_norm=sampler_grad_norm)
         lr_stats = run.record(it, step, out.loss, **stats)
         if log_writer is not None and update:
-            log_writer.update(head="loss", step=global_step, loss=stats["loss"], loss_reconstruction=stats["loss_rec"],
-                              loss_sampling=stats["loss_samp"])
+            avg = run.step_average()  # over the step's --update_freq batches
+            log_writer.update(head="loss", step=global_step, loss=avg["loss"], loss_reconstruction=avg["loss_rec"],
+                              loss_sampling=avg["loss_samp"])
             log_writer.update(head="opt", step=global_step, lr=lr_stats["lr"], min_lr=lr_stats["min_lr"],
                               weight_decay=lr_stats["weight_decay"], grad_norm=grad_norm)
-            if "sampler_entropy" in stats:
-                log_writer.update(head="sampler", step=global_step, entropy=stats["sampler_entropy"],
-                                  max_prob=stats["sampler_max_prob"], motion_coverage=stats["motion_coverage"],
+            if "sampler_entropy" in avg:
+                log_writer.update(head="sampler", step=global_step, entropy=avg["sampler_entropy"],
+                                  max_prob=avg["sampler_max_prob"], motion_coverage=avg["motion_coverage"],
                                   grad_norm=sampler_grad_norm)
             if step % args.print_freq == 0:  # optimizer steps: `it` is never a multiple on update iterations when
                 # --update_freq and --print_freq share a factor

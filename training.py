@@ -188,12 +188,23 @@ class TrainEpoch:
     def record(self, it: int, step: int, loss: torch.Tensor, /, **meters: Any) -> dict[str, float]:
         """Note the loss for the non-finite watch (read back on logging steps) and update the meters with
         ``meters`` plus the optimizer's ``lr_keys``; returns the optimizer's lr statistics."""
+        if it % self.accum == 0:
+            self._step_sums: dict[str, list[Any]] = {}
+        for k, v in meters.items():
+            if v is not None:  # lazily, on the device: a running sum and count per key
+                total = self._step_sums.get(k)
+                self._step_sums[k] = [v, 1] if total is None else [total[0] + v, total[1] + 1]
         self.watch.update(loss, step)
         lr_stats = optim_factory.get_lr_stats(self.optim.optimizer)
         self.meters.update(**meters, **{k: lr_stats[k] for k in self.lr_keys})
         if it % self.print_freq == 0:
             self.watch.check()
         return lr_stats
+
+    def step_average(self) -> dict[str, Any]:
+        """The current optimizer step's ``record``ed values averaged over its ``--update_freq`` batches (on this
+        process), for per-step logs: the last batch alone would be 1/N of the step."""
+        return {k: total / n for k, (total, n) in self._step_sums.items()}
 
     def finish(self, **extra: Any) -> tuple[dict[str, float] | None, int]:
         """Check the loss once more; unless stopped, average the meters over processes (plus ``extra``)."""

@@ -151,6 +151,12 @@ def test_accumulation_logs_every_tensorboard_tag(train_list, tmp_path):
     assert [e.step for e in acc.Scalars("loss/loss")] == list(range(steps))
     for tag in ("opt/loss_scale", "data/data_time", "data/broken_videos"):
         assert [e.step for e in acc.Scalars(tag)] == list(range(0, steps, 2)), tag
+    # each step's loss is the mean of its 2 batches (not the last one's): over the epoch, log.txt's average
+    record = json.loads((tmp_path / "log.txt").read_text().splitlines()[0])
+    per_step = [e.value for e in acc.Scalars("loss/loss")]
+    assert sum(per_step) / len(per_step) == pytest.approx(record["train_loss"], rel=1e-5)
+    entropy = [e.value for e in acc.Scalars("sampler/entropy")]
+    assert sum(entropy) / len(entropy) == pytest.approx(record["train_sampler_entropy"], rel=1e-5)
 
 
 def test_a_crash_in_the_epoch_end_work_redoes_that_epoch_and_loses_no_record(train_list, tmp_path, monkeypatch):
