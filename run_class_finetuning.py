@@ -269,10 +269,13 @@ def validate_epoch(args: argparse.Namespace, epoch: int, loader_val: DataLoader,
                                                           f"val{suffix}_acc5": val["acc5"],
                                                           f"val{suffix}_loss": val["loss"]})
     best = checkpointer.extra["best_acc1"]
-    if not record["val_num_clips"]:  # NaN accuracy: nothing to choose a best checkpoint from
+    # Rank 0's numbers decide on every rank: without --dist_eval each rank validated on its own, and one flipped
+    # prediction would have some ranks enter the collective save below and the others not (a hang).
+    num_clips, acc1 = distributed.all_gather_objects((record["val_num_clips"], record["val_acc1"]))[0]
+    if not num_clips:  # NaN accuracy: nothing to choose a best checkpoint from
         print(f"Epoch {epoch}: no validation clip could be decoded; checkpoint-best not updated")
-    elif record["val_acc1"] > best:
-        best = checkpointer.extra["best_acc1"] = record["val_acc1"]
+    elif acc1 > best:
+        best = checkpointer.extra["best_acc1"] = acc1
         checkpointer.save(epoch, global_step, tag="best")
     if best >= 0:
         print(f"Max accuracy: {best:.2f}%")

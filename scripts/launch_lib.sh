@@ -11,9 +11,19 @@ torchrun_processes() {
 }
 
 # ACCUM if set, else the gradient accumulation that gives a recipe written for RECIPE_GPUS GPUs its total batch
-# on PROCESSES (RECIPE_GPUS / PROCESSES, at least 1).   usage: accum_for RECIPE_GPUS PROCESSES
+# on PROCESSES: RECIPE_GPUS / PROCESSES. When PROCESSES does not divide RECIPE_GPUS no accumulation keeps the total
+# batch (and the lr scaled from it): an error (exit 2) that says so, unless ACCUM is set.
+# usage (an assignment, so that `set -e` stops the launcher): ACCUM_ITER=$(accum_for RECIPE_GPUS PROCESSES)
 accum_for() {
-  echo "${ACCUM:-$(( $1 / $2 > 0 ? $1 / $2 : 1 ))}"
+  if [[ -n ${ACCUM:-} ]]; then
+    echo "$ACCUM"
+  elif (( $2 > 0 && $2 <= $1 && $1 % $2 == 0 )); then
+    echo $(( $1 / $2 ))
+  else
+    echo "error: the recipe's total batch is for $1 GPUs and no gradient accumulation keeps it on $2 processes" \
+      "($2 does not divide $1); set ACCUM=N (total batch = per-GPU batch x N x $2; the lr scales with it)" >&2
+    exit 2
+  fi
 }
 
 # torchrun on this node of an NNODES x GPUS_PER_NODE job.   usage: torchrun_launch DEFAULT_PORT PROGRAM ARGS...
@@ -33,7 +43,12 @@ srun_requeue_on_preemption() {
   cd "$REPO_DIR"
   export MASTER_PORT=${MASTER_PORT:-$(( 12000 + SLURM_JOB_ID % 20000 ))}
   local rc=0
-  srun python -u "$@" || rc=$?
+  # SLURM sends a preemption's SIGTERM to this shell too: without a trap it would die (143) before srun's tasks
+  # exit 75 after saving, and the job would not be requeued. With one, bash waits for srun, then runs the trap.
+  trap 'echo "SIGTERM: waiting for the run to save a checkpoint"' TERM
+  # srun no longer passes the job's --cpus-per-task on to its tasks (Slurm 22.05 to 23.02): the decoding workers
+  # would share one core.
+  srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" python -u "$@" || rc=$?
   if [[ $rc -eq $PREEMPTED_EXIT ]]; then
     echo "stopped by a signal after saving a checkpoint: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -246,6 +247,35 @@ def test_slurm_launchers_requeue_a_run_that_stopped_on_a_signal(script, tmp_path
     res = subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == PREEMPTED_EXIT_CODE, res.stderr
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+
+
+@pytest.mark.parametrize("script", ["scripts/pretrain/slurm_k400_vitb_adamae_800e.sbatch",
+                                    "scripts/finetune/slurm_ssv2_vitb_800e.sbatch"])
+def test_slurm_preemption_sigterm_to_the_whole_job_still_requeues(script, tmp_path):
+    """On preemption SLURM sends SIGTERM to every process of the job, the batch shell included: the shell must wait
+    for srun's tasks to save and exit 75, then requeue (real bash, real signal; srun a stand-in that exits 75 on
+    SIGTERM, as the programs do). srun gets the job's CPUs per task."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    started = tmp_path / "srun_started"
+    (bindir / "srun").write_text(f"#!/bin/bash\necho \"$@\" > {tmp_path / 'srun_args.txt'}\n"
+                                 f"trap 'sleep 1; exit {PREEMPTED_EXIT_CODE}' TERM\ntouch {started}\n"
+                                 "sleep 60 & wait\n")
+    (bindir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.txt'}\n")
+    for tool in ("srun", "scontrol"):
+        (bindir / tool).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
+           "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_CPUS_PER_TASK": "12"}
+    proc = subprocess.Popen(["bash", str(ROOT / script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 60
+    while not started.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGTERM)  # every process of the "job": the batch shell, srun and its children
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out
+    assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"], out
+    assert (tmp_path / "srun_args.txt").read_text().split()[:2] == ["--cpus-per-task=12", "python"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,

@@ -261,6 +261,19 @@ def test_launchers_pass_the_paper_recipe(script, env, expect, tmp_path):
         assert getattr(args, k) == v, k
 
 
+@pytest.mark.parametrize("env", [{"NNODES": "3"}, {"GPUS_PER_NODE": "6"}, {"NNODES": "16"}])
+def test_launchers_refuse_a_process_count_that_cannot_keep_the_total_batch(env, tmp_path):
+    """64 / processes must be whole: otherwise the total batch (and the lr scaled from it) would silently leave the
+    recipe. ACCUM=N is the way to choose another one."""
+    res = subprocess.run(["bash", str(ROOT / "scripts/pretrain/k400_vitb_adamae_800e.sh")], cwd=tmp_path,
+                         env={**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", **env}, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 2 and "set ACCUM=N" in res.stderr and "does not divide 64" in res.stderr, res.stderr
+    argv = run_launcher("scripts/pretrain/k400_vitb_adamae_800e.sh", tmp_path, "run_mae_pretraining.py",
+                        {**env, "ACCUM": "5"})
+    assert argv[argv.index("--accum_iter") + 1] == "5"
+
+
 def test_spawned_workers_train_exactly_as_forked_ones(train_list, tmp_path):
     """--worker_start_method spawn (macOS's default, and the way out of a library that is not fork-safe) starts
     workers that import everything afresh: the run must be the same, step for step (also with fewer batches

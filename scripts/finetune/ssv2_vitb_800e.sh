@@ -7,9 +7,10 @@
 # DATA_DIR holds train.csv / val.csv / test.csv; extra arguments are passed on (e.g. --epochs 30).
 set -euo pipefail
 source "$(dirname "$0")/recipe_vitb_finetune.sh"
+ACCUM_ITER=$(accum_for 64 "$(torchrun_processes)")
 torchrun_launch 29501 run_class_finetuning.py "${FINETUNE_RECIPE[@]}" \
   --data_set SSV2 --nb_classes 174 --data_path "${DATA_DIR:-data/ssv2}" --data_root "${DATA_ROOT:-}" \
   --sampling_rate 2 --lr 5e-4 --epochs 50 --test_num_segment 2 --test_num_crop 3 \
-  --update_freq "$(accum_for 64 "$(torchrun_processes)")" \
+  --update_freq "$ACCUM_ITER" \
   --finetune "${FINETUNE:-output/ssv2_vitb_adamae_0.95_800e/checkpoint-799.pth}" \
   --output_dir "${OUTPUT_DIR:-output/ssv2_vitb_adamae_0.95_800e/finetune}" "$@"

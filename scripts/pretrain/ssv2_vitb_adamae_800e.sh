@@ -5,7 +5,8 @@
 # The paper's total batch is 32 x 64 = 2048: on fewer GPUs the accumulation ACCUM (default 64 / GPUs) keeps it.
 set -euo pipefail
 source "$(dirname "$0")/recipe_vitb_adamae.sh"
+ACCUM_ITER=$(accum_for 64 "$(torchrun_processes)")
 torchrun_launch 29500 run_mae_pretraining.py "${ADAMAE_RECIPE[@]}" \
   --data_set SSV2 --data_path "${DATA_DIR:-data/ssv2}/train.csv" --data_root "${DATA_ROOT:-}" \
-  --sampling_rate 2 --batch_size 32 --accum_iter "$(accum_for 64 "$(torchrun_processes)")" \
+  --sampling_rate 2 --batch_size 32 --accum_iter "$ACCUM_ITER" \
   --output_dir "${OUTPUT_DIR:-output/ssv2_vitb_adamae_0.95_800e}" "$@"
