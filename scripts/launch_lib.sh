@@ -30,6 +30,11 @@ accum_for() {
 torchrun_launch() {
   local port=$1
   shift
+  if (( ${NNODES:-1} > 1 )) && [[ -z ${MASTER_ADDR:-} ]]; then
+    # 127.0.0.1 would have every node wait for a rendezvous on itself until the timeout
+    echo "error: NNODES=${NNODES} needs MASTER_ADDR (node 0's address), on every node" >&2
+    exit 2
+  fi
   cd "$REPO_DIR"
   torchrun --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}" --nproc_per_node "${GPUS_PER_NODE:-8}" \
     --master_addr "${MASTER_ADDR:-127.0.0.1}" --master_port "${MASTER_PORT:-$port}" "$@"

@@ -254,7 +254,7 @@ def test_accumulation_fp32_no_mixup_and_learnable_pos_from_scratch(synthetic_dir
                                                     test_num_segment=2, test_num_crop=3, epochs=50, lr=5e-4)),
     ("scripts/finetune/k400_vitb_800e.sh", {}, dict(data_set="Kinetics-400", nb_classes=400, sampling_rate=4,
                                                     test_num_segment=5, test_num_crop=3, epochs=100, lr=1e-3)),
-    ("scripts/finetune/ssv2_vitb_800e.sh", {"DEEPSPEED": "1", "NNODES": "2", "NODE_RANK": "1"},
+    ("scripts/finetune/ssv2_vitb_800e.sh", {"DEEPSPEED": "1", "NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "node0"},
      dict(data_set="SSV2", enable_deepspeed=True, accum_iter=4)),
     ("scripts/finetune/slurm_ssv2_vitb_800e.sbatch", {"SLURM_NTASKS": "64"},
      dict(data_set="SSV2", sampling_rate=2, test_num_segment=2, accum_iter=1)),

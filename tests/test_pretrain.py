@@ -232,9 +232,10 @@ def test_two_process_torchrun_matches_one_process_with_same_total_batch(train_li
 
 @pytest.mark.parametrize("script,env,expect", [
     ("scripts/pretrain/ssv2_vitb_adamae_800e.sh", {}, {"sampling_rate": 2, "data_set": "SSV2", "accum_iter": 8}),
-    ("scripts/pretrain/k400_vitb_adamae_800e.sh", {"NNODES": "2", "GPUS_PER_NODE": "4"},
+    ("scripts/pretrain/k400_vitb_adamae_800e.sh", {"NNODES": "2", "GPUS_PER_NODE": "4", "MASTER_ADDR": "node0"},
      {"sampling_rate": 4, "data_set": "Kinetics-400", "accum_iter": 8}),
-    ("scripts/pretrain/k400_vitb_adamae_800e.sh", {"NNODES": "8", "ACCUM": "3"}, {"accum_iter": 3}),
+    ("scripts/pretrain/k400_vitb_adamae_800e.sh", {"NNODES": "8", "ACCUM": "3", "MASTER_ADDR": "node0"},
+     {"accum_iter": 3}),
     # a torchrun launch from inside a SLURM allocation: torchrun's processes count, not the allocation's tasks
     ("scripts/pretrain/ssv2_vitb_adamae_800e.sh", {"SLURM_NTASKS": "1"}, {"accum_iter": 8}),
     ("scripts/pretrain/ssv2_vitb_adamae_800e_1gpu.sh", {}, {"sampling_rate": 2, "accum_iter": 64}),
@@ -270,8 +271,13 @@ def test_launchers_refuse_a_process_count_that_cannot_keep_the_total_batch(env, 
                          text=True, timeout=60)
     assert res.returncode == 2 and "set ACCUM=N" in res.stderr and "does not divide 64" in res.stderr, res.stderr
     argv = run_launcher("scripts/pretrain/k400_vitb_adamae_800e.sh", tmp_path, "run_mae_pretraining.py",
-                        {**env, "ACCUM": "5"})
+                        {**env, "ACCUM": "5", "MASTER_ADDR": "node0"})
     assert argv[argv.index("--accum_iter") + 1] == "5"
+    if "NNODES" in env:  # several nodes: each must be told where node 0 is
+        res = subprocess.run(["bash", str(ROOT / "scripts/pretrain/k400_vitb_adamae_800e.sh")], cwd=tmp_path,
+                             env={**{k: v for k, v in os.environ.items() if k != "MASTER_ADDR"}, **env, "ACCUM": "1"},
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and "needs MASTER_ADDR" in res.stderr, res.stderr
 
 
 def test_spawned_workers_train_exactly_as_forked_ones(train_list, tmp_path):
