@@ -60,12 +60,13 @@ def resize(x: torch.Tensor, size: Tuple[int, int], antialias: bool = True) -> to
 
 
 def short_side_resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize so that the short side is ``size`` (aspect ratio kept), like VideoMAE's eval ``Resize``."""
+    """Resize so that the short side is ``size`` (aspect ratio kept) and the long side ``int(long * size / short)``
+    (truncated, as VideoMAE's eval ``Resize`` and Hugging Face's ``shortest_edge`` compute it)."""
     h, w = x.shape[-2:]
     if h <= w:
-        nh, nw = size, max(1, int(round(w * size / h)))
+        nh, nw = size, max(1, int(size * w / h))
     else:
-        nh, nw = max(1, int(round(h * size / w))), size
+        nh, nw = max(1, int(size * h / w)), size
     return resize(x, (nh, nw))
 
 
@@ -135,17 +136,20 @@ def random_resized_crop_params(
 
 def spatial_crop(x: torch.Tensor, size: int, crop_idx: int = 1, num_crops: int = 3) -> torch.Tensor:
     """Square ``size`` crop number ``crop_idx`` of ``num_crops`` spread evenly along the long side and centred on
-    the short side (left/centre/right or top/centre/bottom for 3). ``num_crops == 1`` is the centre crop (no
-    division by zero). Frames smaller than ``size`` are first resized up."""
+    the short side (left/centre/right or top/centre/bottom for 3). Frames smaller than ``size`` are first resized
+    up. Offsets are VideoMAE's to the pixel: ``int(crop_idx * (long - size) / (num_crops - 1))`` for the test views,
+    and for ``num_crops == 1`` (validation) its ``CenterCrop``, ``int(round((long - size) / 2))`` (no division by
+    zero); the two centres differ by a pixel when ``long - size`` is odd and rounds up."""
     h, w = x.shape[-2:]
     if min(h, w) < size:
         x = short_side_resize(x, size)
         h, w = x.shape[-2:]
-    pos = 0.5 if num_crops <= 1 else crop_idx / (num_crops - 1)
+    extra = max(h, w) - size
+    along = int(round(extra / 2)) if num_crops <= 1 else int(crop_idx * (1.0 * extra / (num_crops - 1)))
     if h >= w:
-        top, left = int(round(pos * (h - size))), (w - size) // 2
+        top, left = along, (w - size) // 2
     else:
-        top, left = (h - size) // 2, int(round(pos * (w - size)))
+        top, left = (h - size) // 2, along
     return crop(x, top, left, size, size)
 
 

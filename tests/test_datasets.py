@@ -151,6 +151,26 @@ def test_eval_transform_crops():
     assert torch.equal(tr(frames, 0, 1), crops[1])  # single crop == centre, no division by zero
 
 
+@pytest.mark.parametrize("h,w", [(240, 320), (360, 640), (320, 568), (101, 333), (333, 101)])
+def test_eval_geometry_is_videomae_to_the_pixel(h, w):
+    """VideoMAE's test: long side int(224 * long / short) after the short-side resize, view k of n at
+    int(k * (long - crop) / (n - 1)); its validation CenterCrop at int(round((long - crop) / 2)). Checked on an
+    image that is a ramp along its long side, so that each crop's position shows in its values."""
+    short, crop = 224, 200
+    long_ = int(short * max(h, w) / min(h, w))
+    ramp = torch.arange(max(h, w), dtype=torch.float32).mul(1000 / max(h, w))
+    img = (ramp.view(1, 1, 1, -1).expand(1, 1, h, w) if w >= h else ramp.view(1, 1, -1, 1).expand(1, 1, h, w))
+    resized = VT.short_side_resize(img, short)
+    assert sorted(resized.shape[-2:]) == [short, long_]
+    for n in (3, 1):
+        for k in range(n):
+            start = int(round((long_ - crop) / 2)) if n == 1 else int(k * (1.0 * (long_ - crop) / (n - 1)))
+            across = (short - crop) // 2  # centred on the short side
+            top, left = (across, start) if w >= h else (start, across)
+            expect = resized[..., top:top + crop, left:left + crop]
+            assert torch.equal(VT.spatial_crop(resized, crop, k, n), expect), (n, k, start)
+
+
 # ---------------------------------------------------------------------------------------------------- datasets
 def clips_of(batch):
     from engine_for_pretraining import clips_to_device

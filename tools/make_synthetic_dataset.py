@@ -10,8 +10,11 @@ as on SSv2. Classes are invariant to horizontal flipping (so the default flip au
     0 up, 1 down, 2 horizontal (left or right), 3 circle (either direction),
     4 vertical bounce, 5 grow (approach), 6 shrink (recede), 7 static
 
-Videos are real H.264 .mp4 or VP9 .webm files written with PyAV (single-threaded encoder, fixed settings:
-deterministic for a seed). Lists ``train.csv`` / ``val.csv`` / ``test.csv`` use VideoMAE's ``path label``
+Videos are real H.264 .mp4 or VP9 .webm files written with PyAV (single-threaded encoder, fixed settings). The
+frames are a function of the seed; the encoded bytes are not always: on the dev machine (PyAV 18.1, its libx264)
+encoding the same frames again gave different bytes for a few of every dozen videos, so a freshly generated set
+trains to slightly different numbers (the quickstart's epoch-20 motion coverage 0.281-0.283).
+Lists ``train.csv`` / ``val.csv`` / ``test.csv`` use VideoMAE's ``path label``
 format (absolute paths unless ``--relative``, then relative to ``--out``, to be used with ``--data_root``).
 
     python tools/make_synthetic_dataset.py --out data/synthetic --num_videos 240 --num_classes 4
@@ -49,7 +52,7 @@ def write_video(path: str, frames: np.ndarray, fmt: str | None = None, fps: int 
         options = {"crf": "32", "b": "0", "deadline": "realtime", "cpu-used": "8", "threads": "1",
                    "row-mt": "0"}
     try:
-        with av.open(path, "w", options={"fflags": "+bitexact"}) as c:  # no random UIDs / dates: reproducible
+        with av.open(path, "w", options={"fflags": "+bitexact"}) as c:  # no random UIDs / dates in the container
             s = c.add_stream(codec, rate=fps, options=options)
             s.width, s.height, s.pix_fmt = w, h, "yuv420p"
             if gop:
