@@ -16,10 +16,11 @@ accuracy after "fine-tuning".
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,7 +32,8 @@ from timm.utils import unwrap_model
 from checkpointing import CheckpointError, load_checkpoint_file, torch_load
 
 __all__ = ["CheckpointMismatchError", "LoadReport", "read_checkpoint", "read_model_checkpoint", "select_state_dict",
-           "convert_state_dict", "interpolate_pos_embed", "load_pretrained_encoder", "DROPPED_PREFIXES"]
+           "checkpoint_files", "convert_state_dict", "interpolate_pos_embed", "load_pretrained_encoder",
+           "DROPPED_PREFIXES"]
 
 # Keys of the pre-training model that the classifier has no use for (after the ``encoder.`` prefix is removed).
 DROPPED_PREFIXES: tuple[tuple[str, str], ...] = (
@@ -91,15 +93,48 @@ def _short(keys: Sequence[str], n: int = 6) -> str:
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def _read_hf_folder(path: str) -> dict[str, Any]:
+@contextlib.contextmanager
+def _hf_folder_errors(path: str) -> Iterator[None]:
+    """A damaged HF folder (truncated weights, bad JSON, a missing shard) -> CheckpointError naming it."""
     try:
-        ckpt = hf_interop.read_hf_folder(path)
-    except (OSError, ValueError, KeyError) as e:  # safetensors / JSON decode errors included
+        yield
+    except (OSError, ValueError, KeyError) as e:  # hf_interop's errors (a ValueError) name the damaged file
         raise CheckpointError(f"Hugging Face folder {path} is unreadable: {e}") from e
+
+
+def _read_hf_folder(path: str) -> dict[str, Any]:
+    with _hf_folder_errors(path):
+        ckpt = hf_interop.read_hf_folder(path)
     ckpt["hf_note"] = (f"Hugging Face VideoMAE folder ({ckpt['hf_architecture']}), keys mapped to ours"
                        + (", AdaMAE sampler from " + hf_interop.SAMPLER_FILE
                           if any("get_token_probs." in k for k in ckpt["model"]) else ""))
     return ckpt
+
+
+def _deepspeed_model_file(folder: str) -> str:
+    """A DeepSpeed checkpoint folder (or its parent with ``latest``) -> its ``mp_rank_00_model_states.pt``."""
+    tag_file = os.path.join(folder, "latest")
+    if os.path.isfile(tag_file):
+        with open(tag_file, encoding="utf-8") as f:
+            folder = os.path.join(folder, f.read().strip())
+    candidate = os.path.join(folder, "mp_rank_00_model_states.pt")
+    if not os.path.isfile(candidate):
+        raise FileNotFoundError(f"{folder} is a folder without mp_rank_00_model_states.pt (not a DeepSpeed "
+                                f"checkpoint); pass a .pth file")
+    return candidate
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[str]:
+    """The local files ``read_checkpoint(path)`` reads (none for a URL), so that a cache of what was computed
+    from them can notice when they are rewritten (e.g. ``checkpoint-latest.pth`` after more training)."""
+    path = str(path)
+    if path.startswith(("https://", "http://")):
+        return []
+    if os.path.isdir(path) and hf_interop.is_hf_folder(path):
+        with _hf_folder_errors(path):
+            files = hf_interop.hf_folder_files(path)
+        return files
+    return [_deepspeed_model_file(path) if os.path.isdir(path) else path]
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -109,16 +144,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = str(path)
     if os.path.isdir(path) and hf_interop.is_hf_folder(path):
         return _read_hf_folder(path)
-    if os.path.isdir(path):
-        tag_file = os.path.join(path, "latest")
-        if os.path.isfile(tag_file):
-            with open(tag_file, encoding="utf-8") as f:
-                path = os.path.join(path, f.read().strip())
-        candidate = os.path.join(path, "mp_rank_00_model_states.pt")
-        if not os.path.isfile(candidate):
-            raise FileNotFoundError(f"{path} is a folder without mp_rank_00_model_states.pt (not a DeepSpeed "
-                                    f"checkpoint); pass a .pth file")
-        path = candidate
+    path = _deepspeed_model_file(path) if os.path.isdir(path) else path
     ckpt = torch_load(path)
     if not isinstance(ckpt, Mapping):
         raise CheckpointMismatchError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")

@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["HFInteropError", "HF_ARCHITECTURES", "SAMPLER_FILE", "ARGS_FILE", "SAMPLER_PREFIXES", "to_hf_state_dict",
            "from_hf_state_dict", "flat_layout", "pretrain_layout", "is_hf_folder", "read_hf_folder",
-           "hf_config_to_args"]
+           "hf_config_to_args", "hf_weight_files", "hf_folder_files"]
 
 HF_ARCHITECTURES = ("VideoMAEForVideoClassification", "VideoMAEForPreTraining", "VideoMAEModel")
 SAMPLER_FILE = "adamae_sampler.safetensors"  # AdaMAE's token sampler: no HF counterpart, kept beside
@@ -169,29 +169,62 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
         return False
 
 
-def _read_hf_weights(folder: str) -> dict[str, torch.Tensor]:
-    """``model.safetensors`` (or its sharded index), else ``pytorch_model.bin``."""
-    from safetensors.torch import load_file
+def hf_weight_files(folder: str) -> list[str]:
+    """The weight files ``_read_hf_weights`` reads: ``model.safetensors`` (or its index and shards), else
+    ``pytorch_model.bin``."""
     single = os.path.join(folder, "model.safetensors")
     index = single + ".index.json"
     if os.path.isfile(single):
-        return load_file(single)
+        return [single]
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
-        out: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            out.update(load_file(os.path.join(folder, shard)))
-        return out
+        return [index] + [os.path.join(folder, s) for s in shards]
     legacy = os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
+        return [legacy]
     raise HFInteropError(f"{folder} has a VideoMAE config.json but no model.safetensors or pytorch_model.bin")
 
 
-def hf_config_to_args(config: Mapping[str, Any], pretrain: bool = False) -> dict[str, Any]:
+def hf_folder_files(path: str | os.PathLike) -> list[str]:
+    """Every file ``read_hf_folder`` reads (config, weights, and the sampler / saved args when present), so that a
+    cache can tell when the folder was rewritten."""
+    folder = str(path)
+    extra = [os.path.join(folder, n) for n in (SAMPLER_FILE, ARGS_FILE) if os.path.isfile(os.path.join(folder, n))]
+    return [os.path.join(folder, "config.json")] + hf_weight_files(folder) + extra
+
+
+def _load_weights_file(path: str) -> dict[str, torch.Tensor]:
+    """One safetensors / ``.bin`` file; a truncated or corrupt one raises HFInteropError naming it (safetensors'
+    own SafetensorError is neither OSError nor ValueError, and callers turn HFInteropError into a clean error)."""
+    from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decode failure means the same thing: this file is damaged
+        raise HFInteropError(f"{path} is truncated or unreadable ({type(e).__name__}: {e})") from e
+
+
+def _read_hf_weights(folder: str) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for path in hf_weight_files(folder):
+        if not path.endswith(".json"):
+            out.update(_load_weights_file(path))
+    return out
+
+
+VIDEOMAE_MASK_RATIO = 0.9  # VideoMAE's tube-mask pre-training ratio (what hub VideoMAEForPreTraining was trained with)
+
+
+def hf_config_to_args(config: Mapping[str, Any], pretrain: bool = False, sampler: bool = False) -> dict[str, Any]:
     """Our run args (the subset that builds a model) for an HF VideoMAE config with no saved args beside it:
-    the classifier's ``model_kwargs``, or with ``pretrain`` the pre-training model's (encoder + decoder)."""
+    the classifier's ``model_kwargs``, or with ``pretrain`` the pre-training model's (encoder + decoder). Such a
+    pre-training folder is VideoMAE's (tube mask, the config's ``mask_ratio`` else 0.9), not pre-training's AdaMAE
+    defaults, unless ``sampler``: AdaMAE sampler weights beside it make it adaptive (ratio: the config's, else
+    pre-training's default)."""
     hidden, dec = int(config.get("hidden_size", 768)), int(config.get("decoder_hidden_size", 384))
     mlp_ratio = int(config.get("intermediate_size", 3072)) / hidden
     patch, size = config.get("patch_size", 16), config.get("image_size", 224)
@@ -206,7 +239,14 @@ def hf_config_to_args(config: Mapping[str, Any], pretrain: bool = False) -> dict
                       decoder_num_heads=int(config.get("decoder_num_attention_heads", 6)))
     else:
         kwargs.update(embed_dim=hidden, depth=depth, num_heads=heads)
+    masking: dict[str, Any] = {}
+    if pretrain:
+        masking["mask_type"] = "adaptive" if sampler else "tube"
+        ratio = config.get("mask_ratio") or (None if sampler else VIDEOMAE_MASK_RATIO)
+        if ratio is not None:
+            masking["mask_ratio"] = float(ratio)
     return {
+        **masking,
         "model": "pretrain_videomae_base_patch16_224" if pretrain else "vit_base_patch16_224",
         "model_kwargs": kwargs,  # sets every size, so the base name above is only a starting point
         "num_frames": int(config.get("num_frames", 16)), "tubelet_size": int(config.get("tubelet_size", 2)),
@@ -229,8 +269,7 @@ def read_hf_folder(path: str | os.PathLike) -> dict[str, Any]:
     flat = from_hf_state_dict(_read_hf_weights(folder))
     sampler_path = os.path.join(folder, SAMPLER_FILE)
     if os.path.isfile(sampler_path):
-        from safetensors.torch import load_file
-        flat.update(flat_layout(load_file(sampler_path)))
+        flat.update(flat_layout(_load_weights_file(sampler_path)))
     arch = (config.get("architectures") or ["VideoMAEModel"])[0]
     has_decoder = any(k.startswith("decoder.") for k in flat)
     ckpt: dict[str, Any] = {"model": pretrain_layout(flat) if has_decoder else flat, "hf_architecture": arch,
@@ -245,7 +284,8 @@ def read_hf_folder(path: str | os.PathLike) -> dict[str, Any]:
             if saved.get(key) is not None:
                 ckpt[key] = saved[key]
     else:
-        ckpt["args"] = hf_config_to_args(config, pretrain=has_decoder)
+        ckpt["args"] = hf_config_to_args(config, pretrain=has_decoder,
+                                         sampler=any(k.startswith(SAMPLER_PREFIXES) for k in flat))
         if has_decoder:
-            ckpt["mask_type"] = "adaptive" if any(k.startswith(SAMPLER_PREFIXES) for k in flat) else "tube"
+            ckpt["mask_type"] = ckpt["args"]["mask_type"]
     return ckpt

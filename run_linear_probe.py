@@ -88,6 +88,25 @@ def apply_probe_defaults(args: argparse.Namespace) -> None:
             setattr(args, k, v)
 
 
+def check_same_features(folders: dict[str, str], stores: dict[str, Any]) -> None:
+    """Refuse splits whose features differ in anything but what is per split (list, views, ...): a probe trained
+    on one encoder's features and scored on another's (or other clips, precision, decoder) measures nothing, and
+    differing widths would only fail deep inside the forward pass."""
+    from tools.extract_features import PER_SPLIT_SETTINGS, changed_settings
+    ref = stores["train"].meta.get("settings", {})
+    for split, store in stores.items():
+        if store is None or split == "train":
+            continue
+        other = store.meta.get("settings", {})
+        diff = changed_settings(ref, other, PER_SPLIT_SETTINGS)
+        if diff:
+            shown = [f"{k} {ref.get(k)!r} vs {other.get(k)!r}" if not isinstance(ref.get(k, other.get(k)), dict)
+                     else k for k in diff]
+            raise UserError(f"--features: {folders['train']} and {folders[split]} were extracted with different "
+                            f"settings ({'; '.join(shown)}); extract every split from the same checkpoint with the "
+                            f"same clip flags")
+
+
 def build_data(args: argparse.Namespace) -> tuple[Any, Any, Any, int | None, str]:
     """``(train, val, test datasets (None when absent), feature width or None, test protocol)``; sets
     ``args.nb_classes``. Cached features when ``--features``, else clips of ``--data_path``."""
@@ -98,6 +117,7 @@ def build_data(args: argparse.Namespace) -> tuple[Any, Any, Any, int | None, str
             raise UserError(f"--features {args.features} has no train/ folder (tools/extract_features.py --out)")
         stores = {s: load_features(d) if os.path.isdir(d) else None for s, d in splits.items()}
         train = stores["train"]
+        check_same_features(splits, stores)
         if len(train.labels) and int(train.labels.min()) < 0:
             raise UserError(f"{splits['train']}: the training list has unlabelled videos (label -1)")
         args.nb_classes = args.nb_classes or int(train.labels.max()) + 1

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import modeling_finetune  # noqa: E402,F401
 import modeling_pretrain  # noqa: E402,F401
-from checkpoint_loading import (CheckpointMismatchError, interpolate_pos_embed,  # noqa: E402
+from checkpoint_loading import (CheckpointMismatchError, checkpoint_files, interpolate_pos_embed,  # noqa: E402
                                 load_pretrained_encoder, read_checkpoint)
 from modeling_finetune import get_sinusoid_encoding_table  # noqa: E402
 
@@ -181,3 +181,15 @@ def test_deepspeed_folder_is_read_from_its_model_states(tmp_path):
     assert report.model_key == "module" and torch.equal(dst.head.weight, src.head.weight)
     with pytest.raises(FileNotFoundError):
         read_checkpoint(tmp_path / "nope.pth")
+
+
+def test_checkpoint_files_are_what_read_checkpoint_reads(tmp_path):
+    """The files a features cache fingerprints: the file itself, a DeepSpeed folder's model states (through
+    ``latest``), nothing for a URL."""
+    tag = tmp_path / "checkpoint-3"
+    tag.mkdir()
+    torch.save({"module": classifier().state_dict()}, tag / "mp_rank_00_model_states.pt")
+    (tmp_path / "latest").write_text("checkpoint-3")
+    states = str(tag / "mp_rank_00_model_states.pt")
+    assert checkpoint_files(tmp_path) == checkpoint_files(tag) == checkpoint_files(states) == [states]
+    assert checkpoint_files("https://example.org/ckpt.pth") == []

@@ -7,6 +7,7 @@ attentive (on the fly) train on the synthetic set and write the fine-tuning prog
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -205,11 +206,18 @@ def test_hf_folder_gives_the_same_embedding(tiny_checkpoint, tmp_path, encoder_o
 
 
 def test_user_errors_exit_2(tiny_checkpoint, video_list, tmp_path, capsys):
-    """A bad flag value or a checkpoint without saved args: one line naming it, exit status 2."""
+    """A bad flag value, a checkpoint without saved args, a missing one or an HF folder with truncated weights:
+    one line naming it, exit status 2."""
     from cli import run_program
+    from tools.export_hf import export
     bare = tmp_path / "bare.pth"
     torch.save({"model": torch.load(tiny_checkpoint, weights_only=False)["model"]}, bare)
-    for extra, needle in ((["--views", "3"], "--views '3'"), (["--checkpoint", str(bare)], "no saved run args")):
+    export(tiny_checkpoint, str(tmp_path / "hf"), verify=False)
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    for extra, needle in ((["--views", "3"], "--views '3'"), (["--checkpoint", str(bare)], "no saved run args"),
+                          (["--checkpoint", str(tmp_path / "nope.pth")], f"checkpoint {tmp_path}/nope.pth does not"),
+                          (["--checkpoint", str(tmp_path / "hf")], f"{weights} is truncated or unreadable")):
         argv = ["--checkpoint", tiny_checkpoint, "--list", video_list, "--out", str(tmp_path / "o"), *extra]
         with pytest.raises(SystemExit) as e:
             run_program(xf.main, xf.get_args_parser(), argv)
@@ -293,3 +301,85 @@ def test_linear_probe_on_features_checks_every_splits_labels(tmp_path, split):
     res = run_main(run_linear_probe, probe_flags(tmp_path / "out", "--probe", "linear", "--features", str(feats)))
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
     assert f"error: {split} split: /data/{split}.csv:4: label 4 outside [0, 4) for v2.mp4" in res.stderr
+
+
+def test_rerun_refuses_a_rewritten_checkpoint_another_precision_or_an_edited_list(tiny_checkpoint, video_dir,
+                                                                                   tmp_path):
+    """The cache is keyed on what the features are, not on paths: a checkpoint saved again at the same path
+    (checkpoint-latest.pth after more training), another --precision or a list edited in place are refused,
+    naming what changed, instead of silently keeping the old shards."""
+    ckpt, lst = tmp_path / "checkpoint-latest.pth", tmp_path / "list.csv"
+    ckpt.write_bytes(Path(tiny_checkpoint).read_bytes())
+    lst.write_text(f"{video_dir}/h264_64x48.mp4 0\n")
+    out = tmp_path / "feats"
+    xf.extract(extract_args(str(ckpt), str(lst), out))
+    xf.extract(extract_args(str(ckpt), str(lst), out))  # same everything: accepted (nothing recomputed)
+    with pytest.raises(UserError, match=r"changed: precision\)"):
+        xf.extract(extract_args(str(ckpt), str(lst), out, "--precision", "bf16"))
+    lst.write_text(f"{video_dir}/h264_64x48.mp4 1\n")
+    with pytest.raises(UserError, match=r"changed: list_entries\)"):
+        xf.extract(extract_args(str(ckpt), str(lst), out))
+    lst.write_text(f"{video_dir}/h264_64x48.mp4 0\n")
+    saved = torch.load(ckpt, weights_only=False)
+    saved["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in saved["model"].items()}
+    torch.save(saved, ckpt)
+    st = os.stat(ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # a coarse-mtime filesystem still differs
+    with pytest.raises(UserError, match=r"changed: weights \(the checkpoint was rewritten since\)"):
+        xf.extract(extract_args(str(ckpt), str(lst), out))
+    assert json.loads((out / xf.MANIFEST).read_text())["settings"]["precision"] == "fp32"
+
+
+def test_hf_folder_fingerprint_covers_its_weight_sampler_and_args_files(tiny_checkpoint, tmp_path):
+    from tools.export_hf import export
+    export(tiny_checkpoint, str(tmp_path / "hf"), verify=False)
+    names = sorted(Path(p).name for p in xf.weights_fingerprint(str(tmp_path / "hf")))
+    assert names == ["adamae_args.json", "adamae_sampler.safetensors", "config.json", "model.safetensors"]
+
+
+@pytest.mark.parametrize("flag,expected", [([], "segment"), (["--no-sparse_sample"], "dense"),
+                                           (["--sparse_sample"], "segment")])
+def test_explicit_sparse_sample_flag_wins_over_a_saved_ssv2_data_set(flag, expected):
+    class SavedSSV2:  # what clip_settings reads off a FrozenEncoder
+        args = argparse.Namespace(data_set="SSV2", num_frames=4, sampling_rate=2, num_segments=1)
+        kind, num_frames, input_size = "pretrain", 4, 32
+
+    args = xf.get_args_parser().parse_args(["--checkpoint", "c", "--list", "l", "--out", "o", *flag])
+    assert xf.clip_settings(args, SavedSSV2())["sampling"] == expected
+
+
+def write_feature_folder(folder: Path, settings: dict, dim: int = 8, n: int = 4) -> None:
+    """A finished features folder as tools/extract_features.py writes it, with the given plan settings."""
+    folder.mkdir(parents=True)
+    plan = xf.Plan(settings)
+    rows = [{"path": f"v{i}.mp4", "line": i + 1, "label": i % 2, "video_id": f"v{i}.mp4", "reason": ""}
+            for i in range(n)]
+    xf.write_shard(folder / xf.shard_name(0), plan, rows, [torch.randn(dim) for _ in rows], dim)
+    (folder / xf.MANIFEST).write_text(json.dumps({"plan_key": plan.key, "settings": plan.settings,
+                                                  "complete": True, "dim": dim, "shards": [xf.shard_name(0)]}))
+
+
+def test_linear_probe_refuses_splits_extracted_differently(tmp_path):
+    """train/ and val/ from another checkpoint (or width, precision, ...) are refused naming the settings and
+    both folders; what legitimately differs per split (list, views, counts, shard size) is accepted."""
+    base = {"checkpoint": "/ck/checkpoint-latest.pth", "weights": {"/ck/checkpoint-latest.pth": [10, 1]},
+            "pooling": "mean", "dim": 8, "precision": "fp32", "num_frames": 4, "views": "1x1",
+            "list": "/data/train.csv", "list_entries": "a", "num_videos": 4, "shard_size": 2048, "data_root": ""}
+    write_feature_folder(tmp_path / "ok" / "train", base)
+    write_feature_folder(tmp_path / "ok" / "val", {**base, "views": "5x3", "list": "/data/val.csv",
+                                                   "list_entries": "b", "num_videos": 3, "shard_size": 2,
+                                                   "data_root": "/v"}, n=3)
+    args = run_linear_probe.get_args_parser().parse_args(probe_flags(tmp_path / "o", "--features",
+                                                                     str(tmp_path / "ok"), "--skip_final_test"))
+    train, val, _, dim, _ = run_linear_probe.build_data(args)
+    assert dim == 8 and len(val) == 3
+
+    changed = {"weights": {"/ck/checkpoint-latest.pth": [10, 2]}, "precision": "bf16", "dim": 16}
+    write_feature_folder(tmp_path / "bad" / "train", base)
+    write_feature_folder(tmp_path / "bad" / "val", {**base, **changed}, dim=16)
+    args.features = str(tmp_path / "bad")
+    with pytest.raises(UserError) as e:
+        run_linear_probe.build_data(args)
+    msg = str(e.value)
+    assert str(tmp_path / "bad" / "train") in msg and str(tmp_path / "bad" / "val") in msg
+    assert "dim 8 vs 16" in msg and "precision 'fp32' vs 'bf16'" in msg and "weights" in msg

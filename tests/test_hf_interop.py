@@ -140,18 +140,25 @@ def test_classifier_export_matches_transformers(classifier_run, transformers):
     assert result.parity["relative"] < TOL
 
 
-def test_preprocessor_config_is_our_eval_transform(classifier_run, transformers):
-    """Same mean/std/size/crop as our EvalTransform: pixels agree to float rounding (both resize bilinearly,
-    antialiased)."""
+@pytest.mark.parametrize("width", [48, 42, 44])
+def test_preprocessor_config_is_our_eval_transform(classifier_run, transformers, width):
+    """Same resize (long side int(32 * width / 40) in both), mean/std and crop as our EvalTransform: pixels agree to
+    float rounding when long - crop is even (48 -> 38: 6) or 1 mod 4 (42 -> 33: 1). At 3 mod 4 (44 -> 35: 3) HF's
+    centre crop floors 1.5 to 1 where ours, like VideoMAE's CenterCrop, rounds it to 2: the same pixels one column
+    apart (export_hf.PREPROCESSOR_NOTE, also in the model card)."""
     from video_transforms import EvalTransform
     proc = transformers.VideoMAEImageProcessor.from_pretrained(classifier_run[2].out_dir)
-    frames = torch.randint(0, 256, (8, 40, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    frames = torch.randint(0, 256, (8, 40, width, 3), dtype=torch.uint8, generator=gen)
     theirs = proc(list(frames.permute(0, 3, 1, 2)), return_tensors="pt").pixel_values[0]  # [T, C, H, W]
     ours = EvalTransform(short_side_size=32, crop_size=32)(frames).permute(1, 0, 2, 3)
     assert theirs.shape == ours.shape == (8, 3, 32, 32)
+    if width == 44:
+        ours, theirs = ours[..., :-1], theirs[..., 1:]
     diff = float((ours - theirs).abs().max())
-    print(f"\npreprocessor: max |ours - HF| {diff:.2e} (normalised units)")
+    print(f"\npreprocessor, 40x{width} frames: max |ours - HF| {diff:.2e} (normalised units)")
     assert diff < 1e-4
+    assert export_hf.PREPROCESSOR_NOTE in (Path(classifier_run[2].out_dir) / "README.md").read_text()
 
 
 @pytest.mark.parametrize("pooling", ["cls"])
@@ -272,6 +279,7 @@ def test_run_mae_vis_builds_the_model_from_an_hf_folder(adaptive_run, tmp_path, 
     cfg = run_mae_vis.resolve_config(args, ckpt)
     vis_model = run_mae_vis.build_model(cfg, ckpt["model"])
     assert cfg["mask_type"] == ("adaptive" if with_args else "tube") and cfg["num_frames"] == 8
+    assert cfg["mask_ratio"] == (0.75 if with_args else 0.9)  # a plain folder is VideoMAE's, not AdaMAE's 0.95
     expected = {k: v for k, v in model.state_dict().items()
                 if with_args or not k.startswith(run_mae_vis.SAMPLER_PREFIXES)}
     got = vis_model.state_dict()
@@ -316,3 +324,59 @@ def test_export_uses_ema_weights_when_asked(tmp_path):
     back = read_checkpoint(str(tmp_path / "hf"))["model"]
     assert all(torch.equal(back[k], ema[k]) for k in ema) and not torch.equal(back["head.weight"],
                                                                               model.head.weight)
+
+
+def test_hf_pretraining_config_without_saved_args_is_videomae_tube():
+    """A hub VideoMAEForPreTraining folder (no adamae_args.json) imports with VideoMAE's tube mask and its
+    config's mask ratio, else 0.9; AdaMAE sampler weights beside it make it adaptive (pre-training's ratio)."""
+    cfg = {"hidden_size": 48, "intermediate_size": 192, "decoder_hidden_size": 24, "decoder_intermediate_size": 96}
+    assert {k: hf_interop.hf_config_to_args(cfg, pretrain=True)[k] for k in ("mask_type", "mask_ratio")} == \
+        {"mask_type": "tube", "mask_ratio": 0.9}
+    assert hf_interop.hf_config_to_args({**cfg, "mask_ratio": 0.8}, pretrain=True)["mask_ratio"] == 0.8
+    adaptive = hf_interop.hf_config_to_args(cfg, pretrain=True, sampler=True)
+    assert adaptive["mask_type"] == "adaptive" and "mask_ratio" not in adaptive
+    assert "mask_type" not in hf_interop.hf_config_to_args(cfg)  # a classifier has no mask
+
+
+def test_truncated_hf_weights_are_a_checkpoint_error_naming_the_file(adaptive_run, tmp_path):
+    """safetensors' SafetensorError (neither OSError nor ValueError) used to escape as a traceback from
+    --finetune, run_mae_vis.py, extract_features and the probes."""
+    for name in ("model.safetensors", hf_interop.SAMPLER_FILE):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in Path(adaptive_run[2].out_dir).iterdir():
+            data = f.read_bytes()
+            (folder / f.name).write_bytes(data[: len(data) // 2] if f.name == name else data)
+        with pytest.raises(checkpointing.CheckpointError, match=f"{folder / name} is truncated or unreadable"):
+            read_checkpoint(str(folder))
+        with pytest.raises(checkpointing.CheckpointError, match=f"{folder / name} is truncated or unreadable"):
+            run_mae_vis.read_model_checkpoint(str(folder))
+
+
+@pytest.mark.parametrize("content,needle", [(b"0 up\n1 \xff\xfe\n2 circle\n3 static\n4 grow\n", "is not UTF-8 text"),
+                                            (b"up\ndown\nup\nstatic\ndown\n",
+                                             "repeats 'down', 'up' (ids 1, 4; 0, 2)")])
+def test_export_refuses_bad_class_names_files(classifier_run, tmp_path, capsys, content, needle):
+    names = tmp_path / "classes.txt"
+    names.write_bytes(content)
+    assert export_hf.main([classifier_run[1], str(tmp_path / "out"), "--class_names", str(names), "--no_verify"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(names) in err and needle in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_fails_when_transformers_disagrees(classifier_run, transformers, tmp_path, monkeypatch, capsys):
+    """The parity check is a check: a folder whose HF output is off (here: a perturbed classifier weight, as a
+    wrong key mapping would give) fails the export, exit status 2 and a message saying so."""
+    real = hf_interop.to_hf_state_dict
+
+    def perturbed(*a, **k):
+        sd = real(*a, **k)
+        sd["classifier.weight"] = sd["classifier.weight"] + 1.0
+        return sd
+
+    monkeypatch.setattr(hf_interop, "to_hf_state_dict", perturbed)
+    assert export_hf.main([classifier_run[1], str(tmp_path / "out")]) == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]  # not HF's progress bar
+    assert len(errors) == 1 and "parity check failed" in errors[0] and "not a faithful export" in errors[0], errors
+    assert export_hf.PARITY_TOL == 1e-3 and classifier_run[2].parity["relative"] < 1e-5  # the real export: far below

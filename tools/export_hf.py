@@ -9,7 +9,8 @@ Model, sizes, frames and classes come from the checkpoint's saved ``args``; flag
 ``README.md``, ``adamae_args.json`` (the run's args, so ``--finetune`` / ``run_mae_vis.py`` rebuild the same model
 from the folder) and, for an AdaMAE pre-training checkpoint, ``adamae_sampler.safetensors`` (the adaptive token
 sampler has no HF counterpart). When ``transformers`` is installed the folder is loaded back and compared with our
-model on one random clip (``--no_verify`` skips that). Bad input: one line naming the file, exit status 2.
+model on one random clip (``--no_verify`` skips that); a relative difference above ``PARITY_TOL`` fails the export.
+Bad input: one line naming the file, exit status 2.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ from checkpoint_loading import CheckpointMismatchError, read_checkpoint  # noqa:
 from video_transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 PIL_BILINEAR = 2  # our eval resize is bilinear
+# Largest max |ours - HF| / max |ours| the export accepts. HF's hard-coded LayerNorm eps 1e-5 (ours 1e-6) gives
+# ~1e-6 (README's parity table); a wrong key mapping or config gives O(1).
+PARITY_TOL = 1e-3
 
 
 class ExportError(ValueError):
@@ -171,22 +175,42 @@ def hf_config(model: nn.Module, kind: str, args: argparse.Namespace, encoder_onl
 
 
 def read_class_names(path: str) -> list[str]:
-    """One class per line: ``name`` or ``id name`` (our synthetic set's ``classes.txt``), in id order."""
+    """One class per line: ``name`` or ``id name`` (our synthetic set's ``classes.txt``), in id order. Names must
+    be distinct: ``label2id`` maps each name to one id, so a repeated name would silently lose a class."""
     entries: list[tuple[int, str]] = []
-    with open(path, encoding="utf-8") as f:
-        lines = [ln.strip() for ln in f if ln.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise ExportError(f"class names file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     for i, line in enumerate(lines):
         first, _, rest = line.partition(" ")
         entries.append((int(first), rest.strip()) if first.isdigit() and rest.strip() else (i, line))
     ids = sorted(i for i, _ in entries)
     if ids != list(range(len(entries))):
         raise ExportError(f"{path}: class ids are not 0..{len(entries) - 1}")
-    return [name for _, name in sorted(entries)]
+    names = [name for _, name in sorted(entries)]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ExportError(f"class names file {path} repeats {', '.join(map(repr, repeated))} (ids "
+                          f"{'; '.join(', '.join(str(i) for i, n in enumerate(names) if n == r) for r in repeated)})"
+                          f": label2id needs one id per name")
+    return names
+
+
+# What preprocessor_config.json does and does not reproduce; the model card says it too.
+PREPROCESSOR_NOTE = (
+    "`preprocessor_config.json` is this project's evaluation transform (bilinear short-side resize with the long "
+    "side truncated to int(size * long / short), centre crop, /255, ImageNet mean/std) except for one pixel: "
+    "along the long side transformers' centre crop starts at floor((long - crop) / 2), while ours, like VideoMAE's "
+    "validation `CenterCrop`, rounds (long - crop) / 2 half to even. When long - crop is 3 mod 4 (e.g. 3, 7) HF's "
+    "crop sits 1 px earlier; otherwise the pixels are the same.")
 
 
 def preprocessor_config(model_frames: int, crop: int, short_side: int) -> dict[str, Any]:
-    """VideoMAEImageProcessor settings equal to our evaluation transform: short-side bilinear resize, centre
-    crop, /255, ImageNet mean/std. ``num_frames`` is informative (the processor does not sample frames)."""
+    """VideoMAEImageProcessor settings for our evaluation transform: the same resize and normalisation, and the
+    same centre crop up to one pixel on the long side (``PREPROCESSOR_NOTE``). ``num_frames`` is informative (the
+    processor does not sample frames)."""
     return {
         "image_processor_type": "VideoMAEImageProcessor", "do_resize": True, "size": {"shortest_edge": short_side},
         "resample": PIL_BILINEAR, "do_center_crop": True, "crop_size": {"height": crop, "width": crop},
@@ -402,6 +426,7 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: b
                      "(`videomae.layernorm`). To fine-tune in transformers with VideoMAE's mean pooling, load "
                      "`VideoMAEForVideoClassification` with `use_mean_pooling=True` (otherwise it classifies "
                      "from token 0; there is no CLS token).")
+    notes.append(PREPROCESSOR_NOTE)
     result = ExportResult(str(out), arch, files, cfg, notes)
     if verify:
         try:
@@ -410,6 +435,12 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: b
             notes.append("Not verified with transformers (not installed at export time).")
         else:
             result.parity = _verify(str(out), arch, model, kind)
+            if not result.parity["relative"] <= PARITY_TOL:  # NaN fails too
+                raise ExportError(
+                    f"parity check failed: transformers {transformers.__version__} loads {out} but its output "
+                    f"differs from ours by {result.parity['relative']:.2e} of the output's scale (max abs diff "
+                    f"{result.parity['max_abs_diff']:.2e}, allowed {PARITY_TOL:g}); the folder is not a faithful "
+                    f"export, do not use it")
             notes.append(f"Parity at export (fp32, CPU, one random clip): max abs diff "
                          f"{result.parity['max_abs_diff']:.2e}, max abs output {result.parity['max_abs']:.2e} "
                          f"(transformers {transformers.__version__}).")

@@ -14,7 +14,8 @@ shard per ``--shard_size`` list entries, each written atomically), ``index.csv``
 shard,row``: the embedded videos in list order), ``skipped.csv`` (``path,line,label,video_id,reason``: videos that
 could not be decoded, in any view; never replaced by another video) and ``features.json`` (settings, counts).
 Interrupted runs resume: finished shards are kept and only the others are computed; a rerun with other settings
-is refused. Unlabelled lists work (label -1).
+(``Plan``: clip, views, precision, decoder, the list's entries, and the checkpoint's files' size and mtime, so a
+rewritten ``checkpoint-latest.pth`` counts) is refused, naming what changed. Unlabelled lists work (label -1).
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ import utils  # noqa: E402
 from precision import autocast, resolve_precision
 from cli import HelpFormatter, UserError, add_debug_arg, run_program  # noqa: E402
 from datasets import VideoList  # noqa: E402
+from checkpoint_loading import checkpoint_files  # noqa: E402
 from engine_for_probing import FeatureStore, FrozenEncoder, load_frozen_encoder  # noqa: E402
 from video_datasets import VideoClsDataset  # noqa: E402
-from video_io import BACKENDS  # noqa: E402
+from video_io import BACKENDS, resolve_backend  # noqa: E402
 
 MANIFEST, INDEX, SKIPPED = "features.json", "index.csv", "skipped.csv"
 INDEX_FIELDS = ("path", "line", "label", "video_id", "shard", "row")
@@ -102,6 +104,29 @@ class Plan:
         return hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Plan settings that differ between the splits of one data set; every other one must match for the train / val /
+# test features to come from the same encoder and clips (run_linear_probe.py compares them).
+PER_SPLIT_SETTINGS = frozenset({"list", "list_entries", "data_root", "num_videos", "views", "shard_size"})
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any], ignore: frozenset[str] = frozenset()) -> list[str]:
+    """The settings (keys of either) whose values differ, sorted; a key only one side has counts as changed."""
+    return sorted(k for k in old.keys() | new.keys() if k not in ignore and old.get(k) != new.get(k))
+
+
+def weights_fingerprint(checkpoint: str) -> dict[str, list[int]]:
+    """Size and mtime (ns) of every file the checkpoint's weights are read from. The path alone misses a rewrite
+    (``checkpoint-latest.pth`` after more training); hashing gigabytes on every resume would be slow."""
+    out: dict[str, list[int]] = {}
+    for path in checkpoint_files(checkpoint):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"checkpoint {path} does not exist") from None
+        out[os.path.abspath(path)] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
 def clip_settings(args: argparse.Namespace, encoder: FrozenEncoder) -> dict[str, Any]:
     """Clip sampling from the flags, else the checkpoint's saved args (what the encoder was trained on)."""
     saved = encoder.args
@@ -109,7 +134,9 @@ def clip_settings(args: argparse.Namespace, encoder: FrozenEncoder) -> dict[str,
     def pick(name: str, default: Any) -> Any:
         v = getattr(args, name)
         return v if v is not None else getattr(saved, name, default)
-    segment = bool(pick("sparse_sample", False)) or getattr(saved, "data_set", "") == "SSV2"
+    # an explicit --[no-]sparse_sample wins; else as the run sampled (SSV2 fine-tuning is always segment-based)
+    segment = bool(args.sparse_sample) if args.sparse_sample is not None else \
+        bool(getattr(saved, "sparse_sample", False)) or getattr(saved, "data_set", "") == "SSV2"
     num_segments = int(getattr(saved, "num_segments", 1) or 1) if segment else 1
     out = {"num_frames": int(pick("num_frames", 16)), "sampling_rate": int(pick("sampling_rate", 4)),
            "input_size": int(pick("input_size", encoder.input_size)), "sampling": "segment" if segment else "dense",
@@ -168,6 +195,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--batch_size and --shard_size must be >= 1")
     device = torch.device(args.device)
     precision = resolve_precision(args.precision or ("bf16" if device.type == "cuda" else "fp32"), device)
+    weights = weights_fingerprint(args.checkpoint)  # before reading: a rewrite during the load is not missed
     encoder = load_frozen_encoder(args.checkpoint, args.model_key, random_init=args.random_init).to(device)
     clip = clip_settings(args, encoder)
     videos = VideoList(args.list, args.data_root, require_label=False)
@@ -178,21 +206,23 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
                          input_size=clip["input_size"], short_side_size=clip["short_side_size"],
                          test_num_segment=segments, test_num_crop=crops, video_backend=args.video_backend)
     n, per_video = len(videos), segments * crops
-    plan = Plan({"checkpoint": os.path.abspath(args.checkpoint), "list": os.path.abspath(args.list),
-                 "data_root": args.data_root, "num_videos": n, "views": f"{segments}x{crops}", **clip,
-                 "shard_size": args.shard_size, "pooling": encoder.pooling, "dim": encoder.dim,
-                 "model_key": args.model_key, "random_init": args.random_init})
+    plan = Plan({"checkpoint": os.path.abspath(args.checkpoint), "weights": weights,
+                 "list": os.path.abspath(args.list), "list_entries": videos.fingerprint(), "data_root": args.data_root,
+                 "num_videos": n, "views": f"{segments}x{crops}", **clip, "shard_size": args.shard_size,
+                 "pooling": encoder.pooling, "dim": encoder.dim, "model_key": args.model_key,
+                 "random_init": args.random_init, "precision": precision,
+                 "video_backend": resolve_backend(args.video_backend)})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text(encoding="utf-8"))
         if old.get("plan_key") != plan.key:
-            changed = [k for k in plan.settings if old.get("settings", {}).get(k) != plan.settings[k]]
-            raise UserError(f"{out} holds features made with other settings ({', '.join(changed) or 'unknown'}); "
+            changed = changed_settings(old.get("settings", {}), plan.settings)
+            why = ", ".join("weights (the checkpoint was rewritten since)" if k == "weights" else k for k in changed)
+            raise UserError(f"{out} holds features made with other settings (changed: {why or 'unknown'}); "
                             f"use another --out or delete it")
-    manifest: dict[str, Any] = {"plan_key": plan.key, "settings": plan.settings, "precision": precision,
-                                "complete": False}
+    manifest: dict[str, Any] = {"plan_key": plan.key, "settings": plan.settings, "complete": False}
     utils.atomic_write_text(manifest_path, json.dumps(manifest, indent=1) + "\n")
 
     n_shards = (n + args.shard_size - 1) // args.shard_size
