@@ -20,10 +20,18 @@ import run_mae_pretraining  # noqa: E402
 
 
 def main() -> None:
-    bench = argparse.ArgumentParser(add_help=False)
-    bench.add_argument("--bench_epochs", type=int, default=2)
-    bench.add_argument("--num_workers_list", type=int, nargs="+", default=None)
-    bench.add_argument("--num_sample_list", type=int, nargs="+", default=None)
+    bench = argparse.ArgumentParser(prog="bench_pretrain.py", description=__doc__, add_help=False,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("--bench_epochs", type=int, default=2, help="epochs per configuration (read the last)")
+    bench.add_argument("--num_workers_list", type=int, nargs="+", default=None,
+                       help="run once per --num_workers value")
+    bench.add_argument("--num_sample_list", type=int, nargs="+", default=None,
+                       help="run once per --num_sample value")
+    if {"-h", "--help"} & set(sys.argv[1:]):  # its own flags, then every flag it passes on
+        bench.print_help()
+        print("\nEvery other flag goes to run_mae_pretraining.py:\n")
+        run_mae_pretraining.get_args_parser().print_help()
+        return
     bopts, rest = bench.parse_known_args()
     rows = []
     for workers in bopts.num_workers_list or [None]:

@@ -216,3 +216,11 @@ def test_full_smoke(tmp_path):
     assert {r[0] for r in frames[2:]} == {"frames"} and len(frames) == 2 + 4  # one backend (auto), ns 1 and 4
     frames_e2e = [t for t in tables if t[0][0] == "setting"][1]
     assert len(frames_e2e) == 3 and frames_e2e[2][6] not in ("", "no result")
+
+
+def test_bench_pretrain_help_lists_its_own_flags_and_the_programs():
+    res = subprocess.run([sys.executable, "benchmarks/bench_pretrain.py", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    for flag in ("--bench_epochs", "--num_workers_list", "--num_sample_list", "--mask_ratio", "--data_path"):
+        assert flag in res.stdout, flag

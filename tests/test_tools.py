@@ -87,6 +87,17 @@ def test_check_dataset(tmp_path, video_dir, synthetic_dir):
     assert f"{len(good)} ok, 0 bad" in out.stdout
 
 
+def test_check_dataset_names_a_bad_label_on_a_duplicate_line(tmp_path, synthetic_dir):
+    """Training rejects the whole list for it: the checker names that line, not 'line 0' with no path."""
+    good = open(os.path.join(synthetic_dir, "train.csv")).read().splitlines()[:3]
+    path = good[0].split()[0]
+    lst = tmp_path / "dup.csv"
+    lst.write_text("\n".join(good + [f"{path} 9"]) + "\n")
+    res = check_list(str(lst), nb_classes=4, progress=False)
+    assert sorted(p.split(":")[0] for line, _, p in res["bad"] if line == 4) == ["duplicate", "label out of range"]
+    assert all(line > 0 and path for line, path, _ in res["bad"]), res["bad"]
+
+
 def _run_check(argv, capsys) -> tuple[int, str, str]:
     rc = check_main([*argv, "--no_progress"])
     out = capsys.readouterr()

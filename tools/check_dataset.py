@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
@@ -109,19 +110,21 @@ def check_list(list_path: str, data_root: str = "", backend: str = DEFAULT_BACKE
     first_line: dict = {}
     to_decode = []
     for r in records:
+        label_ok = r.label is None or (r.label >= 0 and (nb_classes is None or r.label < nb_classes))
+        if not label_ok:  # on duplicate lines too: training rejects the whole list for it
+            hi = nb_classes if nb_classes is not None else "inf"
+            bad.append((r.line_no, r.path, f"label out of range: {r.label} not in [0, {hi})"))
         if r.path in first_line:
             bad.append((r.line_no, r.path, f"duplicate: same path as line {first_line[r.path]}"))
             continue
         first_line[r.path] = r.line_no
-        if r.label is not None and (r.label < 0 or (nb_classes is not None and r.label >= nb_classes)):
-            hi = nb_classes if nb_classes is not None else "inf"
-            bad.append((r.line_no, r.path, f"label out of range: {r.label} not in [0, {hi})"))
         to_decode.append(r)
     if nb_classes is not None and not any(p.startswith(("malformed", "missing label", "label")) for _, _, p in bad):
         try:  # what fine-tuning itself does with the list: a rule that drifted from the checks above shows here
             VideoList(list_path, data_root, require_label, nb_classes)
         except ValueError as e:
-            bad.append((0, "", f"rejected by training: {e}"))
+            m = re.search(r":(\d+): ", str(e))  # the list's line, when the message names it
+            bad.append((int(m.group(1)) if m else 0, "", f"rejected by training: {e}"))
     jobs = [(r.full_path, backend, min_frames, full) for r in to_decode]
     from tqdm import tqdm
 

@@ -3,7 +3,7 @@
 # 10 warm-up) on cached features of a frozen encoder. Step 1 embeds each split once (tools/extract_features.py:
 # mean-pooled tokens, bf16 on GPU, resumable; the test split averaged over 5 x 3 views), step 2 trains the probe on
 # the cached vectors (seconds per epoch; one process is enough) and scores the test split -> OUTPUT_DIR/test_results.json.
-#   CHECKPOINT=output/k400_vitb/checkpoint-799.pth DATA_DIR=data/k400 bash scripts/probe/linear_probe.sh
+#   CHECKPOINT=output/k400_vitb_adamae_0.95_800e/checkpoint-799.pth DATA_DIR=data/k400 bash scripts/probe/linear_probe.sh
 # Extra flags go to run_linear_probe.py, e.g. --batch_size 1024 --lr 0.1 --data_set custom --nb_classes 4.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../launch_lib.sh"
