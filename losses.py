@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.distributions.utils import probs_to_logits
 
 from token_ops import gather_tokens, normalize_tubelets, patchify
 from video_transforms import normalize_clips
@@ -75,12 +76,27 @@ def sampling_loss(log_probs: torch.Tensor, masked_idx: torch.Tensor, token_error
     The error is a detached reward: minimising this raises the probability of masked tokens the decoder
     reconstructed badly, so the sampler picks such tokens as visible next time. No gradient flows through the
     without-replacement draw itself (it is not differentiable); this surrogate is AdaMAE's, scored under a single
-    categorical over all N tokens, with no baseline. ``log_probs`` must be a ``log_softmax`` output (stable where
-    ``log(softmax)`` would give ``-inf``); ``masked_idx`` ``[B, N_masked]`` orders the masked tokens as
-    ``token_error`` does (ascending, ``PretrainOutput.masked_idx``).
+    categorical over all N tokens, with no baseline. ``log_probs`` are ``sampler_log_probs``; ``masked_idx``
+    ``[B, N_masked]`` orders the masked tokens as ``token_error`` does (ascending, ``PretrainOutput.masked_idx``).
     """
     logp_masked = torch.gather(log_probs.float(), 1, masked_idx)
     return -(logp_masked * token_error.detach().float()).mean(dim=1).mean()
+
+
+SAMPLING_LOG_PROBS = ("categorical", "log_softmax")
+
+
+def sampler_log_probs(log_probs: torch.Tensor, kind: str = "categorical") -> torch.Tensor:
+    """The ``log p`` the sampling loss scores: ``log_softmax`` as given, or AdaMAE's (``categorical``):
+    ``torch.distributions.Categorical(probs=p).log_prob``, whose log of the probabilities clamped to
+    ``[eps, 1 - eps]`` (float32 eps 1.2e-7) caps ``-log p`` near 15.9 and gives such tokens no gradient. The two
+    agree while every ``p >= 1.2e-7``."""
+    if kind == "log_softmax":
+        return log_probs.float()
+    if kind != "categorical":
+        raise ValueError(f"sampling log-prob must be one of {SAMPLING_LOG_PROBS}, got {kind!r}")
+    p = log_probs.float().exp()
+    return probs_to_logits(p / p.sum(-1, keepdim=True))
 
 
 class StepLosses(NamedTuple):
@@ -93,19 +109,21 @@ class StepLosses(NamedTuple):
 
 def pretrain_losses(model: nn.Module, videos: torch.Tensor, patch_size: int, tubelet_size: int,
                     normalize_target: bool = True, loss_type: str = "mse",
-                    sampling_loss_weight: float = 1e-4, noise: torch.Tensor | None = None) -> StepLosses:
+                    sampling_loss_weight: float = 1e-4, noise: torch.Tensor | None = None,
+                    log_prob: str = "categorical") -> StepLosses:
     """Forward ``model`` (possibly DDP-wrapped) on clips in ``[0, 1]`` and compute both losses.
 
     The model sees the ImageNet-normalised clips; targets come from the ``[0, 1]`` pixels themselves, in fp32
     outside the graph; the forward itself follows any enclosing autocast. ``noise`` (see
-    ``engine_for_pretraining.mask_noise``) drives the mask sampling when given.
+    ``engine_for_pretraining.mask_noise``) drives the mask sampling when given; ``log_prob`` is the sampling
+    loss's ``log p`` (``sampler_log_probs``).
     """
     target = pixel_targets01(videos, patch_size, tubelet_size, normalize=normalize_target)
     out = model(normalize_clips(videos), noise=noise)
     err = masked_token_error(out, target, loss_type)
     rec = err.mean()
     if out.log_probs is not None:
-        samp = sampling_loss_weight * sampling_loss(out.log_probs, out.masked_idx, err)
+        samp = sampling_loss_weight * sampling_loss(sampler_log_probs(out.log_probs, log_prob), out.masked_idx, err)
     else:
         samp = torch.zeros((), device=rec.device)
     return StepLosses(rec + samp, rec, samp, out.probs, out.mask)

@@ -161,8 +161,10 @@ class PretrainVisionTransformer(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """Position tables and the mask token (the sampler's ``pos_embed_probs`` included) are not decayed."""
-        return {"pos_embed", "mask_token", "encoder.pos_embed_probs"}
+        """The position table and the mask token are not decayed. The sampler's ``encoder.pos_embed_probs`` is, as
+        in AdaMAE (its skip list names only ``pos_embed``, ``cls_token``, ``mask_token``);
+        ``--no_sampler_pos_weight_decay`` exempts it."""
+        return {"pos_embed", "mask_token"}
 
     @property
     def has_sampler(self) -> bool:

@@ -70,7 +70,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--model_ema_decay", default=0.9999, type=float, help="EMA decay per optimizer step")
     g.add_argument("--model_ema_force_cpu", action="store_true", help="keep the EMA copy on the CPU")
 
-    g = optim_factory.add_optimizer_args(p, lr=1e-3, min_lr=1e-6, warmup_lr=1e-6, warmup_epochs=5)
+    # warm-up from 0: VideoMAE / AdaMAE have a --warmup_lr 1e-6 flag but never pass it to their scheduler
+    g = optim_factory.add_optimizer_args(p, lr=1e-3, min_lr=1e-6, warmup_lr=0.0, warmup_epochs=5)
     g.add_argument("--layer_decay", default=0.75, type=float, help="layer-wise lr decay (1.0 = off)")
 
     g = p.add_argument_group("regularisation")

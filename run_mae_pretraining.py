@@ -25,6 +25,7 @@ from cli import HelpFormatter, add_debug_arg, at_least, run_program
 from datasets import add_data_args, build_pretraining_dataset, get_broken_count, multiple_samples_collate
 from distributed import get_world_size, is_main_process
 from engine_for_pretraining import clips_to_device, train_one_epoch
+from losses import SAMPLING_LOG_PROBS
 from mask_visualization import log_mask_images
 from masking_generator import MASK_TYPES
 from modeling_pretrain import create_pretrain_model
@@ -63,6 +64,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler_heads", default=8, type=at_least(1), help="token sampler attention heads")
     g.add_argument("--sampler_detach_input", action="store_true",
                    help="stop the sampling loss from training the shared patch embedding")
+    g.add_argument("--sampling_log_prob", default="categorical", choices=SAMPLING_LOG_PROBS,
+                   help="log p of the sampling loss: categorical = AdaMAE's Categorical(probs).log_prob (p clamped "
+                        "at float32 eps: a token below 1.2e-7 counts as 1.2e-7 and gets no gradient); log_softmax "
+                        "= exact (differs once the sampler is that peaked)")
+    g.add_argument("--no_sampler_pos_weight_decay", action="store_true",
+                   help="no weight decay on the sampler's pos_embed_probs (AdaMAE decays it, like other weights)")
 
     optim_factory.add_optimizer_args(p, lr=1.5e-4, min_lr=1e-5, warmup_lr=0.0, warmup_epochs=40)
 
@@ -78,6 +85,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+def no_weight_decay_names(args: argparse.Namespace, model: Any) -> set[str]:
+    """AdaMAE's weight-decay exemptions (``model.no_weight_decay()``), plus the sampler's position table with
+    ``--no_sampler_pos_weight_decay``."""
+    return model.no_weight_decay() | ({"encoder.pos_embed_probs"} if args.no_sampler_pos_weight_decay else set())
+
+
 def main(args: argparse.Namespace) -> dict:
     device = training.setup_run(args)
     print(f"job dir: {os.path.dirname(os.path.abspath(__file__))}")
@@ -87,7 +100,8 @@ def main(args: argparse.Namespace) -> dict:
     n_params = count_parameters(model)
     print(f"Model {args.model}: {n_params / 1e6:.2f}M parameters, mask {model.mask_type} {args.mask_ratio} "
           f"({model.num_visible} of {model.num_patches} tokens visible)")
-    optim = training.build_optimisation(args, model, data.steps_per_epoch, device)
+    optim = training.build_optimisation(args, model, data.steps_per_epoch, device,
+                                        skip_list=no_weight_decay_names(args, model))
     print(f"{len(data.dataset)} videos, {data.steps_per_epoch} optimizer steps per epoch, clips per step "
           f"{args.batch_size * args.accum_iter * get_world_size() * args.num_sample} "
           f"(num_sample {args.num_sample})")

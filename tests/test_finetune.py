@@ -273,6 +273,7 @@ def test_launchers_pass_the_paper_recipe(script, env, expect, tmp_path):
     assert args.weight_decay == 0.05 and args.drop_path == 0.1 and args.num_frames == 16
     assert args.batch_size == 8 and args.num_sample == 1 and args.dist_eval and args.input_size == 224
     assert args.mixup == 0.8 and args.cutmix == 1.0 and args.smoothing == 0.1 and args.warmup_epochs == 5
+    assert args.warmup_lr == 0.0  # VideoMAE's warm-up starts at 0 (its --warmup_lr never reaches the scheduler)
     for k, v in expect.items():
         assert getattr(args, k) == v, k
     if "enable_deepspeed" not in expect:

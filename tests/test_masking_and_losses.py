@@ -128,6 +128,29 @@ def test_vectorised_sampling_loss_equals_per_sample_loop():
     assert abs(ours.item() - ref.item()) < 1e-6
 
 
+def test_categorical_log_prob_is_adamaes_also_for_a_peaked_sampler():
+    """AdaMAE scores masked tokens with Categorical(probs=softmax).log_prob, which clamps p at float32 eps: for a
+    peaked sampler (many p < 1.2e-7) the default matches it in value and gradient; log_softmax (exact) does not."""
+    from losses import sampler_log_probs
+
+    torch.manual_seed(0)
+    b, n, n_vis = 3, 300, 15
+    logits = (6 * torch.randn(b, n)).requires_grad_()
+    log_probs = torch.log_softmax(logits, -1)
+    assert (log_probs.exp() < 1.2e-7).float().mean() > 0.3  # peaked
+    mask = mask_from_visible(gumbel_topk(log_probs.detach(), n_vis), n)
+    idx, err = masked_indices(mask, n - n_vis), torch.rand(b, n - n_vis)
+    ours = sampling_loss(sampler_log_probs(log_probs), idx, err)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    ref = _loop_sampling_loss(torch.softmax(logits, -1), mask, err)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(ours, ref, rtol=1e-6) and torch.allclose(g_ours, g_ref, rtol=1e-5, atol=1e-9)
+    exact = sampling_loss(sampler_log_probs(log_probs, "log_softmax"), idx, err)
+    assert exact > 1.05 * ref  # uncapped -log p of the tiny probabilities
+    with pytest.raises(ValueError):
+        sampler_log_probs(log_probs, "logits")
+
+
 def test_sgd_step_on_sampling_loss_raises_logit_of_high_error_token_more():
     torch.manual_seed(0)
     n = 6
@@ -220,6 +243,8 @@ def test_no_weight_decay_names_exist():
     names = dict(model.named_parameters())
     for n in model.no_weight_decay():
         assert n in names or n == "pos_embed"
+    # AdaMAE decays the sampler's position table (its skip list does not name it)
+    assert "encoder.pos_embed_probs" not in model.no_weight_decay()
 
 
 @pytest.mark.parametrize("num_sample", [1, 2, 3])

@@ -189,6 +189,18 @@ def test_a_crash_in_the_epoch_end_work_redoes_that_epoch_and_loses_no_record(tra
     assert [g.step for g in acc.Images("vis/masks")] == [steps - 1, 2 * steps - 1]
 
 
+def test_the_samplers_position_table_is_decayed_as_in_adamae_unless_asked(train_list, tmp_path):
+    import optim_factory
+
+    for flag, decay in (((), 0.05), (("--no_sampler_pos_weight_decay",), 0.0)):
+        args = run_mae_pretraining.get_args_parser().parse_args(tiny_args(train_list, tmp_path, *flag))
+        model = create_pretrain_model(args)
+        opt = optim_factory.create_optimizer(args, model, verbose=False,
+                                             skip_list=run_mae_pretraining.no_weight_decay_names(args, model))
+        group = next(g for g in opt.param_groups if any(p is model.encoder.pos_embed_probs for p in g["params"]))
+        assert group["weight_decay"] == decay, flag
+
+
 def test_non_finite_loss_stops_naming_epoch_and_step_and_saves_nothing(train_list, tmp_path):
     args = run_mae_pretraining.get_args_parser().parse_args(
         tiny_args(train_list, tmp_path, "--lr", "1e38", "--warmup_epochs", "0", "--epochs", "1"))

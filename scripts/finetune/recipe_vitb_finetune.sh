@@ -19,7 +19,6 @@ FINETUNE_RECIPE=(
   --drop_path 0.1
   --warmup_epochs 5
   --min_lr 1e-6
-  --warmup_lr 1e-6
   --mixup 0.8
   --cutmix 1.0
   --smoothing 0.1
