@@ -109,7 +109,8 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
                 log_writer.update(head="data", step=global_step, data_time=run.meters.data_time.avg,
                                   broken_videos=broken_count() if broken_count else 0)
     # Seconds per iteration, and the part of it spent waiting for the data loader (this process).
-    extra = dict(step_time=run.meters.step_time.global_avg, data_time=run.meters.data_time.global_avg)
+    extra = dict(step_time=run.meters.step_time.global_avg, data_time=run.meters.data_time.global_avg,
+                 **run.meters.steady)
     if broken_count:
         extra["broken_videos"] = broken_count()
     return run.finish(**extra)

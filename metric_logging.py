@@ -133,6 +133,7 @@ class MetricLogger:
         self.meters: defaultdict[str, SmoothedValue] = defaultdict(lambda: SmoothedValue(window_size))
         self.delimiter = delimiter
         self.data_wait_warning = data_wait_warning  # warn at the end of a loop that waited longer than this share
+        self.steady: dict[str, float] = {}  # after a loop: seconds per iteration and waiting, its first one left out
 
     def update(self, **kwargs: Number | None) -> None:
         """Record values; tensors are not synced here. ``None`` is skipped (e.g. accumulation steps)."""
@@ -186,6 +187,7 @@ class MetricLogger:
         use_cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         i = 0
         first_wait = first_step = 0.0
+        self.steady = {}
         beat_name = f"{header} step".strip()
         for i, obj in enumerate(iterable):
             data_time.update(time.time() - end)
@@ -211,8 +213,10 @@ class MetricLogger:
         n = (i + 1) if total is None else max(total, 1)
         print(f"{header} Total time: {datetime.timedelta(seconds=int(total_time))} "
               f"({total_time / n:.4f} s / it)", flush=True)
-        # The first iteration waits for the workers to start; judge the rest.
+        # The first iteration waits for the workers to start and fill the pipeline (each worker builds a whole
+        # batch): the steady state is the rest, what a long epoch is made of.
         waited, spent = data_time.total - first_wait, step_time.total - first_step
+        self.steady = {"steady_step_time": spent / i, "steady_data_time": waited / i} if i > 0 else {}
         if i > 0 and waited > self.data_wait_warning * spent:
             print(f"{header} WARNING: {100 * waited / spent:.0f}% of the time was spent waiting for data: the GPU/CPU "
                   "is input-bound. See PRETRAIN.md, \"Data loading at GPU speed\": raise --num_workers, use "

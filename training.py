@@ -162,6 +162,9 @@ class TrainEpoch:
         self.first_step = self.completed_steps = int(first_step)
         self.stopped = False
         self.lr_keys = tuple(lr_keys)
+        # Benchmarks set args.sync_each_step: the host then waits for the GPU at the end of each step, so the time it
+        # next waits for data is time the GPU idles (without it, the host's wait overlaps the GPU still working).
+        self.sync = bool(getattr(args, "sync_each_step", False)) and device.type == "cuda"
 
     def __iter__(self) -> Iterator[tuple[int, int, int, bool, Any]]:
         accum = self.accum
@@ -178,6 +181,8 @@ class TrainEpoch:
                                              weight_decay=float(self.optim.wd_schedule[global_step]))
             update = (it + 1) % accum == 0
             yield it, step, global_step, update, batch
+            if self.sync:
+                torch.cuda.synchronize()
             if update:
                 self.completed_steps = step + 1
                 if (self.stop is not None and self.completed_steps < self.steps_per_epoch

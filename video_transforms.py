@@ -296,10 +296,18 @@ def resize_crops(batch: CropBatch, device: torch.device) -> torch.Tensor:
         x = torch.stack([pixels[i, :, y:y + h, x0:x0 + w] for i, y, x0 in crops[rows, :3].tolist()])
         x = x.view(-1, h, w, c).permute(0, 3, 1, 2)  # [G*T, 3, h, w], channels-last: the fast resize layout
         y = resize(x if x.device.type == "cpu" else x.float(), size).float().round_().reshape(len(rows), t, c, *size)
-        flipped = crops[rows, 5].nonzero()[:, 0].to(device)
+        flipped = _index_to(crops[rows, 5].nonzero()[:, 0], device)
         y[flipped] = y[flipped].flip(-1)
-        out[rows.to(device)] = y.transpose(1, 2)
+        out[_index_to(rows, device)] = y.transpose(1, 2)
     return out.div_(255.0)
+
+
+def _index_to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host index tensor on ``device`` without waiting: a copy from pageable memory to a GPU blocks the host until
+    the GPU has run everything queued before it (the previous step's backward); from pinned memory it does not."""
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 class TrainTransform:

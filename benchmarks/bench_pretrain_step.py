@@ -143,7 +143,7 @@ def _child(mask: str, batch_size: int, args: argparse.Namespace) -> dict:
 def format_row(r: dict) -> str:
     head = f"| {r['mask']} | {r['batch_size']} | {r['compile']} |"
     if "error" in r:
-        return head + f" failed: {r['error'].replace('|', '/')} | | | | | | |"
+        return head + f" failed: {r['error'].replace('|', '/')} | | | | | |"
     return head + (f" {r['visible']} / {r['tokens']} | {r['step_ms']:.1f} | {r['step_ms_median']:.1f} | "
                    f"{r['clips_per_s']:.1f} | {r['warmup_s']:.1f} | {r['peak_gib']:.2f} |")
 

@@ -107,6 +107,15 @@ step() {
     return "$rc"
 }
 
+# A list for the whole-iteration runs: LIST's lines E2E_REPEAT times, so that an epoch is many batches per worker
+# (each worker builds whole batches; a short epoch would measure the pipeline filling up).
+e2e_list() {
+    local out=${1%.list}_e2e.list r
+    : >"$out"
+    for ((r = 0; r < E2E_REPEAT; r++)); do cat "$1" >>"$out"; done
+    echo "$out"
+}
+
 show() {  # print a command's output, if it ran
     if [[ -f $1 ]]; then cat "$1"; fi
 }
@@ -220,7 +229,7 @@ main() {
         e2e_common=(--model pretrain_videomae_small_patch16_224 --model_kwargs "$tiny" --decoder_depth 1
                     --num_frames 8 --input_size 64 --sampling_rate 2 --device cpu --batch_size 2 --num_workers 1
                     --print_freq 1)
-        rec_batch=1 e2e_epochs=1 def_batch=2
+        rec_batch=1 e2e_epochs=1 def_batch=2 E2E_REPEAT=1
     else
         model_args=(--model pretrain_videomae_base_patch16_224 --warmup 3 --steps 10)
         model_batches=(16 64) compile_batches=(64 16) compile_backend=inductor
@@ -229,7 +238,7 @@ main() {
         loader_args=(--sampling_rate 4 --n 10 --loader_items 240)
         e2e_common=()  # the program's defaults (empty: expanded with ${a[@]+...} for bash < 4.4 under set -u)
         # recommended: 16 x --num_sample 4 = 64 clips per step, as many as the default batch
-        rec_batch=16 e2e_epochs=2 def_batch=${DEFAULT_BATCH:-?}
+        rec_batch=16 e2e_epochs=2 def_batch=${DEFAULT_BATCH:-?} E2E_REPEAT=3  # 1920 lines: 30 batches of 64
     fi
     model_args+=(--masks adaptive:0.95 tube:0.9 --precision bf16 --in_process --sync_check warn)
 
@@ -283,21 +292,23 @@ main() {
     if want e2e && [[ -n $raw_list ]]; then
         echo "## Whole pre-training iterations (benchmarks/bench_pretrain.py; the last of $e2e_epochs epoch(s))"
         echo
-        local items=()
+        local items=() raw_e2e prep_e2e=""
+        raw_e2e=$(e2e_list "$raw_list")
+        if [[ -n $prep_list ]]; then prep_e2e=$(e2e_list "$prep_list"); fi
         if backend_ok "$DEFAULT_BACKEND"; then
             step e2e_defaults 60 "$PY" benchmarks/bench_pretrain.py --bench_epochs "$e2e_epochs" \
-                --data_path "$raw_list" ${e2e_common[@]+"${e2e_common[@]}"} || true
+                --data_path "$raw_e2e" ${e2e_common[@]+"${e2e_common[@]}"} || true
             items+=("program defaults: raw videos, $DEFAULT_BACKEND, batch $def_batch=$LOG/e2e_defaults.md")
         else
             note "e2e with the program's defaults: its default backend $DEFAULT_BACKEND is not installed"
         fi
-        step e2e_raw_tuned 50 "$PY" benchmarks/bench_pretrain.py --bench_epochs "$e2e_epochs" --data_path "$raw_list" \
+        step e2e_raw_tuned 50 "$PY" benchmarks/bench_pretrain.py --bench_epochs "$e2e_epochs" --data_path "$raw_e2e" \
             ${e2e_common[@]+"${e2e_common[@]}"} --video_backend "$best" --num_workers "$workers" \
             --precision bf16 || true
         items+=("raw videos, $best, bf16, batch $def_batch=$LOG/e2e_raw_tuned.md")
         if [[ -n $prep_list ]]; then
             step e2e_recommended 50 "$PY" benchmarks/bench_pretrain.py --bench_epochs "$e2e_epochs" \
-                --data_path "$prep_list" ${e2e_common[@]+"${e2e_common[@]}"} --video_backend "$best" \
+                --data_path "$prep_e2e" ${e2e_common[@]+"${e2e_common[@]}"} --video_backend "$best" \
                 --num_workers "$workers" --precision bf16 --batch_size "$rec_batch" --num_sample 4 || true
             local rec="recommended: prepared videos, $best, bf16, batch $rec_batch x num_sample 4"
             items+=("$rec=$LOG/e2e_recommended.md")
@@ -325,7 +336,7 @@ main() {
                 echo "(merging the tables failed)"
             echo
             step e2e_frames 50 "$PY" benchmarks/bench_pretrain.py --bench_epochs "$e2e_epochs" \
-                --data_path "$frames_list" ${e2e_common[@]+"${e2e_common[@]}"} --num_workers "$workers" \
+                --data_path "$(e2e_list "$frames_list")" ${e2e_common[@]+"${e2e_common[@]}"} --num_workers "$workers" \
                 --precision bf16 --batch_size "$rec_batch" --num_sample 4 || true
             "$PY" benchmarks/gpu_suite_tools.py merge --label setting --last_of epoch \
                 "frame folders, bf16, batch $rec_batch x num_sample 4=$LOG/e2e_frames.md" ||

@@ -174,6 +174,7 @@ def test_gpu_run_commands_parse(tmp_path):
     assert (defaults.batch_size, defaults.num_sample) == (64, 1)
     assert (raw.num_workers, raw.precision, raw.batch_size) == (15, "bf16", 64)
     assert (rec.num_workers, rec.batch_size, rec.num_sample) == (15, 16, 4) and "prepared" in rec.data_path
+    assert all(a.data_path.endswith("raw_e2e.list") for a in parsed)  # each list 3 times: 30 batches of 64
     assert "| recommended: prepared videos, auto, bf16, batch 16 x num_sample 4 |" in res.stdout
 
 
@@ -195,7 +196,8 @@ def test_gpu_run_frames_section_commands_parse(tmp_path):
     import run_mae_pretraining
 
     a = run_mae_pretraining.get_args_parser().parse_args(e2e[2:] + ["--output_dir", str(tmp_path)])
-    assert (a.data_path, a.num_workers, a.batch_size, a.num_sample, a.precision) == (frames_list, 15, 16, 4, "bf16")
+    frames_e2e = frames_list.replace("raw.list", "raw_e2e.list")  # the list 3 times: many batches per worker
+    assert (a.data_path, a.num_workers, a.batch_size, a.num_sample, a.precision) == (frames_e2e, 15, 16, 4, "bf16")
     assert "## Frame folders" in res.stdout and "bench_pretrain_step.py" not in by_script
     assert "| frame folders, bf16, batch 16 x num_sample 4 |" in res.stdout
 
@@ -213,7 +215,7 @@ def test_full_smoke(tmp_path):
     e2e = next(t for t in tables if t[0][0] == "setting")
     assert len(e2e) == 2 + 3 and all(r[6] not in ("", "no result") for r in e2e[2:])
     frames = [t for t in tables if t[0][0] == "videos"][1]
-    assert {r[0] for r in frames[2:]} == {"frames"} and len(frames) == 2 + 4  # one backend (auto), ns 1 and 4
+    assert {r[0] for r in frames[2:]} == {"frames"} and len(frames) == 2 + 2  # one backend (auto), ns 1 and 4
     frames_e2e = [t for t in tables if t[0][0] == "setting"][1]
     assert len(frames_e2e) == 3 and frames_e2e[2][6] not in ("", "no result")
 

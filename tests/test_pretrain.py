@@ -65,6 +65,8 @@ def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "log.txt").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1]
     assert all(torch.isfinite(torch.tensor(x["train_loss"])) for x in lines)
+    # the steady state (the first iteration, which waits for the workers to fill the pipeline, left out)
+    assert all(0 <= x["train_steady_data_time"] < x["train_steady_step_time"] for x in lines)
 
     ckpt = torch.load(tmp_path / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["kind"] == "pretrain" and ckpt["mask_type"] == "adaptive"
