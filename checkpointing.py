@@ -197,7 +197,12 @@ def _restore(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, model
         unwrap_model(model_ema).load_state_dict(strip_state_dict_prefixes(ckpt["model_ema"]), strict=True)
     if "epoch" in ckpt and ckpt.get("optimizer") is not None:
         if optimizer is not None:
-            optimizer.load_state_dict(ckpt["optimizer"])
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except ValueError as e:  # torch: "... parameter group that doesn't match the size of optimizer's group"
+                raise CheckpointError(
+                    f"{path}: its optimizer state does not fit this run's parameter groups ({e}); the weight-decay "
+                    f"groups differ (e.g. --no_sampler_pos_weight_decay, which runs saved before it had on)") from None
         if loss_scaler is not None and ckpt.get("scaler") is not None:
             loss_scaler.load_state_dict(ckpt["scaler"])
         info.epoch = int(ckpt["epoch"])

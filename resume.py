@@ -36,6 +36,9 @@ HARMLESS_FLAGS = frozenset({
     "lr", "min_lr", "warmup_lr", "num_training_steps_per_epoch", "total_batch",
 })
 PATH_FLAGS = frozenset({"data_path", "train_list", "finetune", "data_root"})
+# Run-defining flags added after runs were saved without them: the behaviour those runs had. A resume compares the
+# current value with it, so an older run does not change recipe silently mid-way (or fail deep in torch).
+FLAGS_ADDED = {"no_sampler_pos_weight_decay": True, "sampling_log_prob": "log_softmax"}
 FLAG_NAMES = {"base_lr": "lr", "base_min_lr": "min_lr", "base_warmup_lr": "warmup_lr"}  # saved value -> its flag
 # Values the programs derive and save with the flags (args.json, checkpoints), named in messages by what they are.
 DERIVED = {"train_data_sha256": "training examples (sha256 of the list's paths and labels, in order)"}
@@ -80,6 +83,7 @@ def run_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     the same list moved elsewhere may resume, one edited in place may not.
     """
     changes = []
+    saved = {**{k: v for k, v in FLAGS_ADDED.items() if k in current}, **saved}
     by_content = all(m.get("train_data_sha256") for m in (saved, current))
     for key in sorted(set(saved) & set(current)):
         if key in HARMLESS_FLAGS or key.startswith("_"):

@@ -29,8 +29,8 @@ import distributed
 import metric_logging
 import optim_factory
 import training
-from checkpoint_loading import load_pretrained_encoder
-from checkpointing import Checkpointer, ResumeInfo, torch_load
+from checkpoint_loading import load_pretrained_encoder, read_checkpoint
+from checkpointing import Checkpointer, ResumeInfo
 from cli import HelpFormatter, UserError, add_debug_arg, run_program
 from datasets import add_data_args, build_dataset, get_broken_count, multiple_samples_collate
 from distributed import get_world_size
@@ -146,7 +146,7 @@ def build_model_ema(args: argparse.Namespace, model: torch.nn.Module) -> ModelEm
 def ema_of_evaluated_checkpoint(args: argparse.Namespace, model_ema: ModelEmaV3) -> ModelEmaV3 | None:
     """``--eval --finetune X --model_ema``: the EMA to evaluate is X's own (``model_ema`` in our checkpoints), not a
     copy of X's model weights; a file without one has no EMA result."""
-    ckpt = torch_load(args.finetune) if os.path.isfile(args.finetune) else None
+    ckpt = read_checkpoint(args.finetune) if os.path.exists(args.finetune) else None  # a file or DeepSpeed folder
     if isinstance(ckpt, dict) and ckpt.get("model_ema") is not None:
         load_pretrained_encoder(model_ema.module, {"model": ckpt["model_ema"], "args": ckpt.get("args")},
                                 model_key="model", require_head=True, verbose=False)

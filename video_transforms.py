@@ -138,18 +138,16 @@ def spatial_crop(x: torch.Tensor, size: int, crop_idx: int = 1, num_crops: int =
     """Square ``size`` crop number ``crop_idx`` of ``num_crops`` spread evenly along the long side and centred on
     the short side (left/centre/right or top/centre/bottom for 3). Frames smaller than ``size`` are first resized
     up. Offsets are VideoMAE's to the pixel: ``int(crop_idx * (long - size) / (num_crops - 1))`` for the test views,
-    and for ``num_crops == 1`` (validation) its ``CenterCrop``, ``int(round((long - size) / 2))`` (no division by
-    zero); the two centres differ by a pixel when ``long - size`` is odd and rounds up."""
+    and for ``num_crops == 1`` (validation) its ``CenterCrop``, ``int(round((side - size) / 2))`` on both axes (no
+    division by zero); the two centres differ by a pixel when ``long - size`` is odd and rounds up."""
     h, w = x.shape[-2:]
     if min(h, w) < size:
         x = short_side_resize(x, size)
         h, w = x.shape[-2:]
-    extra = max(h, w) - size
-    along = int(round(extra / 2)) if num_crops <= 1 else int(crop_idx * (1.0 * extra / (num_crops - 1)))
-    if h >= w:
-        top, left = along, (w - size) // 2
-    else:
-        top, left = (h - size) // 2, along
+    if num_crops <= 1:  # VideoMAE's CenterCrop, both axes
+        return crop(x, int(round((h - size) / 2)), int(round((w - size) / 2)), size, size)
+    along = int(crop_idx * (1.0 * (max(h, w) - size) / (num_crops - 1)))
+    top, left = (along, (w - size) // 2) if h >= w else ((h - size) // 2, along)
     return crop(x, top, left, size, size)
 
 

@@ -53,7 +53,7 @@ srun_requeue_on_preemption() {
   trap 'echo "SIGTERM: waiting for the run to save a checkpoint"' TERM
   # srun no longer passes the job's --cpus-per-task on to its tasks (Slurm 22.05 to 23.02): the decoding workers
   # would share one core.
-  srun --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" python -u "$@" || rc=$?
+  srun ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} python -u "$@" || rc=$?
   if [[ $rc -eq $PREEMPTED_EXIT ]]; then
     echo "stopped by a signal after saving a checkpoint: requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"

@@ -171,6 +171,14 @@ def test_eval_geometry_is_videomae_to_the_pixel(h, w):
             assert torch.equal(VT.spatial_crop(resized, crop, k, n), expect), (n, k, start)
 
 
+def test_validation_centre_crop_rounds_on_both_axes():
+    """VideoMAE's CenterCrop: int(round((side - crop) / 2)) on each axis (Python's round: half to even)."""
+    for h, w in ((227, 300), (231, 300), (300, 227)):
+        img = torch.arange(h * w, dtype=torch.float32).view(1, 1, h, w)
+        top, left = int(round((h - 224) / 2)), int(round((w - 224) / 2))
+        assert torch.equal(VT.spatial_crop(img, 224, 0, 1), img[..., top:top + 224, left:left + 224]), (h, w)
+
+
 # ---------------------------------------------------------------------------------------------------- datasets
 def clips_of(batch):
     from engine_for_pretraining import clips_to_device

@@ -109,9 +109,12 @@ def test_deepspeed_trains_saves_resumes_and_its_checkpoint_evaluates(uneven_data
     # a DeepSpeed folder is accepted by --finetune (weights under 'module') for --eval
     ev = tmp_path / "eval"
     _run([sys.executable, *ft_argv(uneven_data, ev, "--eval", "--finetune", str(tmp_path / "checkpoint-1"),
-                                   "--test_num_segment", "1", "--test_num_crop", "1")])
+                                   "--test_num_segment", "1", "--test_num_crop", "1", "--model_ema")])
     assert json.loads((ev / "test_results.json").read_text())["predictions"] == \
         json.loads((tmp_path / "test_results.json").read_text())["predictions"]
+    # with --model_ema, the folder's own EMA weights (DeepSpeed keeps them in its client state)
+    assert json.loads((ev / "test_results_ema.json").read_text())["predictions"] == \
+        json.loads((tmp_path / "test_results_ema.json").read_text())["predictions"]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,

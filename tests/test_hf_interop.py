@@ -379,4 +379,5 @@ def test_export_fails_when_transformers_disagrees(classifier_run, transformers, 
     assert export_hf.main([classifier_run[1], str(tmp_path / "out")]) == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]  # not HF's progress bar
     assert len(errors) == 1 and "parity check failed" in errors[0] and "not a faithful export" in errors[0], errors
+    assert not any((tmp_path / "out" / f).exists() for f in ("config.json", "model.safetensors"))  # nothing loadable
     assert export_hf.PARITY_TOL == 1e-3 and classifier_run[2].parity["relative"] < 1e-5  # the real export: far below

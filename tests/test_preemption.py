@@ -238,15 +238,18 @@ def test_slurm_launchers_requeue_a_run_that_stopped_on_a_signal(script, tmp_path
     """srun exiting with the preemption status makes the batch script requeue the job (real bash, fake srun)."""
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    (bindir / "srun").write_text(f"#!/bin/sh\nexit {PREEMPTED_EXIT_CODE}\n")
+    (bindir / "srun").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'srun_args.txt'}\n"
+                                 f"exit {PREEMPTED_EXIT_CODE}\n")
     (bindir / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.txt'}\n")
     for tool in ("srun", "scontrol"):
         (bindir / tool).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242",
-           "SLURM_SUBMIT_DIR": str(ROOT)}
+    env = {**{k: v for k, v in os.environ.items() if k != "SLURM_CPUS_PER_TASK"},
+           "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(ROOT)}
     res = subprocess.run(["bash", str(ROOT / script)], env=env, capture_output=True, text=True, timeout=60)
     assert res.returncode == PREEMPTED_EXIT_CODE, res.stderr
     assert (tmp_path / "scontrol.txt").read_text().split() == ["requeue", "4242"]
+    # no --cpus-per-task in the job: srun is not told one (it would pin every rank to a single core)
+    assert (tmp_path / "srun_args.txt").read_text().split()[0] == "python"
 
 
 @pytest.mark.parametrize("script", ["scripts/pretrain/slurm_k400_vitb_adamae_800e.sbatch",
@@ -307,3 +310,34 @@ def test_a_stop_between_epochs_under_deepspeed_saves_that_epoch_and_resumes_bit_
     assert "start_epoch 1" in resume_and_compare(finetune_cmd(data, cut) + extra, full, cut, env)
     assert (cut / "latest").read_text().strip() == "checkpoint-1"
     assert sorted(p.name for p in cut.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-best"]
+
+
+def test_a_run_saved_before_a_flag_existed_resumes_only_as_it_was_trained(data, tmp_path):
+    """Runs saved before --no_sampler_pos_weight_decay / --sampling_log_prob existed were trained with the position
+    table undecayed and log_softmax: auto-resume names both flags instead of switching recipe mid-run (or failing
+    in torch on the optimizer's groups); with them it resumes. An explicit --resume says why the optimizer does
+    not fit."""
+    import run_mae_pretraining
+
+    base = ["--data_path", str(data / "train.csv"), "--output_dir", str(tmp_path), "--model",
+            "pretrain_videomae_small_patch16_224", "--model_kwargs", TINY_MAE, "--decoder_depth", "1", "--num_frames",
+            "4", "--sampling_rate", "2", "--input_size", "32", "--batch_size", "8", "--mask_ratio", "0.75",
+            "--num_workers", "0", "--device", "cpu", "--vis_freq", "0"]
+    old = ["--no_sampler_pos_weight_decay", "--sampling_log_prob", "log_softmax"]
+    assert run_main(run_mae_pretraining, base + old + ["--epochs", "1"]).returncode == 0
+    ckpt_path = tmp_path / "checkpoint-0.pth"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    for key in ("no_sampler_pos_weight_decay", "sampling_log_prob"):  # as a run saved before they existed
+        del ckpt["args"][key]
+    torch.save(ckpt, ckpt_path)
+    torch.save(ckpt, tmp_path / "checkpoint-latest.pth")
+
+    res = run_main(run_mae_pretraining, base + ["--epochs", "1"])
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert "--no_sampler_pos_weight_decay: True -> False" in res.stderr
+    assert "--sampling_log_prob: 'log_softmax' -> 'categorical'" in res.stderr
+    res = run_main(run_mae_pretraining, base + ["--epochs", "1", "--resume", str(ckpt_path)])
+    assert res.returncode == 2 and "optimizer state does not fit" in res.stderr, res.stderr[-2000:]
+    assert "--no_sampler_pos_weight_decay" in res.stderr
+    res = run_main(run_mae_pretraining, base + old + ["--epochs", "1"])
+    assert res.returncode == 0 and "Resumed from" in res.stdout, res.stderr[-2000:]

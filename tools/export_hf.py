@@ -436,11 +436,13 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: b
         else:
             result.parity = _verify(str(out), arch, model, kind)
             if not result.parity["relative"] <= PARITY_TOL:  # NaN fails too
+                for name in files:  # nothing loadable is left behind
+                    (out / name).unlink(missing_ok=True)
                 raise ExportError(
                     f"parity check failed: transformers {transformers.__version__} loads {out} but its output "
                     f"differs from ours by {result.parity['relative']:.2e} of the output's scale (max abs diff "
                     f"{result.parity['max_abs_diff']:.2e}, allowed {PARITY_TOL:g}); the folder is not a faithful "
-                    f"export, do not use it")
+                    f"export; its files were removed")
             notes.append(f"Parity at export (fp32, CPU, one random clip): max abs diff "
                          f"{result.parity['max_abs_diff']:.2e}, max abs output {result.parity['max_abs']:.2e} "
                          f"(transformers {transformers.__version__}).")
