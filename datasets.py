@@ -105,7 +105,9 @@ def read_list_file(list_path: str, data_root: str = "", require_label: bool = Tr
             errors.append((line_no, str(e)))
             continue
         video_id = path if path not in seen else f"{path}#L{line_no}"
-        seen[path] = line_no
+        while video_id in seen:  # a listed path may itself read like a generated id: every id stays unique
+            video_id += "#"
+        seen[path] = seen[video_id] = line_no
         records.append(VideoRecord(path, _join_root(data_root, path), label, line_no, video_id))
     if not records and errors is None:
         raise ValueError(f"{list_path}: no videos listed")

@@ -13,6 +13,7 @@ name the others (``unevaluated``: ``[{path, line, reason}]``, once per video, un
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -151,6 +152,7 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, prec
             continue
         if bad:
             samples, target = samples[valid], target[valid]
+        device = _model_device(model, device)
         samples = samples.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, precision):
@@ -184,12 +186,20 @@ def evaluate(data_loader: Iterable, model: nn.Module, device: torch.device, prec
 # ----------------------------------------------------------------------------------------------------------------
 # Multi-view test
 # ----------------------------------------------------------------------------------------------------------------
+def _model_device(model: nn.Module, default: torch.device) -> torch.device:
+    """Where ``model``'s weights are (an EMA kept on the CPU with --model_ema_force_cpu), else ``default``."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else default
+
+
 def view_file(output_dir: str | os.PathLike, rank: int, suffix: str = "") -> Path:
     return Path(output_dir) / f"test_views{suffix}_rank{rank}.jsonl"
 
 
 def _format_probs(p: Sequence[float]) -> str:
-    return "[" + ",".join(f"{v:.6g}" for v in p) + "]"
+    """6 significant digits; a non-finite value (a diverged model) as ``NaN`` / ``Infinity``, which ``json.loads``
+    reads back (``f"{nan:.6g}"`` is ``nan``, which it does not)."""
+    return "[" + ",".join(f"{v:.6g}" if math.isfinite(v) else json.dumps(v) for v in p) + "]"
 
 
 @torch.no_grad()
@@ -210,6 +220,7 @@ def run_test_views(data_loader: Iterable, model: nn.Module, device: torch.device
             valid, bad = _batch_validity(batch, len(labels))
             probs: list[list[float] | None] = [None] * len(labels)
             if valid.any():
+                device = _model_device(model, device)
                 with autocast(device, precision):
                     out = model(samples[valid].to(device, non_blocking=True))
                 for j, p in zip(valid.nonzero().flatten().tolist(),
@@ -262,7 +273,7 @@ def merge_views(records: Iterable[Mapping[str, Any]], expected_views: int | None
             continue
         entry["views"][key] = np.asarray(r["probs"], dtype=np.float64)
     predictions: dict[str, dict[str, Any]] = {}
-    correct1 = correct5 = view_correct1 = view_correct5 = n_views = 0
+    correct1 = correct5 = view_correct1 = view_correct5 = n_views = nonfinite = 0
     missing: dict[str, int] = {}
     unevaluated = unique_unevaluated(e["failed"] for e in videos.values() if e["failed"] is not None)
     for vid in sorted(videos):
@@ -271,16 +282,22 @@ def merge_views(records: Iterable[Mapping[str, Any]], expected_views: int | None
             continue
         label = entry["label"]
         views = np.stack(list(entry["views"].values()))
+        finite = np.isfinite(views).all(axis=1)  # a view whose probabilities are NaN/inf predicts nothing
         view_top = np.argsort(-views, axis=1, kind="stable")[:, :5]
-        view_correct1 += int((view_top[:, 0] == label).sum())
-        view_correct5 += int((view_top == label).any(axis=1).sum())
+        view_correct1 += int(((view_top[:, 0] == label) & finite).sum())
+        view_correct5 += int(((view_top == label).any(axis=1) & finite).sum())
         n_views += len(views)
+        nonfinite += int((~finite).sum())
+        if expected_views is not None and len(views) < expected_views:
+            missing[vid] = len(views)
+        if not finite.all():  # the video's average is not finite: wrong, not silently class 0
+            predictions[vid] = {"label": label, "pred": None, "top5": [], "score": float("nan"),
+                                "num_views": len(views)}
+            continue
         mean = views.mean(axis=0)
         top5 = [int(c) for c in np.argsort(-mean, kind="stable")[:5]]
         correct1 += int(top5[0] == label)
         correct5 += int(label in top5)
-        if expected_views is not None and len(views) < expected_views:
-            missing[vid] = len(views)
         predictions[vid] = {"label": label, "pred": top5[0], "top5": top5, "score": float(mean[top5[0]]),
                             "num_views": len(views)}
     n = len(predictions)
@@ -292,6 +309,9 @@ def merge_views(records: Iterable[Mapping[str, Any]], expected_views: int | None
     if unevaluated:
         warnings.append(f"{len(unevaluated)} of {n + len(unevaluated)} videos are not in top-1/top-5: "
                         f"{describe_unevaluated(unevaluated)}")
+    if nonfinite:
+        warnings.append(f"{nonfinite} of {n_views} views have non-finite probabilities (a diverged model or an "
+                        f"fp16 overflow): their videos count as wrong")
     if missing:
         warnings.append(f"{len(missing)} of {n} videos have fewer than {expected_views} views (e.g. "
                         f"{next(iter(missing))}: {next(iter(missing.values()))}); their score averages fewer views")
@@ -306,6 +326,7 @@ def merge_views(records: Iterable[Mapping[str, Any]], expected_views: int | None
         "single_view_top5": pct(view_correct5, n_views),
         "expected_views_per_video": expected_views,
         "duplicates_removed": duplicates,
+        "non_finite_views": nonfinite,
         "videos_missing_views": missing,
         "warning": "; ".join(warnings) or None,
         "predictions": predictions,

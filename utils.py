@@ -13,7 +13,9 @@ import multiprocessing.util  # registers multiprocessing's exit handler before o
 import os
 import random
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, Union
 
@@ -57,7 +59,11 @@ def _kill_workers_left_at_exit() -> None:
 
     They are alive then only after a crash (the exception's traceback keeps the loader's iterator), and they ignore
     SIGTERM (``seed_worker``), so multiprocessing's own exit handler, which sends SIGTERM to daemonic children and
-    then joins them, would wait for them forever: the crashed program would hang instead of exiting."""
+    then joins them, would wait for them forever: the crashed program would hang instead of exiting. torch's SIGCHLD
+    handler is reset first: it would report each killed worker as a second, misleading error ("DataLoader worker
+    (pid N) is killed by signal"), possibly in the middle of this loop."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for p in multiprocessing.active_children():
         if p.daemon:
             p.kill()

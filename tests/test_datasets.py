@@ -345,3 +345,12 @@ def test_add_data_args_defaults_and_existing_flags():
     f = D.add_data_args(argparse.ArgumentParser()).parse_args([])
     assert f.num_sample == 2 and f.test_num_segment == 5 and f.test_num_crop == 3
     assert f.aa == "rand-m7-n4-mstd0.5-inc1" and f.reprob == 0.25
+
+
+def test_video_ids_stay_unique_when_a_path_reads_like_a_generated_id(tmp_path):
+    """A repeated path gets the id ``path#L<line>``; a listed path that is literally such a name must not merge
+    two videos into one in the multi-view test."""
+    lst = tmp_path / "l.csv"
+    lst.write_text("a.mp4 0\na.mp4#L3 0\na.mp4 0\n")
+    ids = [r.video_id for r in D.read_list_file(str(lst))]
+    assert len(set(ids)) == 3 and ids[0] == "a.mp4" and ids[1] == "a.mp4#L3", ids

@@ -39,6 +39,10 @@ def test_doctor_passes_here_with_real_clips_and_a_real_step(tmp_path):
 
 
 def test_one_backend_missing_is_a_warning_and_no_backend_a_failure(tmp_path):
+    res = run_doctor(tmp_path / "no_av", broken=("av",))  # decord alone: decoding untested, and it says so
+    assert res.returncode == 0 and status(res.stdout, "decoding") == "WARN", res.stdout
+    assert "not tested: writing the test clips needs PyAV" in res.stdout
+
     res = run_doctor(tmp_path / "one", broken=("decord",))
     assert res.returncode == 0, res.stdout + res.stderr
     assert status(res.stdout, "decord") == "WARN" and "decord is broken here" in res.stdout

@@ -230,3 +230,37 @@ def test_nb_classes_above_the_labels_present_prints_one_notice(broken_data, tmp_
         "Note: --nb_classes 6 but labels in train.csv only go up to 3 (4 classes present)"
     datasets.build_dataset(True, False, parse(["--data_path", broken_data["dir"], *common_args(tmp_path)]))
     assert "Note:" not in capsys.readouterr().out
+
+
+def test_a_view_with_non_finite_probabilities_is_wrong_not_class_0(tmp_path):
+    """A diverged model (or fp16 overflow) gives NaN probabilities: the view file stays readable JSON, and the video
+    counts as wrong and is named in a warning, instead of the merge crashing (and the other ranks hanging) or
+    argsort predicting class 0."""
+    import torch
+    from torch import nn
+
+    import evaluation
+
+    nan = float("nan")
+    recs = [{"video_id": "a", "segment": 0, "crop": 0, "label": 0, "probs": [nan, nan]},
+            {"video_id": "a", "segment": 0, "crop": 1, "label": 0, "probs": [0.9, 0.1]},
+            {"video_id": "b", "segment": 0, "crop": 0, "label": 1, "probs": [0.2, 0.8]}]
+    path = tmp_path / "views.jsonl"
+    path.write_text("".join(f'{{"video_id": "{r["video_id"]}", "segment": 0, "crop": {r["crop"]}, "label": '
+                            f'{r["label"]}, "probs": {evaluation._format_probs(r["probs"])}}}\n' for r in recs))
+    res = evaluation.merge_view_files([path])
+    assert res["num_videos"] == 2 and res["top1"] == 50.0 and res["non_finite_views"] == 1
+    assert res["predictions"]["a"]["pred"] is None and "non-finite" in res["warning"]
+    assert res["single_view_top1"] == pytest.approx(200 / 3)  # the NaN view is not a correct class-0 guess
+
+    class OnCPU(nn.Module):  # an EMA kept on the CPU (--model_ema_force_cpu) while the run's device is elsewhere
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    loader = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
+    stats = evaluation.evaluate(loader, OnCPU(), torch.device("meta"), "fp32")  # inputs follow the model
+    assert stats["num_clips"] == 4 and math.isfinite(stats["loss"])

@@ -161,3 +161,4 @@ def test_a_crash_with_loader_workers_alive_exits(synthetic_dir, tmp_path):
                    subprocess_=True)  # 300 s timeout: a hang fails the test
     assert res.returncode == 1 and "IsADirectoryError" in res.stderr, res.stderr[-3000:]
     assert "Epoch: [0] Total time" in res.stdout
+    assert "is killed by signal" not in res.stderr  # no second, misleading error from the workers' clean-up

@@ -257,6 +257,9 @@ def run_checks() -> list[Result]:
     steps: list[tuple[str, Callable[[], list[Result]]]] = [("torch", check_torch)]
     if "pyav" in backends:  # writing the test clips needs PyAV
         steps.append(("decoding", lambda: check_decoding(backends)))
+    elif backends:
+        results.append(Result("warn", "decoding", f"not tested: writing the test clips needs PyAV "
+                              f"({', '.join(backends)} is not checked)", "pip install av"))
     steps += [("training step", check_training_step), ("limits", lambda: check_limits(default_workers()))]
     for name, step in steps:
         try:
