@@ -23,7 +23,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.utils import accuracy
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
@@ -80,10 +79,13 @@ def progress(loader: Iterable, desc: str) -> Iterator:
 
 
 def _topk_correct(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Numbers of top-1 and top-5 hits (counts, so that shards of any size reduce exactly)."""
-    n = target.numel()
-    acc1, acc5 = accuracy(logits, target, topk=(1, 5))  # percent of the batch; top-5 is clamped to the classes
-    return (acc1 * n / 100).round(), (acc5 * n / 100).round()
+    """Numbers of top-1 and top-5 hits (counts, so that shards of any size reduce exactly; top-5 is clamped to the
+    classes). A clip whose logits are not finite is a miss: ``topk`` would rank NaN first and could score it a hit
+    (timm's ``accuracy`` does), as the multi-view merge counts such views wrong."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    hit = top == target.view(-1, 1)
+    ok = torch.isfinite(logits).all(dim=-1)
+    return (hit[:, 0] & ok).sum(), (hit.any(dim=-1) & ok).sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -264,3 +264,8 @@ def test_a_view_with_non_finite_probabilities_is_wrong_not_class_0(tmp_path):
     loader = [(torch.randn(4, 3), torch.tensor([0, 1, 0, 1]))]
     stats = evaluation.evaluate(loader, OnCPU(), torch.device("meta"), "fp32")  # inputs follow the model
     assert stats["num_clips"] == 4 and math.isfinite(stats["loss"])
+
+    # validation: a clip with NaN logits is a miss (topk ranks NaN first, so it was a hit for class 0)
+    logits = torch.tensor([[nan, nan, nan], [0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    c1, c5 = evaluation._topk_correct(logits, torch.tensor([0, 1, 1, 2]))
+    assert (int(c1), int(c5)) == (2, 3)  # top-5 is clamped to the 3 classes: all finite rows hit
