@@ -200,9 +200,10 @@ def _restore(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, model
             try:
                 optimizer.load_state_dict(ckpt["optimizer"])
             except ValueError as e:  # torch: "... parameter group that doesn't match the size of optimizer's group"
-                raise CheckpointError(
-                    f"{path}: its optimizer state does not fit this run's parameter groups ({e}); the weight-decay "
-                    f"groups differ (e.g. --no_sampler_pos_weight_decay, which runs saved before it had on)") from None
+                hint = ("--no_sampler_pos_weight_decay, which runs saved before it existed had on"
+                        if "no_sampler_pos_weight_decay" in vars(args) else "--layer_decay, --weight_decay, the model")
+                raise CheckpointError(f"{path}: its optimizer state does not fit this run's parameter groups ({e}); "
+                                      f"the groups differ (e.g. {hint})") from None
         if loss_scaler is not None and ckpt.get("scaler") is not None:
             loss_scaler.load_state_dict(ckpt["scaler"])
         info.epoch = int(ckpt["epoch"])

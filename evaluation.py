@@ -333,8 +333,8 @@ def merge_views(records: Iterable[Mapping[str, Any]], expected_views: int | None
         "warning": "; ".join(warnings) or None,
         "predictions": predictions,
     }
-    if missing:
-        print(f"WARNING: {warnings[-1]}")
+    for w in warnings[1 if unevaluated else 0:]:  # the unevaluated videos are printed by the caller
+        print(f"WARNING: {w}")
     return result
 
 

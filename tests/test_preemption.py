@@ -341,3 +341,13 @@ def test_a_run_saved_before_a_flag_existed_resumes_only_as_it_was_trained(data, 
     assert "--no_sampler_pos_weight_decay" in res.stderr
     res = run_main(run_mae_pretraining, base + old + ["--epochs", "1"])
     assert res.returncode == 0 and "Resumed from" in res.stdout, res.stderr[-2000:]
+
+
+def test_runs_without_a_sampler_resume_whatever_the_sampler_flags_added_later(tmp_path):
+    """The flags added later concern the adaptive sampler only: an older tube-mask run is not refused for them."""
+    from resume import run_config_changes
+
+    current = {"mask_type": "tube", "no_sampler_pos_weight_decay": False, "sampling_log_prob": "categorical"}
+    assert run_config_changes({"mask_type": "tube"}, current) == []
+    assert [c[0] for c in run_config_changes({"mask_type": "adaptive"}, {**current, "mask_type": "adaptive"})] == \
+        ["no_sampler_pos_weight_decay", "sampling_log_prob"]

@@ -202,9 +202,9 @@ def read_class_names(path: str) -> list[str]:
 PREPROCESSOR_NOTE = (
     "`preprocessor_config.json` is this project's evaluation transform (bilinear short-side resize with the long "
     "side truncated to int(size * long / short), centre crop, /255, ImageNet mean/std) except for one pixel: "
-    "along the long side transformers' centre crop starts at floor((long - crop) / 2), while ours, like VideoMAE's "
-    "validation `CenterCrop`, rounds (long - crop) / 2 half to even. When long - crop is 3 mod 4 (e.g. 3, 7) HF's "
-    "crop sits 1 px earlier; otherwise the pixels are the same.")
+    "on each side transformers' centre crop starts at floor((side - crop) / 2), while ours, like VideoMAE's "
+    "validation `CenterCrop`, rounds (side - crop) / 2 half to even. Along a side where side - crop is 3 mod 4 "
+    "(e.g. 3, 7) HF's crop sits 1 px earlier; otherwise the pixels are the same.")
 
 
 def preprocessor_config(model_frames: int, crop: int, short_side: int) -> dict[str, Any]:
