@@ -13,7 +13,8 @@ They read a :class:`datasets.VideoList` (``datasets.build_*`` make both from the
     - ``mode='validation'``: ``(clip, label, video_id, info)``, the centre clip and centre crop (deterministic).
     - ``mode='test'``: ``(clip, label, video_id, segment_idx, crop_idx, info)``; the dataset has
       ``len(list) * test_num_segment * test_num_crop`` items, ordered video-major, for merging per video.
-  ``video_id`` is the path as written in the list (made unique with ``#L<line>`` if a path repeats). ``info`` is
+  ``video_id`` is the path as written in the list, made unique (``#L<line>``, then ``#`` as needed) when it was
+  already used (``datasets.read_list_file``). ``info`` is
   ``{"valid": bool, "path": path as written, "line": list line, "reason": "" or why it could not be decoded}``.
 
 Broken videos (missing / undecodable / truncated / too short): during training they are logged once per path,
