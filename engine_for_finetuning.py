@@ -2,7 +2,6 @@
 and the DeepSpeed engine's own backward / step. Validation and the multi-view test are in ``evaluation``."""
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -32,7 +31,6 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
     """
     run = TrainEpoch(model, data_loader, optim, args, epoch, device, first_step=first_step, meters=meters, stop=stop)
     optimizer, accum = optim.optimizer, args.accum_iter
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     ds_dtype = _deepspeed_input_dtype(model) if deepspeed_engine else None
     ema_target = unwrap_model(model)
 
@@ -52,8 +50,7 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
             model.step()
             grad_norm = _deepspeed_grad_norm(model) if update else None
         else:
-            sync = model.no_sync() if (is_ddp and not update) else contextlib.nullcontext()
-            with sync:
+            with run.grad_sync(update):
                 with autocast(device, args.precision):
                     output = model(samples)
                 loss = criterion(output.float(), targets)

@@ -5,7 +5,6 @@ Nothing here reads a tensor back to the host except on logging steps, so GPU ste
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Iterable
 
 import torch
@@ -67,14 +66,12 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
     patch, tubelet = unwrapped.patch_size, unwrapped.tubelet_size
     sampler_params = unwrapped.sampler_parameters()
 
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     optimizer.zero_grad(set_to_none=True)
     for it, step, global_step, update, videos in run:
         videos = clips_to_device(videos, device)
         noise = mask_noise(args.seed, run.start_step * accum + it, videos.shape[0], unwrapped.num_patches, device,
                            args.num_sample)
-        # DDP all-reduces the gradients only on a step's last batch (the others accumulate locally): same result
-        with model.no_sync() if (is_ddp and not update) else contextlib.nullcontext():
+        with run.grad_sync(update):
             with autocast(device, args.precision):
                 out = pretrain_losses(model, videos, patch, tubelet, args.normalize_target, args.loss_type,
                                       args.sampling_loss_weight, noise, args.sampling_log_prob)

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Mapping, Sequence
 from torch.utils.data import DistributedSampler
 
 from cli import UserError
+from masking_generator import canonical_mask_type
 
 # Flags that do not change what is computed: they may differ between the interrupted run and its resumption.
 # Everything else defines the run. batch_size / accum_iter / world_size are compared as their product.
@@ -40,7 +41,6 @@ PATH_FLAGS = frozenset({"data_path", "train_list", "finetune", "data_root"})
 # current value with it, so an older run does not change recipe silently mid-way (or fail deep in torch). Both
 # concern the adaptive sampler: runs with another mask (no sampler) are unaffected by them.
 FLAGS_ADDED = {"no_sampler_pos_weight_decay": True, "sampling_log_prob": "log_softmax"}
-SAMPLER_MASKS = ("adaptive", "learnable")
 FLAG_NAMES = {"base_lr": "lr", "base_min_lr": "min_lr", "base_warmup_lr": "warmup_lr"}  # saved value -> its flag
 # Values the programs derive and save with the flags (args.json, checkpoints), named in messages by what they are.
 DERIVED = {"train_data_sha256": "training examples (sha256 of the list's paths and labels, in order)"}
@@ -85,7 +85,7 @@ def run_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     the same list moved elsewhere may resume, one edited in place may not.
     """
     changes = []
-    if saved.get("mask_type", "adaptive") in SAMPLER_MASKS:
+    if canonical_mask_type(saved.get("mask_type") or "adaptive") == "adaptive":
         saved = {**{k: v for k, v in FLAGS_ADDED.items() if k in current}, **saved}
     by_content = all(m.get("train_data_sha256") for m in (saved, current))
     for key in sorted(set(saved) & set(current)):

@@ -9,6 +9,7 @@ stop on a signal with a resumable checkpoint and exit 75).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -152,7 +153,7 @@ class TrainEpoch:
                  meters: metric_logging.MetricLogger | None = None, stop: GracefulStop | None = None,
                  lr_keys: Sequence[str] = ("lr", "min_lr", "weight_decay")) -> None:
         model.train()
-        self.loader, self.optim, self.stop = loader, optim, stop
+        self.model, self.loader, self.optim, self.stop = model, loader, optim, stop
         self.accum, self.print_freq, self.seed = args.accum_iter, args.print_freq, args.seed
         self.steps_per_epoch = args.num_training_steps_per_epoch
         self.start_step = epoch * self.steps_per_epoch
@@ -205,6 +206,13 @@ class TrainEpoch:
         if it % self.print_freq == 0:
             self.watch.check()
         return lr_stats
+
+    def grad_sync(self, update: bool) -> contextlib.AbstractContextManager:
+        """Around a batch's forward and backward: DDP all-reduces the gradients only on an optimizer step's last
+        batch (``update``); the others accumulate locally, with the same result."""
+        if update or not isinstance(self.model, nn.parallel.DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
     def step_average(self) -> dict[str, Any]:
         """The current optimizer step's ``record``ed values averaged over its ``--update_freq`` batches (on this

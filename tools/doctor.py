@@ -52,13 +52,18 @@ def requirements() -> dict[str, str]:
 LOCK = ROOT / "requirements-lock.txt"
 
 
+def _dist_name(name: str) -> str:
+    """A distribution's name as pip compares them (case, ``-``, ``_`` and ``.`` alike)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def lock_pins(path: Path = LOCK) -> dict[str, str]:
     """``{package: version}`` pinned in a lock file (``name==version`` lines; names normalised as pip does)."""
     pins = {}
     for line in path.read_text().splitlines():
         m = re.match(r"^([A-Za-z0-9_.-]+)==([^\s;#]+)", line.strip())
         if m:
-            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+            pins[_dist_name(m.group(1))] = m.group(2)
     return pins
 
 
@@ -72,8 +77,8 @@ def check_lock(path: Path = LOCK) -> Result:
         return Result("info", "lock", f"{path.name} not found")
     pins = lock_pins(path)
     differ = []
-    for name in [*requirements(), *OPTIONAL]:
-        key = re.sub(r"[-_.]+", "-", name).lower()
+    for name in dict.fromkeys([*requirements(), *OPTIONAL]):  # av and decord are in both
+        key = _dist_name(name)
         try:
             version = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
