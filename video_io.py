@@ -34,6 +34,7 @@ from typing import Sequence, Tuple
 import numpy as np
 
 from pyav_rgb import frame_to_rgb
+from video_metadata import declared_frames, declared_frames_in_file, frames_span
 
 BACKENDS = ("auto", "decord", "pyav")
 # Every program's --video_backend default (training, checker, visualisation): check with what you train with.
@@ -114,14 +115,7 @@ class _DecordReader:
             t = [self._vr.get_frame_timestamp(i)[0] for i in (0, max(n - 2, 0), n - 1)]
         except Exception:
             return n
-        span = frames_span(*t) if n > 1 else (1.0 / self.fps() if self.fps() else 0.0)
-        import av
-
-        try:
-            with av.open(self.path) as c:
-                return declared_frames(c, c.streams.video[0], n, span)
-        except Exception:  # unreadable header: the decode itself reports it
-            return n
+        return declared_frames_in_file(self.path, n, frames_span(*t, n, self.fps()))
 
     def close(self) -> None:
         self._vr = None
@@ -220,10 +214,7 @@ class _PyAVReader:
 
     def declared_frames(self) -> int:
         p, tb = self._pts, self._stream.time_base
-        if len(p) > 1:
-            span = frames_span(*(float(x * tb) for x in (p[0], p[-2], p[-1])))
-        else:
-            span = 1.0 / self.fps() if self.fps() else 0.0
+        span = frames_span(*(float(x * tb) for x in (p[0], p[max(len(p) - 2, 0)], p[-1])), len(p), self.fps())
         return declared_frames(self._container, self._stream, len(p), span)
 
     def _seek(self, frame_idx: int) -> None:
@@ -428,7 +419,7 @@ class VideoReader:
         return self._impl.get_batch(indices, region)
 
     def declared_frames(self) -> int:
-        """Frames the container declares (``video_io.declared_frames``): ``len(r)`` unless the indexed frames end
+        """Frames the container declares (``video_metadata.declared_frames``): ``len(r)`` unless the indexed frames end
         clearly before the declared duration, i.e. the file was cut short (a frame folder declares nothing)."""
         return self._impl.declared_frames() if self.backend != "frames" else len(self)
 
@@ -457,68 +448,3 @@ def read_frames(path: str, indices: Sequence[int], backend: str = DEFAULT_BACKEN
     """Decode only the frames at ``indices``: ``uint8 [len(indices), H, W, 3]`` RGB."""
     with open_video(path, backend) as r:
         return r.get_batch(indices)
-
-
-def display_rotation(path: str) -> int:
-    """Degrees (counter-clockwise, in (-180, 180], as ffprobe reports them) a player would rotate ``path``'s frames
-    by (a phone video's display matrix); 0 if none or unknown.
-
-    Neither backend applies it: frames come out as stored, so such a video trains sideways; the checker warns.
-    Read from the first decoded frame (``VideoFrame.rotation``, feature-detected), else the old ``rotate`` tag."""
-    if os.path.isdir(path):
-        return 0
-    try:
-        import av
-
-        with av.open(path) as c:
-            s = c.streams.video[0]
-            frame = next(c.decode(s), None)
-            rot = getattr(frame, "rotation", None)
-            if rot is None:
-                rot = int(float(s.metadata.get("rotate", 0)))
-            rot = int(round(rot)) % 360
-            return rot - 360 if rot > 180 else rot
-    except Exception:  # no PyAV, or unreadable: decoding reports the file itself
-        return 0
-
-
-def declared_seconds(container, stream) -> float | None:
-    """Seconds of video the container declares for ``stream``, without decoding, or None if it declares none.
-
-    The stream's own duration (mp4: its edit list's length), else Matroska's per-track ``DURATION`` tag, else the
-    file's duration only when the video is the file's only stream (an audio track may be longer)."""
-    if stream.duration is not None and stream.time_base:
-        return float(stream.duration * stream.time_base)
-    tag = stream.metadata.get("DURATION")
-    if tag:  # "HH:MM:SS.nnnnnnnnn"
-        try:
-            h, m, sec = tag.split(":")
-            return int(h) * 3600 + int(m) * 60 + float(sec)
-        except ValueError:
-            pass
-    if container.duration and len(container.streams) == 1:
-        return container.duration / 1e6
-    return None
-
-
-def frames_span(first: float, before_last: float, last: float) -> float:
-    """Seconds covered by frames presented at ``first`` ... ``before_last``, ``last`` (sorted): up to the end of
-    the last one, whose duration is taken as the last gap (right for variable frame rates too)."""
-    return last - first + max(last - before_last, 0.0)
-
-
-def declared_frames(container, stream, n: int, span: float) -> int:
-    """Frames an open PyAV ``container`` declares for its video ``stream`` of which ``n`` frames covering ``span``
-    seconds (``frames_span``) were indexed or decoded: ``n`` when they reach the declared duration, else the
-    count at their own average rate.
-
-    Times, not counts: a demuxer indexes only the packets it finds, so a file cut short whose header keeps the full
-    duration (e.g. a .webm) opens as a shorter, valid video; but the count a duration implies at the *average*
-    rate is wrong for variable-frame-rate files, and an mp4's sample count includes edit-list-discarded frames.
-    Slack: two frames or 2 % of the duration, for rounding and muxers' last-frame durations."""
-    declared = declared_seconds(container, stream)
-    if not declared or n <= 0 or span <= 0:
-        return n
-    if span >= declared - max(2 * span / n, 0.02 * declared):
-        return n
-    return max(n + 1, round(declared * n / span))

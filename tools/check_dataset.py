@@ -26,7 +26,8 @@ from concurrent.futures import ProcessPoolExecutor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import DATA_SETS, VideoList, class_count, read_list_file  # noqa: E402
-from video_io import BACKENDS, DEFAULT_BACKEND, VideoDecodeError, display_rotation, open_video  # noqa: E402
+from video_io import BACKENDS, DEFAULT_BACKEND, VideoDecodeError, open_video  # noqa: E402
+from video_metadata import display_rotation  # noqa: E402
 
 FULL_CHUNK = 32  # --full decodes this many frames per call: bounded memory for long videos
 SHOWN_BAD = 20  # bad lines printed on the terminal (all of them go to the report)

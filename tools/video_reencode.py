@@ -12,7 +12,8 @@ import shutil
 from fractions import Fraction
 from typing import Tuple
 
-from video_io import declared_frames, frames_span, open_video
+from video_io import open_video
+from video_metadata import declared_frames, frames_span
 
 
 def output_size(width: int, height: int, short_side: int) -> Tuple[int, int]:
@@ -58,7 +59,7 @@ def _source_frames(src: str):
                     from None
             if n == 0:
                 raise ValueError("undecodable: no frames")
-            expected = declared_frames(inp, ist, n, frames_span(*times) if n > 1 else 1.0 / float(rate))
+            expected = declared_frames(inp, ist, n, frames_span(*times, n, float(rate)))
         if expected > n:
             raise ValueError(f"truncated: {n} frames decodable of {expected} listed")
 
