@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import export_hf  # noqa: E402
+import hf_model_card  # noqa: E402
 import hf_interop  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_mae_pretraining  # noqa: E402
@@ -145,7 +146,7 @@ def test_preprocessor_config_is_our_eval_transform(classifier_run, transformers,
     """Same resize (long side int(32 * width / 40) in both), mean/std and crop as our EvalTransform: pixels agree to
     float rounding when long - crop is even (48 -> 38: 6) or 1 mod 4 (42 -> 33: 1). At 3 mod 4 (44 -> 35: 3) HF's
     centre crop floors 1.5 to 1 where ours, like VideoMAE's CenterCrop, rounds it to 2: the same pixels one column
-    apart (export_hf.PREPROCESSOR_NOTE, also in the model card)."""
+    apart (hf_model_card.PREPROCESSOR_NOTE, also in the model card)."""
     from video_transforms import EvalTransform
     proc = transformers.VideoMAEImageProcessor.from_pretrained(classifier_run[2].out_dir)
     gen = torch.Generator().manual_seed(3)
@@ -158,7 +159,7 @@ def test_preprocessor_config_is_our_eval_transform(classifier_run, transformers,
     diff = float((ours - theirs).abs().max())
     print(f"\npreprocessor, 40x{width} frames: max |ours - HF| {diff:.2e} (normalised units)")
     assert diff < 1e-4
-    assert export_hf.PREPROCESSOR_NOTE in (Path(classifier_run[2].out_dir) / "README.md").read_text()
+    assert hf_model_card.PREPROCESSOR_NOTE in (Path(classifier_run[2].out_dir) / "README.md").read_text()
 
 
 @pytest.mark.parametrize("pooling", ["cls"])
