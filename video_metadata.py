@@ -22,8 +22,8 @@ def display_rotation(path: str) -> int:
             s = c.streams.video[0]
             frame = next(c.decode(s), None)
             rot = getattr(frame, "rotation", None)
-            if rot is None:
-                rot = int(float(s.metadata.get("rotate", 0)))
+            if rot is None:  # FFmpeg < 5's tag is the clockwise angle ("rotate: 90" = display matrix -90)
+                rot = -int(float(s.metadata.get("rotate", 0)))
             rot = int(round(rot)) % 360
             return rot - 360 if rot > 180 else rot
     except Exception:  # no PyAV, or unreadable: decoding reports the file itself
