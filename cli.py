@@ -19,18 +19,18 @@ def has_option(parser: argparse.ArgumentParser, option: str) -> bool:
     return option in parser._option_string_actions  # noqa: SLF001 - argparse has no public lookup
 
 
-def at_least(low: float, kind: type = int) -> Callable[[str], Any]:
-    """argparse ``type=`` for a count or size: a ``kind`` number ``>= low``; anything else is argparse's one-line
-    error naming the flag, exit 2 (0 batches per step or a frame stride of 0 would crash or silently train on
-    one repeated frame)."""
+def at_least(low: float, kind: type = int, strict: bool = False) -> Callable[[str], Any]:
+    """argparse ``type=`` for a count or size: a ``kind`` number ``>= low`` (``> low`` when ``strict``); anything
+    else, NaN included, is argparse's one-line error naming the flag, exit 2 (0 batches per step or a frame stride
+    of 0 would crash or silently train on one repeated frame)."""
     def parse(text: str) -> Any:
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
                                              f"{text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        if not (value > low if strict else value >= low):  # NaN fails both
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
         return value
 
     parse.__name__ = kind.__name__

@@ -217,8 +217,11 @@ def class_count(data_set: str, nb_classes: int | None) -> int:
     return known
 
 
-def _flip(args: argparse.Namespace) -> bool:
-    """Horizontal flips: on unless ``--no_flip``, never for SSV2 (its labels say left from right)."""
+def _flip(args: argparse.Namespace, pretrain: bool) -> bool:
+    """Horizontal flips. Pre-training: only with ``--flip`` (VideoMAE and AdaMAE flip nothing; no labels, so any
+    set). Fine-tuning: on unless ``--no_flip``, never for SSV2 (its labels say left from right)."""
+    if pretrain:
+        return args.flip
     return args.data_set != "SSV2" and not args.no_flip
 
 
@@ -231,8 +234,9 @@ def build_pretraining_dataset(args: argparse.Namespace) -> PretrainVideoDataset:
         path = os.path.join(path, "train.csv")
     ds = PretrainVideoDataset(
         VideoList(path, args.data_root, require_label=False), num_frames=args.num_frames,
-        sampling_rate=args.sampling_rate, input_size=args.input_size, flip=_flip(args), num_sample=args.num_sample,
-        video_backend=args.video_backend, max_retries=args.max_retries, max_broken_ratio=args.max_broken_ratio)
+        sampling_rate=args.sampling_rate, input_size=args.input_size, flip=_flip(args, pretrain=True),
+        num_sample=args.num_sample, video_backend=args.video_backend, max_retries=args.max_retries,
+        max_broken_ratio=args.max_broken_ratio)
     ds.seed = args.seed
     return ds
 
@@ -291,7 +295,7 @@ def build_dataset(is_train: bool, test_mode: bool, args: argparse.Namespace) -> 
         short_side_size=args.short_side_size, test_num_segment=args.test_num_segment,
         test_num_crop=args.test_num_crop, video_backend=args.video_backend, aa=args.aa,
         train_interpolation=args.train_interpolation, reprob=args.reprob, remode=args.remode, recount=args.recount,
-        flip=_flip(args), num_sample=args.num_sample, max_retries=args.max_retries,
+        flip=_flip(args, pretrain=False), num_sample=args.num_sample, max_retries=args.max_retries,
         max_broken_ratio=args.max_broken_ratio)
     ds.seed = args.seed  # augmentation from (seed, epoch, index): exact resume, any worker count
     if is_train:
@@ -336,7 +340,11 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
         add("--reprob", default=0.25, type=float, help="random erasing probability (tube)")
         add("--remode", default="pixel", type=str, help="random erasing fill mode (timm)")
         add("--recount", default=1, type=int, help="random erasing count (timm)")
-    add("--no_flip", action="store_true", default=False, help="disable horizontal flip (always off for SSV2)")
+    if pretrain:
+        add("--flip", action="store_true", default=False,
+            help="horizontal flips with p=0.5 (VideoMAE and AdaMAE pre-train without; labels are unused, so any set)")
+    else:
+        add("--no_flip", action="store_true", default=False, help="disable horizontal flip (always off for SSV2)")
     add("--video_backend", default=DEFAULT_BACKEND, choices=list(BACKENDS), type=str,
         help="auto: PyAV when installed (exact frames, decodes only the crop region), else decord")
     add("--num_workers", default=10, type=at_least(0), help="DataLoader worker processes per training process")

@@ -375,7 +375,7 @@ def mask_grid(clips: Sequence[dict[str, Any]], frame: int | None = None, min_siz
 
 def log_mask_images(log_writer: Any, model: nn.Module, videos: torch.Tensor, step: int, tag: str = "vis/masks",
                     normalize_target: bool = True, seed: int = 0, max_clips: int = 4, frame: int | None = None,
-                    min_size: int = 96) -> np.ndarray | None:
+                    min_size: int = 96, loss_type: str = "mse") -> np.ndarray | None:
     """Log the Video | Prediction | Error | CAT | Mask grid of the first ``max_clips`` of ``videos`` (a fixed
     ImageNet-normalised batch ``[B, 3, T, H, W]``) as one image at ``step``, so TensorBoard's step slider shows the
     sampler's mask evolving over pre-training.
@@ -385,11 +385,11 @@ def log_mask_images(log_writer: Any, model: nn.Module, videos: torch.Tensor, ste
     on rank 0 only is safe), in eval mode and without gradients, and every submodule's train/eval flag is
     restored. The mask is drawn from ``seed`` with a private generator, so the training RNG stream is unchanged
     and the same clips get comparable masks at every call. Returns the ``[H, W, 3]`` uint8 image (None when
-    nothing was logged).
+    nothing was logged). ``loss_type`` scores the Error panel as training does.
     """
     if log_writer is None or getattr(log_writer, "writer", True) is None:
         return None
-    clips = panel_images(model, videos[:max_clips], normalize_target=normalize_target, seed=seed)
+    clips = panel_images(model, videos[:max_clips], normalize_target=normalize_target, seed=seed, loss_type=loss_type)
     img = mask_grid(clips, frame, min_size)
     log_writer.add_images(tag, img[None], step, dataformats="NHWC")
     return img

@@ -195,6 +195,9 @@ class PretrainVisionTransformer(nn.Module):
             num_visible = int((~mask[0]).sum())  # a host sync, only for caller-supplied masks
             if bool(((~mask).sum(1) != num_visible).any()):
                 raise ValueError("every sample's mask must have the same number of visible tokens")
+            if not 0 < num_visible < n:  # the encoder needs a token, the decoder a token to predict
+                raise ValueError(f"a mask must leave between 1 and {n - 1} of the {n} tokens visible, not "
+                                 f"{num_visible}")
         order = masked_indices(~mask, n)  # visible tokens first, then masked ones, each ascending
         visible_idx, masked_idx = order[:, :num_visible], order[:, num_visible:]
 

@@ -27,8 +27,8 @@ from masking_generator import canonical_mask_type
 # Everything else defines the run. batch_size / accum_iter / world_size are compared as their product.
 HARMLESS_FLAGS = frozenset({
     "print_freq", "num_workers", "worker_start_method", "prefetch_factor", "pin_mem", "output_dir", "log_dir", "resume",
-    "auto_resume", "start_epoch", "save_ckpt_freq", "save_ckpt", "vis_freq", "vis_num_clips", "dist_url",
-    "dist_timeout", "dist_on_itp", "local_rank", "rank", "gpu", "distributed", "dist_backend", "world_size",
+    "softmax_temp", "auto_resume", "start_epoch", "save_ckpt_freq", "save_ckpt", "vis_freq", "vis_num_clips",
+    "dist_url", "dist_timeout", "dist_on_itp", "local_rank", "rank", "gpu", "distributed", "dist_backend", "world_size",
     "batch_size", "accum_iter", "video_backend", "clip_dtype", "compile", "use_checkpoint", "max_retries",
     "max_broken_ratio", "device", "debug", "stall_minutes", "eval", "dist_eval", "disable_eval_during_finetuning",
     "skip_final_test", "model_ema_force_cpu", "val_list", "test_list", "test_num_segment", "test_num_crop",
@@ -39,7 +39,8 @@ HARMLESS_FLAGS = frozenset({
 PATH_FLAGS = frozenset({"data_path", "train_list", "finetune", "data_root"})
 # Run-defining flags added after runs were saved without them: the behaviour those runs had. A resume compares the
 # current value with it, so an older run does not change recipe silently mid-way (or fail deep in torch). Both
-# concern the adaptive sampler: runs with another mask (no sampler) are unaffected by them.
+# concern the adaptive sampler: runs with another mask (no sampler) are unaffected by them. Pre-training's --flip
+# replaced --no_flip (pre-training used to flip): see _with_added_flags.
 FLAGS_ADDED = {"no_sampler_pos_weight_decay": True, "sampling_log_prob": "log_softmax"}
 FLAG_NAMES = {"base_lr": "lr", "base_min_lr": "min_lr", "base_warmup_lr": "warmup_lr"}  # saved value -> its flag
 # Values the programs derive and save with the flags (args.json, checkpoints), named in messages by what they are.
@@ -78,6 +79,16 @@ def _norm(v: Any) -> Any:
     return json.dumps(v, sort_keys=True, default=str) if isinstance(v, (list, tuple, dict)) else v
 
 
+def _with_added_flags(saved: Mapping[str, Any], current: Mapping[str, Any]) -> dict[str, Any]:
+    """``saved`` with each flag added since it was saved set to the behaviour that run had (``FLAGS_ADDED``)."""
+    added: dict[str, Any] = {}
+    if canonical_mask_type(saved.get("mask_type") or "adaptive") == "adaptive":
+        added.update({k: v for k, v in FLAGS_ADDED.items() if k in current})
+    if "flip" in current and "flip" not in saved and "no_flip" in saved:  # pre-training flipped before --flip existed
+        added["flip"] = not saved["no_flip"] and saved.get("data_set") != "SSV2"
+    return {**added, **saved}
+
+
 def run_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """``(flag, old, new)`` for every run-defining flag that differs; flags unknown to either side are skipped.
 
@@ -85,8 +96,7 @@ def run_config_changes(saved: Mapping[str, Any], current: Mapping[str, Any]) -> 
     the same list moved elsewhere may resume, one edited in place may not.
     """
     changes = []
-    if canonical_mask_type(saved.get("mask_type") or "adaptive") == "adaptive":
-        saved = {**{k: v for k, v in FLAGS_ADDED.items() if k in current}, **saved}
+    saved = _with_added_flags(saved, current)
     by_content = all(m.get("train_data_sha256") for m in (saved, current))
     for key in sorted(set(saved) & set(current)):
         if key in HARMLESS_FLAGS or key.startswith("_"):

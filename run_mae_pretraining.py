@@ -55,8 +55,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--mask_ratio", default=0.95, type=float, help="fraction of tokens masked (AdaMAE: 0.95)")
     g.add_argument("--sampling_loss_weight", "--sampler_loss_weight", default=1e-4, type=float,
                    help="weight of the sampling (REINFORCE) loss; 1e-4 as in AdaMAE")
-    g.add_argument("--sampler_temperature", "--softmax_temp", default=1.0, type=float,
-                   help="divides the sampler's logits (AdaMAE's --softmax_temp was never applied: 1.0 is faithful)")
+    g.add_argument("--sampler_temperature", default=1.0, type=at_least(0.0, float, strict=True),
+                   help="divides the sampler's logits (> 0; AdaMAE applies none: 1.0 is faithful)")
+    g.add_argument("--softmax_temp", default=None, type=float,
+                   help="accepted for AdaMAE command lines and ignored, as AdaMAE ignores it (its parser default "
+                        "1e-2 is never applied); --sampler_temperature is the temperature")
     g.add_argument("--sampler_type", default="mha", choices=["mha", "mlp"],
                    help="token sampler body: mha (AdaMAE) or mlp (ablation f)")
     g.add_argument("--sampler_depth", default=1, type=at_least(0), help="token sampler blocks (ablation f)")
@@ -94,6 +97,9 @@ def no_weight_decay_names(args: argparse.Namespace, model: Any) -> set[str]:
 def main(args: argparse.Namespace) -> dict:
     device = training.setup_run(args)
     print(f"job dir: {os.path.dirname(os.path.abspath(__file__))}")
+    if args.softmax_temp is not None:
+        print(f"Note: --softmax_temp {args.softmax_temp} is ignored, as in AdaMAE (which never applies it); the "
+              f"sampler's temperature is --sampler_temperature ({args.sampler_temperature})")
     data = training.build_train_loader(build_pretraining_dataset(args), args, device, multiple_samples_collate)
     model = create_pretrain_model(args).to(device)
     model_without_ddp = model
@@ -130,7 +136,8 @@ def main(args: argparse.Namespace) -> dict:
             first_clips = clips_to_device(vis_clips, device)[::args.num_sample]  # one clip per video
             # At the epoch's last step: a run resumed from this epoch's checkpoint purges the steps after it only.
             log_mask_images(log_writer, model_without_ddp, normalize_clips(first_clips),
-                            step=(epoch + 1) * data.steps_per_epoch - 1, normalize_target=args.normalize_target)
+                            step=(epoch + 1) * data.steps_per_epoch - 1, normalize_target=args.normalize_target,
+                            loss_type=args.loss_type)
         return {}
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")

@@ -39,7 +39,7 @@ from video_transforms import EvalTransform
 DEFAULTS: dict[str, Any] = vars(run_mae_pretraining.get_args_parser().parse_args([]))
 CONFIG_KEYS = ("model", "mask_type", "mask_ratio", "num_frames", "sampling_rate", "input_size", "tubelet_size",
                "decoder_depth", "model_kwargs", "normalize_target", "sampler_type", "sampler_depth", "sampler_dim",
-               "sampler_heads", "sampler_temperature")
+               "sampler_heads", "sampler_temperature", "loss_type")
 LIST_EXTENSIONS = (".csv", ".txt", ".list", ".lst")
 SAMPLER_PREFIXES = ("encoder.pos_embed_probs", "encoder.get_token_probs.")
 
@@ -126,7 +126,7 @@ def resolve_config(args: argparse.Namespace, ckpt: Mapping[str, Any]) -> dict[st
     inferred = _inferred(strip_state_dict_prefixes(ckpt["model"]))
     cfg = {}
     for key in CONFIG_KEYS:
-        cli = getattr(args, key, None)  # the sampler_* settings have no flag here
+        cli = getattr(args, key, None)  # the sampler_* and loss_type settings have no flag here
         if cli is not None:
             cfg[key] = cli
         elif saved.get(key) is not None:
@@ -243,7 +243,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             failed.append({"video": path, "error": e.reason})
             continue
         t0 = time.time()
-        panels = panel_images(model, clip, normalize_target=cfg["normalize_target"], seed=args.seed)[0]
+        panels = panel_images(model, clip, normalize_target=cfg["normalize_target"], seed=args.seed,
+                              loss_type=cfg["loss_type"])[0]
         stem = _unique_stem(path, used)
         gif, png = out_dir / f"{stem}.gif", out_dir / f"{stem}.png"
         animated_gif(panels, str(gif), fps=args.fps, min_size=args.min_panel_size)

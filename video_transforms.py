@@ -239,8 +239,8 @@ class PretrainTransform:
 
     Split in two so that no worker resizes anything: :meth:`draw` makes a clip's random choices in the DataLoader
     worker (which then decodes only the region holding the crops), and :func:`resize_crops` cuts, resizes and
-    flips whole batches on the training device. Flip is off for SSv2 (it changes the meaning of "left to right"
-    labels; VideoMAE uses no flip at all).
+    flips whole batches on the training device. ``flip`` is off by default (``--flip``): VideoMAE and AdaMAE
+    pre-train without flips.
     """
 
     def __init__(self, input_size: Union[int, Sequence[int]], flip: bool, scales: Sequence[float] = MULTI_SCALES):

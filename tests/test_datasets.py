@@ -30,7 +30,8 @@ def args_for(data_path, **kw):
     D.add_data_args(p)
     a = p.parse_args(["--data_path", str(data_path)])
     base = dict(data_set="custom", nb_classes=4, num_frames=8, sampling_rate=2, input_size=32, short_side_size=32,
-                test_num_segment=2, test_num_crop=3, num_sample=1, seed=None)
+                test_num_segment=2, test_num_crop=3, num_sample=1, seed=None,
+                flip=True)  # pre-training's --flip (off by default), on so that both branches are exercised
     base.update(kw)
     for k, v in base.items():
         setattr(a, k, v)
@@ -345,6 +346,23 @@ def test_add_data_args_defaults_and_existing_flags():
     f = D.add_data_args(argparse.ArgumentParser()).parse_args([])
     assert f.num_sample == 2 and f.test_num_segment == 5 and f.test_num_crop == 3
     assert f.aa == "rand-m7-n4-mstd0.5-inc1" and f.reprob == 0.25
+
+
+def test_pretraining_flips_only_with_the_flag(synthetic_dir):
+    """VideoMAE and AdaMAE pre-train without flips: the program's default draws none; --flip flips about half the
+    clips, on any set (pre-training has no labels); fine-tuning keeps its flips (--no_flip; never SSV2)."""
+    import run_mae_pretraining
+
+    train = os.path.join(synthetic_dir, "train.csv")
+    small = ["--data_path", train, "--num_frames", "8", "--sampling_rate", "2", "--input_size", "32", "--num_sample",
+             "8"]
+    parse = run_mae_pretraining.get_args_parser().parse_args
+    for extra, want in (([], False), (["--flip"], True), (["--flip", "--data_set", "SSV2"], True)):
+        ds = D.build_pretraining_dataset(parse(small + extra))
+        flips = torch.cat([ds[i].crops[:, 4] for i in range(len(ds))])
+        assert ds.transform.flip is want and (0 < int(flips.sum()) < len(flips) if want else not flips.any()), extra
+    assert args_for(synthetic_dir, data_set="Kinetics-400", nb_classes=None).no_flip is False
+    assert D.build_dataset(True, False, args_for(synthetic_dir))[0].transform.flip
 
 
 def test_video_ids_stay_unique_when_a_path_reads_like_a_generated_id(tmp_path):

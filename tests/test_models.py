@@ -197,6 +197,10 @@ def test_external_mask_is_used_as_is():
     bad[1, 0] = False
     with pytest.raises(ValueError, match="same number of visible"):
         model(torch.randn(2, 3, 4, 32, 32), bad)
+    # nothing masked: the decoder's x[:, -0:] would have predicted every token against no masked index
+    for everything in (False, True):
+        with pytest.raises(ValueError, match=f"between 1 and 7 of the 8 tokens visible, not {0 if everything else 8}"):
+            model(torch.randn(2, 3, 4, 32, 32), torch.full((2, n), everything))
 
 
 def test_decoder_predictions_follow_ascending_masked_order():

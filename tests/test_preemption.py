@@ -313,22 +313,23 @@ def test_a_stop_between_epochs_under_deepspeed_saves_that_epoch_and_resumes_bit_
 
 
 def test_a_run_saved_before_a_flag_existed_resumes_only_as_it_was_trained(data, tmp_path):
-    """Runs saved before --no_sampler_pos_weight_decay / --sampling_log_prob existed were trained with the position
-    table undecayed and log_softmax: auto-resume names both flags instead of switching recipe mid-run (or failing
-    in torch on the optimizer's groups); with them it resumes. An explicit --resume says why the optimizer does
-    not fit."""
+    """Runs saved before --no_sampler_pos_weight_decay / --sampling_log_prob / --flip existed were trained with the
+    position table undecayed, log_softmax and flips: auto-resume names the three flags instead of switching recipe
+    mid-run (or failing in torch on the optimizer's groups); with them it resumes. An explicit --resume says why
+    the optimizer does not fit."""
     import run_mae_pretraining
 
     base = ["--data_path", str(data / "train.csv"), "--output_dir", str(tmp_path), "--model",
             "pretrain_videomae_small_patch16_224", "--model_kwargs", TINY_MAE, "--decoder_depth", "1", "--num_frames",
             "4", "--sampling_rate", "2", "--input_size", "32", "--batch_size", "8", "--mask_ratio", "0.75",
             "--num_workers", "0", "--device", "cpu", "--vis_freq", "0"]
-    old = ["--no_sampler_pos_weight_decay", "--sampling_log_prob", "log_softmax"]
+    old = ["--no_sampler_pos_weight_decay", "--sampling_log_prob", "log_softmax", "--flip"]
     assert run_main(run_mae_pretraining, base + old + ["--epochs", "1"]).returncode == 0
     ckpt_path = tmp_path / "checkpoint-0.pth"
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    for key in ("no_sampler_pos_weight_decay", "sampling_log_prob"):  # as a run saved before they existed
+    for key in ("no_sampler_pos_weight_decay", "sampling_log_prob", "flip"):  # as a run saved before they existed
         del ckpt["args"][key]
+    ckpt["args"]["no_flip"] = False  # pre-training's flip flag then
     torch.save(ckpt, ckpt_path)
     torch.save(ckpt, tmp_path / "checkpoint-latest.pth")
 
@@ -336,6 +337,7 @@ def test_a_run_saved_before_a_flag_existed_resumes_only_as_it_was_trained(data, 
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert "--no_sampler_pos_weight_decay: True -> False" in res.stderr
     assert "--sampling_log_prob: 'log_softmax' -> 'categorical'" in res.stderr
+    assert "--flip: True -> False" in res.stderr
     res = run_main(run_mae_pretraining, base + ["--epochs", "1", "--resume", str(ckpt_path)])
     assert res.returncode == 2 and "optimizer state does not fit" in res.stderr, res.stderr[-2000:]
     assert "--no_sampler_pos_weight_decay" in res.stderr
@@ -344,10 +346,17 @@ def test_a_run_saved_before_a_flag_existed_resumes_only_as_it_was_trained(data, 
 
 
 def test_runs_without_a_sampler_resume_whatever_the_sampler_flags_added_later(tmp_path):
-    """The flags added later concern the adaptive sampler only: an older tube-mask run is not refused for them."""
+    """The sampler flags added later concern the adaptive sampler only: an older tube-mask run is not refused for
+    them. --flip concerns every pre-training run but SSV2's (never flipped)."""
     from resume import run_config_changes
 
     current = {"mask_type": "tube", "no_sampler_pos_weight_decay": False, "sampling_log_prob": "categorical"}
     assert run_config_changes({"mask_type": "tube"}, current) == []
     assert [c[0] for c in run_config_changes({"mask_type": "adaptive"}, {**current, "mask_type": "adaptive"})] == \
         ["no_sampler_pos_weight_decay", "sampling_log_prob"]
+    # pre-training flipped (never SSV2) until --flip existed
+    flip_off = {"mask_type": "tube", "flip": False}
+    assert run_config_changes({"mask_type": "tube", "no_flip": False}, flip_off) == [("flip", True, False)]
+    assert run_config_changes({"mask_type": "tube", "no_flip": True}, flip_off) == []
+    assert run_config_changes({"mask_type": "tube", "no_flip": False, "data_set": "SSV2"},
+                              {**flip_off, "data_set": "SSV2"}) == []

@@ -137,18 +137,33 @@ def test_help_documents_every_flag_with_its_default(module, capsys):
                                             ("--save_ckpt_freq", "0", 1), ("--sampling_rate", "0", 1),
                                             ("--num_sample", "0", 1), ("--num_workers", "-1", 0),
                                             ("--vis_num_clips", "0", 1), ("--sampler_heads", "0", 1),
-                                            ("--warmup_epochs", "-1", 0), ("--test_num_crop", "0", 1)])
+                                            ("--warmup_epochs", "-1", 0), ("--test_num_crop", "0", 1),
+                                            ("--sampler_temperature", "0", "> 0.0"),
+                                            ("--sampler_temperature", "nan", "> 0.0")])
 def test_counts_below_their_minimum_name_the_flag(synthetic_dir, tmp_path, flag, value, low):
     # Each of these once crashed (ZeroDivisionError, IndexError) or, worse, trained (a frame stride of 0: one
-    # repeated frame; a negative warm-up).
+    # repeated frame; a negative warm-up; a temperature of 0 gives NaN losses, a negative one prefers the least
+    # likely tokens).
     if flag == "--test_num_crop":
         res = finetune(synthetic_dir, tmp_path / "o", "--data_set", "custom", "--nb_classes", "4", flag, value)
     else:
         res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "o", flag, value)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert f": must be >= {low}, got {value}" in res.stderr.strip().splitlines()[-1]
+    bound = low if isinstance(low, str) else f">= {low}"
+    assert f": must be {bound}, got {value}" in res.stderr.strip().splitlines()[-1]
     assert f"error: argument {flag}" in res.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "o").exists()
+
+
+def test_adamae_softmax_temp_is_accepted_and_ignored_as_in_adamae(synthetic_dir, tmp_path):
+    """AdaMAE parses --softmax_temp (default 1e-2) and never applies it; as a temperature here it would make the
+    sampler 100x sharper, so an AdaMAE command line runs as AdaMAE ran it: ignored, with a note."""
+    out = tmp_path / "o"
+    res = pretrain(os.path.join(synthetic_dir, "train.csv"), out, "--softmax_temp", "1e-2", "--num_workers", "0",
+                   "--vis_freq", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Note: --softmax_temp 0.01 is ignored, as in AdaMAE" in res.stdout
+    assert json.loads((out / "args.json").read_text())["sampler_temperature"] == 1.0
 
 
 def test_a_crash_with_loader_workers_alive_exits(synthetic_dir, tmp_path):

@@ -227,3 +227,19 @@ def test_log_mask_images_writes_tensorboard_image(video_dir, tmp_path):
     (event,) = acc.Images("vis/masks")
     assert event.step == 7 and (event.width, event.height) == (img.shape[1], img.shape[0])
     assert mv.log_mask_images(TensorboardLogger(None), model, videos, step=8) is None  # not rank 0: no work
+
+
+def test_error_panel_scores_the_checkpoints_loss_type(video_dir, tmp_path):
+    """An --loss_type l1 run's Error panel and reconstruction_error are its L1 loss (they were always MSE)."""
+    sd = tiny_model("adaptive").state_dict()
+    ckpt = tmp_path / "l1.pth"
+    torch.save({"model": sd, "args": {**run_args("adaptive"), "loss_type": "l1"}, "kind": "pretrain"}, ckpt)
+    video = os.path.join(video_dir, "h264_64x48.mp4")
+    result = run_mae_vis.main(run_mae_vis.get_args_parser().parse_args(cli_args(str(ckpt), [video],
+                                                                                tmp_path / "out")))
+    assert result["config"]["loss_type"] == "l1"
+    clip = real_clip(video_dir)
+    l1, mse = (mv.panel_images(tiny_model("adaptive"), clip, seed=0, loss_type=k)[0] for k in ("l1", "mse"))
+    got = result["clips"][0]["reconstruction_error"]
+    assert got == pytest.approx(l1["reconstruction_error"], rel=1e-5)
+    assert got != pytest.approx(mse["reconstruction_error"], rel=1e-2)

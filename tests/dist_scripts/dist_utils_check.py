@@ -100,6 +100,19 @@ def main() -> None:
     except NonFiniteLossError as e:
         assert "epoch 3, step 4 of 10" in str(e), e
 
+    # DDP broadcasts buffers only for models whose buffers training changes: the pre-training model's sinusoid
+    # tables are constants (7 MB per micro-batch for ViT-B), a BatchNorm's statistics are not
+    import training
+    from modeling_pretrain import PretrainVisionTransformer
+
+    mae = PretrainVisionTransformer(img_size=32, num_frames=4, encoder_embed_dim=32, encoder_depth=1,
+                                    encoder_num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
+                                    mask_ratio=0.5)
+    assert sum(1 for _ in mae.buffers()) == 2 and training.persistent_buffers(mae) == []
+    assert not training.wrap_model(mae, args, torch.device("cpu")).broadcast_buffers
+    bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    assert training.wrap_model(bn, args, torch.device("cpu")).broadcast_buffers
+
     print("this line is silenced on rank 1")
     print(f"RANK{rank} OK", force=True)
     distributed.barrier()
