@@ -41,6 +41,15 @@ class UserError(ValueError):
     """A mistake the user can fix (a flag, a list line, a checkpoint, a folder); printed as one line."""
 
 
+def check_model_kwargs(model_kwargs: dict[str, Any], flags: dict[str, str]) -> None:
+    """Refuse ``--model_kwargs`` keys that a flag sets (``flags``: constructor argument -> flag): the two would
+    collide in the constructor call, or one would silently win."""
+    taken = sorted(k for k in model_kwargs if k in flags)
+    if taken:
+        raise UserError("--model_kwargs sets " + ", ".join(f"{k} (use {flags[k]})" for k in taken) +
+                        ": those come from flags")
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     from checkpoint_loading import CheckpointMismatchError
     from checkpointing import CheckpointError

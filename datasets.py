@@ -303,6 +303,24 @@ def build_dataset(is_train: bool, test_mode: bool, args: argparse.Namespace) -> 
     return ds, nb_classes
 
 
+RESAMPLE_FILTERS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")  # timm's (PIL) names
+
+
+def randaugment_policy(text: str) -> str:
+    """argparse type of ``--aa``: a timm RandAugment string or 'none'; anything else (timm only asserts) is one
+    line naming the flag."""
+    if text.lower() in ("none", ""):
+        return text
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(text, {"translate_const": 100})
+    except (AssertionError, ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a RandAugment policy such as 'rand-m7-n4-mstd0.5-inc1', or "
+                                         f"'none'; got {text!r}") from None
+    return text
+
+
 def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> argparse.ArgumentParser:
     """Add the data flags (VideoMAE names and defaults). Flags the parser already defines are left alone, so
     a program that defines e.g. ``--input_size`` with its model flags can still call this."""
@@ -335,10 +353,11 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
             help="segment (TSN/SSv2-style) sampling for non-SSV2 sets")
         add("--test_num_segment", default=5, type=at_least(1), help="multi-view test: temporal views per video")
         add("--test_num_crop", default=3, type=at_least(1), help="multi-view test: spatial crops per view")
-        add("--aa", default="rand-m7-n4-mstd0.5-inc1", type=str, help="RandAugment policy ('none' to disable)")
-        add("--train_interpolation", default="bicubic", type=str, help="RandAugment resample filter")
+        add("--aa", default="rand-m7-n4-mstd0.5-inc1", type=randaugment_policy,
+            help="RandAugment policy ('none' to disable)")
+        add("--train_interpolation", default="bicubic", choices=RESAMPLE_FILTERS, help="RandAugment resample filter")
         add("--reprob", default=0.25, type=float, help="random erasing probability (tube)")
-        add("--remode", default="pixel", type=str, help="random erasing fill mode (timm)")
+        add("--remode", default="pixel", choices=["pixel", "rand", "const"], help="random erasing fill (timm)")
         add("--recount", default=1, type=int, help="random erasing count (timm)")
     if pretrain:
         add("--flip", action="store_true", default=False,

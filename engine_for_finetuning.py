@@ -58,7 +58,7 @@ def train_one_epoch(model: nn.Module, criterion: Callable[[torch.Tensor, torch.T
             if update:
                 optimizer.zero_grad(set_to_none=True)
         if update and model_ema is not None:
-            model_ema.update(ema_target, step=global_step)
+            model_ema.update(ema_target)  # the fixed decay from the first step, as VideoMAE's timm ModelEma
 
         stats: dict[str, Any] = dict(loss=loss.detach(), grad_norm=grad_norm)
         if mixup_fn is None:

@@ -41,7 +41,8 @@ def build_deepspeed_config(args: argparse.Namespace, world_size: int) -> dict[st
         "wall_clock_breakdown": False,
     }
     if args.precision == "fp16":
-        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+        # VideoMAE's DeepSpeed loss scaling: dynamic, from 2^7, doubled after 128 overflow-free steps
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 7, "loss_scale_window": 128,
                        "hysteresis": 2, "min_loss_scale": 1}
     elif args.precision == "bf16":
         cfg["bf16"] = {"enabled": True}

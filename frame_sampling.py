@@ -55,7 +55,9 @@ def dense_test_indices(length: int, num_frames: int, sampling_rate: int, seg_idx
     allf = list(range(0, length, sampling_rate))
     allf += [allf[-1]] * max(0, num_frames - len(allf))
     room = len(allf) - num_frames
-    start = int(seg_idx * room / (num_segs - 1)) if num_segs > 1 else room // 2
+    # VideoMAE's int(chunk_nb * temporal_step): the step is rounded first (8 views of 305 frames at stride 4, view 7:
+    # 7 * (61 / 7) = 60.99..., frame 240, where 7 * 61 / 7 = 61 gives frame 244)
+    start = int(seg_idx * (room / (num_segs - 1))) if num_segs > 1 else room // 2
     return allf[start:start + num_frames]
 
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 import timm
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import register_model
+
+from cli import check_model_kwargs
 from torch.utils.checkpoint import checkpoint
 
 IntOrPair = Union[int, Sequence[int]]
@@ -288,9 +290,19 @@ def create_classifier(args: argparse.Namespace) -> VisionTransformer:
     clip shape, dropouts, pooling, ``model_kwargs``): the one place those flags become constructor arguments (the
     HF export and the tests build through it too). With TSN-style ``--num_segments`` the segments' frames are
     concatenated in time."""
+    check_model_kwargs(args.model_kwargs, CLASSIFIER_FLAGS)
     return timm.create_model(
         args.model, num_classes=args.nb_classes, num_frames=args.num_frames * max(1, args.num_segments),
         img_size=args.input_size, tubelet_size=args.tubelet_size, drop_rate=args.drop,
         attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path, fc_drop_rate=args.fc_drop_rate,
         use_mean_pooling=args.use_mean_pooling, use_checkpoint=args.use_checkpoint, init_scale=args.init_scale,
         use_learnable_pos_emb=args.use_learnable_pos_emb, **args.model_kwargs)
+
+
+# Constructor arguments create_classifier sets, and the flag each comes from (all_frames: VideoMAE's num_frames).
+CLASSIFIER_FLAGS = {
+    "num_classes": "--nb_classes", "num_frames": "--num_frames", "all_frames": "--num_frames",
+    "img_size": "--input_size", "tubelet_size": "--tubelet_size", "drop_rate": "--drop",
+    "attn_drop_rate": "--attn_drop_rate", "drop_path_rate": "--drop_path", "fc_drop_rate": "--fc_drop_rate",
+    "use_mean_pooling": "--use_cls", "use_checkpoint": "--use_checkpoint", "init_scale": "--init_scale",
+    "use_learnable_pos_emb": "--use_learnable_pos_emb"}

@@ -190,7 +190,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     loader_test = eval_loader(sets["test"], args, args.batch_size) if "test" in sets else None
     steps_per_epoch = data.steps_per_epoch if data is not None else 0
 
-    mixup_fn = build_mixup(args, args.nb_classes)
+    mixup_fn = None if args.eval else build_mixup(args, args.nb_classes)  # mixes training batches only
     if mixup_fn is not None and (args.batch_size * args.num_sample) % 2:  # timm's Mixup asserts it in every mode
         raise UserError(f"mixup/cutmix needs an even number of clips per batch (--batch_size {args.batch_size} x "
                         f"--num_sample {args.num_sample}); or turn them off with --mixup 0 --cutmix 0")

@@ -100,6 +100,7 @@ def test_test_views_cover_video():
     assert starts == sorted(starts) and len(set(starts)) == 5
     assert FS.dense_test_indices(100, 8, 4, 0, 1)[0] == 32  # no division by zero, centred
     assert FS.dense_test_indices(10, 8, 4, 1, 2) == [0, 4, 8, 8, 8, 8, 8, 8]  # short video padded
+    assert FS.dense_test_indices(305, 16, 4, 7, 8)[0] == 240  # VideoMAE's int(7 * (61 / 7)), not int(7 * 61 / 7)
     # segment (SSv2): views interleave inside each segment
     v0, v1 = FS.segment_test_indices(32, 8, 0, 2), FS.segment_test_indices(32, 8, 1, 2)
     assert v0 == list(range(0, 32, 4)) and v1 == list(range(2, 32, 4))

@@ -226,12 +226,22 @@ def test_pretrain_then_finetune_then_multiview_test_then_eval(synthetic_dir, pre
 
 
 def test_mixup_with_an_odd_batch_is_a_user_error_in_every_mode(synthetic_dir, tmp_path):
-    """timm's Mixup asserts an even batch in every mode: refused at start-up, not at the first step."""
+    """timm's Mixup asserts an even batch in every mode: refused at start-up, not at the first step. --eval mixes
+    nothing, so any batch size evaluates."""
     for mode in ("batch", "pair", "elem"):
         res = run_main(run_class_finetuning, ft_args(synthetic_dir, tmp_path / mode, "--batch_size", "3",
                                                      "--num_sample", "1", "--mixup_mode", mode))
         assert res.returncode == 2 and "even number of clips per batch" in res.stderr, res.stderr[-2000:]
         assert "Traceback" not in res.stderr
+    from modeling_finetune import create_classifier
+
+    classifier = tmp_path / "classifier.pth"
+    torch.save({"model": create_classifier(run_class_finetuning.get_args_parser().parse_args(
+        ft_args(synthetic_dir, tmp_path))).state_dict()}, classifier)
+    res = run_main(run_class_finetuning, ft_args(synthetic_dir, tmp_path / "eval", "--eval", "--finetune",
+                                                 str(classifier), "--batch_size", "1", "--num_sample", "1",
+                                                 "--test_num_segment", "1", "--test_num_crop", "1"))
+    assert res.returncode == 0 and "mixup off" in res.stdout, res.stderr[-2000:]
 
 
 def test_accumulation_fp32_no_mixup_and_learnable_pos_from_scratch(synthetic_dir, tmp_path):
@@ -278,3 +288,35 @@ def test_launchers_pass_the_paper_recipe(script, env, expect, tmp_path):
         assert getattr(args, k) == v, k
     if "enable_deepspeed" not in expect:
         assert not args.enable_deepspeed
+
+
+def test_ema_averages_from_the_first_step(synthetic_dir, tmp_path):
+    """VideoMAE's ModelEma decays from the initial weights at every step: after one step with decay 0.5 the EMA is
+    the mean of the initial and the trained weights (timm's ModelEmaV3 with a step count copied the model at
+    the first two steps)."""
+    from modeling_finetune import create_classifier
+
+    n_train = len([ln for ln in Path(synthetic_dir, "train.csv").read_text().splitlines() if ln.strip()])
+    args = ft_args(synthetic_dir, tmp_path / "out", "--epochs", "1", "--warmup_epochs", "0", "--batch_size",
+                   str(n_train), "--num_sample", "1", "--mixup", "0", "--cutmix", "0", "--model_ema",
+                   "--model_ema_decay", "0.5", "--skip_final_test", "--disable_eval_during_finetuning")
+    init = create_classifier(run_class_finetuning.get_args_parser().parse_args(args)).state_dict()
+    torch.save({"model": init}, tmp_path / "init.pth")
+    res = run_main(run_class_finetuning, args + ["--finetune", str(tmp_path / "init.pth")])
+    assert res.returncode == 0 and "1 optimizer steps per epoch" in res.stdout, res.stderr[-2000:]
+    ckpt = torch.load(tmp_path / "out" / "checkpoint-0.pth", map_location="cpu", weights_only=False)
+    trained = [k for k, v in init.items() if v.is_floating_point() and not torch.equal(v, ckpt["model"][k])]
+    assert trained
+    for k in trained:
+        torch.testing.assert_close(ckpt["model_ema"][k], (init[k] + ckpt["model"][k]) / 2, msg=k)
+
+
+def test_deepspeed_fp16_loss_scaling_is_videomaes():
+    """VideoMAE's DeepSpeed config: dynamic loss scale from 2^7, window 128 (2^16 skipped early steps)."""
+    from finetune_deepspeed import build_deepspeed_config
+
+    args = run_class_finetuning.get_args_parser().parse_args(["--precision", "fp16", "--update_freq", "2"])
+    cfg = build_deepspeed_config(args, world_size=4)
+    assert cfg["fp16"]["loss_scale"] == 0 and cfg["fp16"]["initial_scale_power"] == 7
+    assert cfg["fp16"]["loss_scale_window"] == 128 and "bf16" not in cfg
+    assert cfg["train_batch_size"] == args.batch_size * 2 * 4

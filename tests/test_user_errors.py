@@ -177,3 +177,30 @@ def test_a_crash_with_loader_workers_alive_exits(synthetic_dir, tmp_path):
     assert res.returncode == 1 and "IsADirectoryError" in res.stderr, res.stderr[-3000:]
     assert "Epoch: [0] Total time" in res.stdout
     assert "is killed by signal" not in res.stderr  # no second, misleading error from the workers' clean-up
+
+
+@pytest.mark.parametrize("flag,value", [("--aa", "v0"), ("--aa", "augmix-m5-w4"), ("--aa", "rand-x3"),
+                                        ("--remode", "gauss"), ("--train_interpolation", "cubic")])
+def test_augmentation_flags_timm_cannot_build_name_the_flag(synthetic_dir, tmp_path, flag, value):
+    # timm only asserts on these (a bare AssertionError / KeyError from inside the first worker)
+    res = finetune(synthetic_dir, tmp_path / "o", "--data_set", "custom", "--nb_classes", "4", flag, value)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"error: argument {flag}" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("program,key,flag", [("pretrain", "mask_ratio", "--mask_ratio"),
+                                              ("pretrain", "img_size", "--input_size"),
+                                              ("finetune", "all_frames", "--num_frames"),
+                                              ("finetune", "init_scale", "--init_scale")])
+def test_model_kwargs_that_a_flag_sets_name_the_flag(synthetic_dir, tmp_path, program, key, flag):
+    # they collided in the constructor call (a TypeError traceback), or the flag silently won (all_frames)
+    if program == "pretrain":
+        kwargs = json.dumps({**json.loads(TINY_MAE), key: 8})
+        res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "o", "--model_kwargs", kwargs)
+    else:
+        kwargs = json.dumps({**json.loads(TINY_VIT), key: 8})
+        res = finetune(synthetic_dir, tmp_path / "o", "--data_set", "custom", "--nb_classes", "4", "--model_kwargs",
+                       kwargs)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"error: --model_kwargs sets {key} (use {flag})" in res.stderr.strip().splitlines()[-1]
