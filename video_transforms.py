@@ -1,9 +1,10 @@
 """Clip transforms on torch tensors: ``uint8 [T, H, W, C]`` frames in, ``float32 [3, T, H, W]`` out.
 
 Why this layout: decoders return ``[T, H, W, C]`` uint8; ``permute(0, 3, 1, 2)`` gives a channels-last
-``[T, C, H, W]`` view without a copy, and torch's uint8 bilinear (antialiased) resize is fastest on exactly that
-layout. Crops are slices (no copy), resizes run on uint8, and the float conversion + ImageNet normalisation is
-one fused pass at the end, after the clip has been reduced to the output size.
+``[T, C, H, W]`` view without a copy, and torch's uint8 bilinear resize is fastest on exactly that layout. Crops
+are slices (no copy). The resizes are VideoMAE's: pre-training's antialiased (PIL's, on uint8), evaluation's
+bilinear without antialiasing (OpenCV's, on uint8), fine-tuning's on the normalised floats of the crop (its
+``F.interpolate``).
 
 All random choices use Python's ``random`` module (seeded per item by the datasets) and are drawn once per clip,
 so every frame gets the same crop / flip / RandAugment ops / erase box. Pre-training draws in the workers and
@@ -61,13 +62,16 @@ def resize(x: torch.Tensor, size: Tuple[int, int], antialias: bool = True) -> to
 
 def short_side_resize(x: torch.Tensor, size: int) -> torch.Tensor:
     """Resize so that the short side is ``size`` (aspect ratio kept) and the long side ``int(long * size / short)``
-    (truncated, as VideoMAE's eval ``Resize`` and Hugging Face's ``shortest_edge`` compute it)."""
+    (truncated, as VideoMAE's eval ``Resize`` and Hugging Face's ``shortest_edge`` compute it). Bilinear without
+    antialiasing, as VideoMAE's ``Resize`` (OpenCV's ``INTER_LINEAR`` on decord's arrays): on uint8 frames within
+    one grey level of OpenCV (measured; an antialiased resize differs by 4-17 levels on average when shrinking
+    320 -> 224)."""
     h, w = x.shape[-2:]
     if h <= w:
         nh, nw = size, max(1, int(size * w / h))
     else:
         nh, nw = max(1, int(size * h / w)), size
-    return resize(x, (nh, nw))
+    return resize(x, (nh, nw), antialias=False)
 
 
 def crop(x: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
@@ -177,18 +181,15 @@ class ClipRandAugment:
     state after one application: each frame therefore sees exactly the same draws (temporally consistent,
     as VideoMAE's video RandAugment), the generators still advance once per clip, and timm's op code is used
     unchanged. Tiling frames into one image would be cheaper but wrong for geometric ops (rotate/shear/
-    translate would move content across tiles). Runs on the (already cropped) frames via PIL, which timm needs.
+    translate would move content across tiles). Runs on whole decoded frames via PIL, which timm needs.
     """
 
-    def __init__(self, config_str: str, input_size: int, interpolation: str,
-                 mean: Sequence[float] = IMAGENET_MEAN):
+    def __init__(self, config_str: str, input_size: int, interpolation: str):
         from timm.data.auto_augment import rand_augment_transform
         from timm.data.transforms import str_to_pil_interp
 
-        hparams = dict(
-            translate_const=int(0.45 * input_size),
-            img_mean=tuple(int(round(255 * m)) for m in mean),
-        )
+        # VideoMAE's create_random_augment: translations relative to the crop size, timm's grey (128) fill
+        hparams: dict = dict(translate_const=int(0.45 * input_size))
         if interpolation and interpolation != "random":
             hparams["interpolation"] = str_to_pil_interp(interpolation)
         self.config_str = config_str
@@ -309,10 +310,10 @@ def _index_to(index: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class TrainTransform:
-    """Fine-tuning train: random resized crop -> resize -> RandAugment -> normalise -> flip -> tube erasing.
-
-    RandAugment runs after the crop (on ``input_size`` frames instead of full frames: same ops, ~2x cheaper);
-    ``translate_const`` is relative to ``input_size`` as in VideoMAE.
+    """Fine-tuning train, VideoMAE's ``_aug_frame``: RandAugment on the whole frames -> normalise -> random resized
+    crop, bilinear resize of the normalised floats (no antialiasing, as its ``F.interpolate``) -> flip -> tube
+    erasing. Normalising only the crop's pixels before the resize is the same arithmetic (per-channel affine
+    maps commute with bilinear weights), to float rounding.
     """
 
     def __init__(self, input_size: int, aa: str | None, interpolation: str, reprob: float, remode: str,
@@ -323,16 +324,15 @@ class TrainTransform:
         self.scale, self.ratio, self.flip = scale, ratio, flip
         self.mean, self.std = mean, std
         use_aa = bool(aa) and str(aa).lower() not in ("none", "")
-        self.rand_aug = ClipRandAugment(aa, self.size[0], interpolation, mean) if use_aa else None
+        self.rand_aug = ClipRandAugment(aa, self.size[0], interpolation) if use_aa else None
         self.erase = ClipRandomErasing(reprob, remode, recount) if reprob > 0 else None
 
     def __call__(self, frames: Frames) -> torch.Tensor:
         x = as_tchw(frames)
-        top, left, h, w = random_resized_crop_params(x.shape[-2], x.shape[-1], self.scale, self.ratio)
-        x = resize(crop(x, top, left, h, w), self.size)
         if self.rand_aug is not None:
             x = self.rand_aug(x)
-        clip = normalize(x, self.mean, self.std)
+        top, left, h, w = random_resized_crop_params(x.shape[-2], x.shape[-1], self.scale, self.ratio)
+        clip = resize(normalize(crop(x, top, left, h, w), self.mean, self.std), self.size, antialias=False)
         if self.flip and random.random() < 0.5:
             clip = clip.flip(-1)
         if self.erase is not None:

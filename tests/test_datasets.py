@@ -135,6 +135,46 @@ def test_randaugment_consistent_over_frames():
     assert not all(torch.equal(outs[0], o) for o in outs[1:])  # but clips differ
 
 
+def test_train_transform_is_videomaes_aug_frame():
+    """VideoMAE's order, written out: RandAugment on the whole frames (timm's grey fill), /255, normalise, then the
+    random resized crop resized as normalised floats without antialiasing (its F.interpolate), then the flip."""
+    import torch.nn.functional as F
+
+    frames = torch.randint(0, 256, (6, 48, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tr = VT.TrainTransform(32, aa="rand-m9-n4-mstd0.5-inc1", interpolation="bicubic", reprob=0.0, remode="pixel",
+                           recount=1, flip=True)
+    assert all(op.kwargs["fillcolor"] == (128, 128, 128) for op in tr.rand_aug.op.ops)
+    mean, std = (torch.tensor(v).view(3, 1, 1, 1) for v in (VT.IMAGENET_MEAN, VT.IMAGENET_STD))
+    for seed in range(6):
+        random.seed(seed)
+        np.random.seed(seed)
+        got = tr(frames)
+        random.seed(seed)
+        np.random.seed(seed)
+        buf = (tr.rand_aug(VT.as_tchw(frames)).permute(1, 0, 2, 3).float() / 255 - mean) / std  # C T H W
+        top, left, h, w = VT.random_resized_crop_params(48, 64)
+        want = F.interpolate(buf[:, :, top:top + h, left:left + w], size=(32, 32), mode="bilinear",
+                             align_corners=False)
+        want = want.flip(-1) if random.random() < 0.5 else want
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_eval_resize_is_videomaes_opencv_bilinear():
+    """VideoMAE resizes evaluation frames with OpenCV's INTER_LINEAR (decord gives arrays): bilinear, no
+    antialiasing. Ours is within one grey level of that (uint8 rounding); an antialiased resize is far off on
+    detailed frames."""
+    import torch.nn.functional as F
+
+    frames = torch.randint(0, 256, (2, 48, 80, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    got = VT.EvalTransform(32, 32)(frames)
+    x = frames.permute(0, 3, 1, 2).float()
+    for antialias, ok in ((False, True), (True, False)):
+        ref = F.interpolate(x, size=(32, 53), mode="bilinear", align_corners=False, antialias=antialias)
+        ref = VT.normalize(ref.round().clamp(0, 255).to(torch.uint8)[..., 10:42])  # centre crop of 53: 10
+        levels = (got - ref).abs() * 255 * torch.tensor(VT.IMAGENET_STD).view(3, 1, 1, 1)  # back to grey levels
+        assert (float(levels.max()) <= 1.0001) is ok and (float(levels.mean()) > 5) is not ok, antialias
+
+
 def test_random_erasing_is_a_tube():
     clip = torch.zeros(3, 4, 32, 32)
     VT.ClipRandomErasing(1.0, "const", 1)(clip.add_(1.0))

@@ -51,16 +51,19 @@ def read_class_names(path: str) -> list[str]:
 # What preprocessor_config.json does and does not reproduce; the model card says it too.
 PREPROCESSOR_NOTE = (
     "`preprocessor_config.json` is this project's evaluation transform (bilinear short-side resize with the long "
-    "side truncated to int(size * long / short), centre crop, /255, ImageNet mean/std) except for one pixel: "
-    "on each side transformers' centre crop starts at floor((side - crop) / 2), while ours, like VideoMAE's "
-    "validation `CenterCrop`, rounds (side - crop) / 2 half to even. Along a side where side - crop is 3 mod 4 "
-    "(e.g. 3, 7) HF's crop sits 1 px earlier; otherwise the pixels are the same.")
+    "side truncated to int(size * long / short), centre crop, /255, ImageNet mean/std) except in two details. "
+    "The resize: transformers resizes with PIL, which antialiases when shrinking; ours, like VideoMAE's OpenCV "
+    "`INTER_LINEAR`, does not, so frames larger than `shortest_edge` reach the model a little smoother through "
+    "transformers (frames already at that size are not resized by either). The crop: on each side transformers' "
+    "centre crop starts at floor((side - crop) / 2), while ours, like VideoMAE's validation `CenterCrop`, rounds "
+    "(side - crop) / 2 half to even, so along a side where side - crop is 3 mod 4 (e.g. 3, 7) HF's crop sits "
+    "1 px earlier.")
 
 
 def preprocessor_config(model_frames: int, crop: int, short_side: int) -> dict[str, Any]:
-    """VideoMAEImageProcessor settings for our evaluation transform: the same resize and normalisation, and the
-    same centre crop up to one pixel on the long side (``PREPROCESSOR_NOTE``). ``num_frames`` is informative (the
-    processor does not sample frames)."""
+    """VideoMAEImageProcessor settings for our evaluation transform: the same resize sizes (PIL antialiases when
+    shrinking) and normalisation, and the same centre crop up to one pixel (``PREPROCESSOR_NOTE``).
+    ``num_frames`` is informative (the processor does not sample frames)."""
     return {
         "image_processor_type": "VideoMAEImageProcessor", "do_resize": True, "size": {"shortest_edge": short_side},
         "resample": PIL_BILINEAR, "do_center_crop": True, "crop_size": {"height": crop, "width": crop},
