@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import export_hf  # noqa: E402
-import hf_model_card  # noqa: E402
+from tools import hf_model_card  # noqa: E402
 import hf_interop  # noqa: E402
 import run_class_finetuning  # noqa: E402
 import run_mae_pretraining  # noqa: E402

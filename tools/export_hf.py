@@ -32,8 +32,8 @@ import hf_interop  # noqa: E402
 import utils  # noqa: E402
 import checkpointing
 from checkpoint_loading import CheckpointMismatchError, read_checkpoint  # noqa: E402
-from hf_model_card import (PREPROCESSOR_NOTE, ClassNamesError, model_card, preprocessor_config,  # noqa: E402
-                           read_class_names)
+from tools.hf_model_card import (PREPROCESSOR_NOTE, ClassNamesError, model_card,  # noqa: E402
+                                 preprocessor_config, read_class_names)
 
 # Largest max |ours - HF| / max |ours| the export accepts. HF's hard-coded LayerNorm eps 1e-5 (ours 1e-6) gives
 # ~1e-6 (README's parity table); a wrong key mapping or config gives O(1).

@@ -15,7 +15,7 @@ import hf_interop  # noqa: E402
 from video_transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 if TYPE_CHECKING:
-    from export_hf import ExportResult
+    from tools.export_hf import ExportResult
 
 PIL_BILINEAR = 2  # our eval resize is bilinear
 
