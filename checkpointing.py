@@ -157,6 +157,9 @@ def torch_load(path: PathLike) -> Any:
     """``torch.load`` of a file or URL onto the CPU. A missing file raises FileNotFoundError, a torn or unreadable
     one a CheckpointError naming it: the one reader of checkpoint files (``checkpoint_loading`` uses it too)."""
     path = str(path)
+    if Path(path).is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder; give a checkpoint file in it (e.g. "
+                              f"{Path(path) / 'checkpoint-latest.pth'})")
     try:
         if path.startswith(("https://", "http://")):
             return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=False, weights_only=False)
@@ -188,13 +191,33 @@ def _find_auto_resume_candidates(output_dir: Path) -> tuple[Path | None, list[tu
     return (latest if latest.is_file() else None), numbered
 
 
+def _load_run_weights(module: nn.Module, state: Mapping[str, Any], ckpt: Mapping[str, Any], path: str) -> None:
+    """Strict load of a resumed run's weights; weights that do not fit are a CheckpointError saying what the file
+    holds (torch's message lists every key)."""
+    module = unwrap_model(module)
+    state = strip_state_dict_prefixes(state)
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError:
+        target = module.state_dict()
+        missing = [k for k in target if k not in state]
+        unexpected = [k for k in state if k not in target]
+        shapes = [k for k in state if k in target and tuple(getattr(state[k], "shape", ())) != tuple(target[k].shape)]
+        what = " ".join(str(ckpt[k]) for k in ("kind", "model_name") if isinstance(ckpt.get(k), str))
+        parts = [f"{len(v)} {name} (e.g. {v[0]})" for name, v in
+                 (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
+        raise CheckpointError(f"{path}{f' ({what} checkpoint)' if what else ''} does not fit this run's model: "
+                              f"{'; '.join(parts)} weights. --resume continues the run that wrote it, with its "
+                              f"flags; to start from its weights, use --finetune") from None
+
+
 def _restore(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, model_without_ddp: nn.Module,
              optimizer: torch.optim.Optimizer | None, loss_scaler: LossScaler | None, model_ema: Any
              ) -> ResumeInfo:
-    unwrap_model(model_without_ddp).load_state_dict(strip_state_dict_prefixes(ckpt["model"]), strict=True)
+    _load_run_weights(model_without_ddp, ckpt["model"], ckpt, path)
     info = ResumeInfo(path=path, start_epoch=args.start_epoch)
     if model_ema is not None and ckpt.get("model_ema") is not None:
-        unwrap_model(model_ema).load_state_dict(strip_state_dict_prefixes(ckpt["model_ema"]), strict=True)
+        _load_run_weights(model_ema, ckpt["model_ema"], ckpt, path)
     if "epoch" in ckpt and ckpt.get("optimizer") is not None:
         if optimizer is not None:
             try:

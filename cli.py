@@ -7,6 +7,7 @@ in the message; the original one-line message is recovered from it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import Any, Callable, NoReturn
@@ -37,8 +38,42 @@ def at_least(low: float, kind: type = int, strict: bool = False) -> Callable[[st
     return parse
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """argparse ``type=`` for a JSON object flag (``--model_kwargs``): anything else is one line naming the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object such as '{{\"depth\": 4}}', got {text!r}")
+    return value
+
+
 class UserError(ValueError):
     """A mistake the user can fix (a flag, a list line, a checkpoint, a folder); printed as one line."""
+
+
+def make_output_dir(path: str | os.PathLike, flag: str) -> str:
+    """Create the folder ``path`` (and its parents) to write into; one line naming ``flag`` when it cannot be
+    (a file of that name, no permission, a read-only file system) instead of a traceback."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {path}: cannot create it ({e.strerror or e})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: no permission to write into it")
+    return str(path)
+
+
+def build_model(create: Callable[..., Any], name: str, model_kwargs: dict[str, Any], **kwargs: Any) -> Any:
+    """``create(name, **kwargs, **model_kwargs)`` (``timm.create_model``); a key the constructor does not take
+    is a UserError naming ``--model_kwargs``, not a TypeError."""
+    try:
+        return create(name, **kwargs, **model_kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise UserError(f"--model_kwargs {json.dumps(model_kwargs)}: {name} {str(e).split(') ', 1)[-1]}") from None
 
 
 def check_model_kwargs(model_kwargs: dict[str, Any], flags: dict[str, str]) -> None:

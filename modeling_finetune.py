@@ -19,7 +19,7 @@ import timm
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import register_model
 
-from cli import check_model_kwargs
+from cli import build_model, check_model_kwargs
 from torch.utils.checkpoint import checkpoint
 
 IntOrPair = Union[int, Sequence[int]]
@@ -283,6 +283,7 @@ def register_factory(name: str, create: Callable[..., nn.Module], module: str) -
 
 for _size in VIT_SIZES:
     register_factory(f"vit_{_size}_patch16_224", partial(_create_vit, _size), __name__)
+CLASSIFIER_MODELS = tuple(f"vit_{size}_patch16_224" for size in VIT_SIZES)
 
 
 def create_classifier(args: argparse.Namespace) -> VisionTransformer:
@@ -291,12 +292,13 @@ def create_classifier(args: argparse.Namespace) -> VisionTransformer:
     HF export and the tests build through it too). With TSN-style ``--num_segments`` the segments' frames are
     concatenated in time."""
     check_model_kwargs(args.model_kwargs, CLASSIFIER_FLAGS)
-    return timm.create_model(
-        args.model, num_classes=args.nb_classes, num_frames=args.num_frames * max(1, args.num_segments),
-        img_size=args.input_size, tubelet_size=args.tubelet_size, drop_rate=args.drop,
-        attn_drop_rate=args.attn_drop_rate, drop_path_rate=args.drop_path, fc_drop_rate=args.fc_drop_rate,
-        use_mean_pooling=args.use_mean_pooling, use_checkpoint=args.use_checkpoint, init_scale=args.init_scale,
-        use_learnable_pos_emb=args.use_learnable_pos_emb, **args.model_kwargs)
+    return build_model(
+        timm.create_model, args.model, args.model_kwargs, num_classes=args.nb_classes,
+        num_frames=args.num_frames * max(1, args.num_segments), img_size=args.input_size,
+        tubelet_size=args.tubelet_size, drop_rate=args.drop, attn_drop_rate=args.attn_drop_rate,
+        drop_path_rate=args.drop_path, fc_drop_rate=args.fc_drop_rate, use_mean_pooling=args.use_mean_pooling,
+        use_checkpoint=args.use_checkpoint, init_scale=args.init_scale,
+        use_learnable_pos_emb=args.use_learnable_pos_emb)
 
 
 # Constructor arguments create_classifier sets, and the flag each comes from (all_frames: VideoMAE's num_frames).

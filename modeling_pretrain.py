@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from cli import check_model_kwargs
+from cli import build_model, check_model_kwargs
 from masking_generator import MaskGenerator, TokenSamplerNet, canonical_mask_type, gumbel_topk, \
     mask_from_visible, num_visible_tokens
 from modeling_finetune import TIMM_FACTORY_KWARGS, VIT_SIZES, PatchEmbed, get_sinusoid_encoding_table, \
@@ -235,6 +235,7 @@ def _create_pretrain(size: str, **kwargs: Any) -> PretrainVisionTransformer:
 
 for _size in PRETRAIN_DECODER_SIZES:
     register_factory(f"pretrain_videomae_{_size}_patch16_224", partial(_create_pretrain, _size), __name__)
+PRETRAIN_MODELS = tuple(f"pretrain_videomae_{size}_patch16_224" for size in PRETRAIN_DECODER_SIZES)
 
 
 _FLAG_OF = {"img_size": "input_size", "drop_path_rate": "drop_path"}  # constructor arguments named unlike their flag
@@ -253,5 +254,6 @@ def create_pretrain_model(args: argparse.Namespace, **overrides: Any) -> Pretrai
         sampler_depth=args.sampler_depth, sampler_dim=args.sampler_dim, sampler_heads=args.sampler_heads,
         sampler_temperature=args.sampler_temperature, sampler_detach_input=args.sampler_detach_input)
     kwargs.update(overrides)
-    check_model_kwargs(args.model_kwargs, {k: "--" + _FLAG_OF.get(k, k) for k in kwargs})
-    return timm.create_model(args.model, **kwargs, **args.model_kwargs)
+    check_model_kwargs(args.model_kwargs, {**{k: "--" + _FLAG_OF.get(k, k) for k in kwargs},
+                                           "all_frames": "--num_frames"})  # VideoMAE's name for num_frames
+    return build_model(timm.create_model, args.model, args.model_kwargs, **kwargs)

@@ -36,7 +36,7 @@ from datasets import add_data_args, build_dataset, get_broken_count, multiple_sa
 from distributed import get_world_size
 from engine_for_finetuning import train_one_epoch
 from evaluation import evaluate, eval_loader, final_test
-from modeling_finetune import create_classifier
+from modeling_finetune import CLASSIFIER_MODELS, create_classifier
 from finetune_deepspeed import DeepSpeedCheckpointer, init_deepspeed
 from preemption import GracefulStop
 from resume import trim_log
@@ -53,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="--no_save_ckpt / --no-save_ckpt to write no checkpoints")
     g.add_argument("--no_save_ckpt", action="store_false", dest="save_ckpt", help=argparse.SUPPRESS)
 
-    g = training.add_model_args(p, model="vit_base_patch16_224", drop_path=0.1, kwargs_example='{"depth": 4}')
+    g = training.add_model_args(p, model="vit_base_patch16_224", models=CLASSIFIER_MODELS, drop_path=0.1,
+                                kwargs_example='{"depth": 4}')
     g.add_argument("--drop", default=0.0, type=float, help="dropout rate")
     g.add_argument("--attn_drop_rate", default=0.0, type=float, help="attention dropout rate")
     g.add_argument("--fc_drop_rate", "--head_drop_rate", default=0.0, type=float, dest="fc_drop_rate",

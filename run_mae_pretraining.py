@@ -28,7 +28,7 @@ from engine_for_pretraining import clips_to_device, train_one_epoch
 from losses import SAMPLING_LOG_PROBS
 from mask_visualization import log_mask_images
 from masking_generator import MASK_TYPES
-from modeling_pretrain import create_pretrain_model
+from modeling_pretrain import PRETRAIN_MODELS, create_pretrain_model
 from preemption import GracefulStop
 from resume import trim_log
 from utils import count_parameters
@@ -41,7 +41,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = training.add_run_args(p, batch_size=64, epochs=800, save_ckpt_freq=50,
                               batch_help="clips per process per step (before --num_sample)")
 
-    g = training.add_model_args(p, model="pretrain_videomae_base_patch16_224", drop_path=0.0,
+    g = training.add_model_args(p, model="pretrain_videomae_base_patch16_224", models=PRETRAIN_MODELS, drop_path=0.0,
                                 kwargs_example='{"encoder_depth": 4}')
     g.add_argument("--decoder_depth", default=4, type=at_least(0), help="decoder blocks (AdaMAE/VideoMAE: 4)")
     g.add_argument("--normalize_target", "--normlize_target", default=True, action=argparse.BooleanOptionalAction,

@@ -30,6 +30,7 @@ from masking_generator import MASK_TYPES, canonical_mask_type
 from modeling_pretrain import create_pretrain_model
 from checkpoint_loading import read_model_checkpoint
 from checkpointing import CheckpointError
+from cli import make_output_dir
 from frame_sampling import pretrain_indices
 from utils import strip_state_dict_prefixes
 from video_io import BACKENDS, DEFAULT_BACKEND, VideoDecodeError, open_video
@@ -226,8 +227,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     model = build_model(cfg, ckpt["model"]).to(device)
     del ckpt
     videos = expand_videos(args.video, args.data_root)
-    out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(make_output_dir(args.output_dir, "--output_dir"))
     print(f"{cfg['model']} ({model.mask_type} mask, ratio {cfg['mask_ratio']}, {model.num_visible} of "
           f"{model.num_patches} tokens visible), {cfg['num_frames']} frames every {cfg['sampling_rate']}, "
           f"{cfg['input_size']} px, {len(videos)} video(s)")

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 import metric_logging
 import optim_factory
 import stall_watchdog
-from cli import UserError, at_least
+from cli import UserError, at_least, json_object, make_output_dir
 from distributed import get_world_size, init_distributed_mode, is_main_process
 from precision import LossScaler, NonFiniteLossWatch, resolve_precision
 from preemption import GracefulStop, exit_preempted
@@ -52,7 +52,7 @@ def setup_run(args: argparse.Namespace) -> torch.device:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    make_output_dir(args.output_dir, "--output_dir")
     if args.log_dir is None:
         args.log_dir = os.path.join(args.output_dir, "tensorboard")
     return device
@@ -309,17 +309,19 @@ def add_run_args(parser: argparse.ArgumentParser, *, batch_size: int | None, epo
     return g
 
 
-def add_model_args(parser: argparse.ArgumentParser, *, model: str, drop_path: float, kwargs_example: str
-                   ) -> argparse._ArgumentGroup:
-    """The model flags both programs have (group "model", returned for the program's own additions)."""
+def add_model_args(parser: argparse.ArgumentParser, *, model: str, models: Sequence[str], drop_path: float,
+                   kwargs_example: str) -> argparse._ArgumentGroup:
+    """The model flags both programs have (group "model", returned for the program's own additions); ``models``:
+    the names the program builds."""
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default=model, type=str, help="model name in the timm registry (see README, Models)")
+    g.add_argument("--model", default=model, choices=list(models), metavar="MODEL",
+                   help=f"{', '.join(models)} (sizes: README, Models)")
     g.add_argument("--tubelet_size", default=2, type=at_least(1), help="frames per token (tubelet depth)")
     g.add_argument("--drop_path", default=drop_path, type=float, help="stochastic depth rate")
     g.add_argument("--use_checkpoint", "--with_checkpoint", action="store_true", dest="use_checkpoint",
                    help="gradient checkpointing in every block")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--model_kwargs", default="{}", type=json.loads,
+    g.add_argument("--model_kwargs", default="{}", type=json_object,
                    help=f"extra JSON keyword arguments for the model constructor, e.g. '{kwargs_example}'")
     return g
 

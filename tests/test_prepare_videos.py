@@ -122,6 +122,19 @@ def test_usage_errors(tmp_path):
         assert len(lines) == 1 and word in lines[0], res.stderr
 
 
+def test_out_dir_holding_the_sources_is_a_usage_error(video_dir, tmp_path):
+    """Outputs that would be their own sources were counted as finished: nothing converted, exit 0, and the new
+    list named the raw videos."""
+    src = tmp_path / "v"
+    src.mkdir()
+    shutil.copy(os.path.join(video_dir, "h264_64x48.mp4"), src / "a.mp4")
+    lst = tmp_path / "l.txt"
+    lst.write_text(f"{src / 'a.mp4'} 0\n")
+    res = run_tool(str(lst), str(src), "--no_progress")
+    assert res.returncode == 2 and "is where the videos are" in res.stderr and "l.txt:1" in res.stderr, res.stderr
+    assert sorted(p.name for p in src.iterdir()) == ["a.mp4"]
+
+
 def test_resume_after_sigkill(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -204,3 +204,67 @@ def test_model_kwargs_that_a_flag_sets_name_the_flag(synthetic_dir, tmp_path, pr
                        kwargs)
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
     assert f"error: --model_kwargs sets {key} (use {flag})" in res.stderr.strip().splitlines()[-1]
+
+
+def test_resume_of_a_checkpoint_that_does_not_fit_says_what_it_holds(synthetic_dir, tmp_path):
+    """--resume of another program's checkpoint (or of a run with other model flags) was a RuntimeError listing
+    every key; a folder was called a torn file."""
+    pt = tmp_path / "pt"
+    assert pretrain(os.path.join(synthetic_dir, "train.csv"), pt, "--num_workers", "0", "--vis_freq", "0",
+                    "--save_ckpt_freq", "1").returncode == 0
+    ckpt = str(pt / "checkpoint-latest.pth")
+    res = finetune(synthetic_dir, tmp_path / "ft", "--data_set", "custom", "--nb_classes", "4", "--resume", ckpt)
+    last = res.stderr.strip().splitlines()[-1]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"{ckpt} (pretrain pretrain_videomae_small_patch16_224 checkpoint) does not fit this run's model" in last
+    assert "missing (e.g." in last and "use --finetune" in last
+    res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "pt2", "--mask_type", "tube", "--resume",
+                   ckpt)
+    assert res.returncode == 2 and "unexpected (e.g. encoder.pos_embed_probs)" in res.stderr, res.stderr[-2000:]
+    res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "pt3", "--resume", str(pt))
+    assert res.returncode == 2 and f"checkpoint {pt} is a folder; give a checkpoint file in it" in res.stderr
+
+
+@pytest.mark.parametrize("program,flag,value,message", [
+    ("pretrain", "--model", "vit_small_patch16_224", "argument --model: invalid choice: 'vit_small_patch16_224'"),
+    ("finetune", "--model", "pretrain_videomae_small_patch16_224", "argument --model: invalid choice"),
+    ("finetune", "--model", "foo", "(choose from 'vit_small_patch16_224', 'vit_base_patch16_224'"),
+    ("pretrain", "--model_kwargs", "[1, 2]", "argument --model_kwargs: expected a JSON object"),
+    ("finetune", "--model_kwargs", "{depth: 2}", "argument --model_kwargs: not JSON"),
+    ("finetune", "--model_kwargs", '{"embed_dimm": 64}',
+     "error: --model_kwargs {\"embed_dimm\": 64}: vit_small_patch16_224 got an unexpected keyword argument"),
+    ("pretrain", "--model_kwargs", '{"embed_dimm": 64}', "pretrain_videomae_small_patch16_224 got an unexpected")])
+def test_model_and_model_kwargs_mistakes_name_the_flag(synthetic_dir, tmp_path, program, flag, value, message):
+    # each was a traceback: timm's RuntimeError (unknown model) or the constructor's TypeError
+    if program == "pretrain":
+        res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "o", flag, value)
+    else:
+        res = finetune(synthetic_dir, tmp_path / "o", "--data_set", "custom", "--nb_classes", "4", flag, value)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert message in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+
+
+def test_an_output_path_that_cannot_be_created_names_the_flag(synthetic_dir, tmp_path):
+    """A file where the output folder should go (or no permission) was a FileExistsError / PermissionError
+    traceback in every program and tool; check_dataset's --report failed only after the whole check."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    train = os.path.join(synthetic_dir, "train.csv")
+    pt = tmp_path / "pt"
+    assert pretrain(train, pt, "--num_workers", "0", "--vis_freq", "0").returncode == 0
+    res = pretrain(train, blocker, "--num_workers", "0")
+    assert_user_error(res, f"--output_dir {blocker}: cannot create it (File exists)")
+    tools = [("run_mae_vis.py", ["--checkpoint", str(pt / "checkpoint-latest.pth"), "--video", train,
+                                 "--output_dir", str(blocker), "--device", "cpu"], f"--output_dir {blocker}"),
+             ("tools/extract_features.py", ["--checkpoint", str(pt / "checkpoint-latest.pth"), "--list", train,
+                                            "--out", str(blocker / "sub"), "--num_workers", "0"],
+              f"--out {blocker / 'sub'}: cannot create it (Not a directory)"),
+             ("tools/prepare_videos.py", [train, str(blocker / "sub"), "--no_progress"],
+              f"OUT_DIR {blocker / 'sub'}: cannot create it (Not a directory)"),
+             ("tools/make_synthetic_dataset.py", ["--out", str(blocker)], f"--out {blocker}: cannot create it"),
+             ("tools/check_dataset.py", [train, "--report", str(tmp_path / "no" / "r.txt")],
+              f"--report {tmp_path / 'no' / 'r.txt'}: its folder {tmp_path / 'no'} does not exist")]
+    for tool, argv, message in tools:
+        res = run(tool, *argv, subprocess_=True)
+        assert res.returncode == 2 and "Traceback" not in res.stderr, (tool, res.stderr[-2000:])
+        assert message in res.stderr.strip().splitlines()[-1], (tool, res.stderr[-2000:])

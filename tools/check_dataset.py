@@ -179,6 +179,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     a = get_args_parser().parse_args(argv)
+    report_dir = os.path.dirname(os.path.abspath(a.report)) if a.report else None
+    if report_dir and not (os.path.isdir(report_dir) and os.access(report_dir, os.W_OK)):  # before the long check
+        print(f"check_dataset.py: error: --report {a.report}: its folder {report_dir} does not exist or is not "
+              f"writable", file=sys.stderr)
+        return 2
     try:
         nb = _class_count(a.nb_classes, a.data_set)
         res = check_list(a.list, a.data_root, a.video_backend, nb, a.min_frames, a.full, a.workers,
@@ -207,10 +212,14 @@ def main(argv=None) -> int:
         print(f"... {len(bad) - SHOWN_BAD} more")
     report = a.report or a.list + ".bad.txt"
     if bad:
-        with open(report, "w") as fh:
-            for line, path, problem in bad:
-                fh.write(f"{line}\t{path}\t{problem}\n")
-        print(f"report of bad lines: {report}")
+        try:
+            with open(report, "w") as fh:
+                for line, path, problem in bad:
+                    fh.write(f"{line}\t{path}\t{problem}\n")
+            print(f"report of bad lines: {report}")
+        except OSError as e:  # the default sits beside the list, often in a read-only dataset folder
+            print(f"check_dataset.py: cannot write the report of bad lines {report} ({e.strerror or e}); "
+                  f"pass --report PATH", file=sys.stderr)
     return 1 if bad else 0
 
 

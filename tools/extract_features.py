@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import utils  # noqa: E402
 from precision import autocast, resolve_precision
-from cli import HelpFormatter, UserError, add_debug_arg, run_program  # noqa: E402
+from cli import HelpFormatter, UserError, add_debug_arg, make_output_dir, run_program  # noqa: E402
 from datasets import VideoList  # noqa: E402
 from checkpoint_loading import checkpoint_files  # noqa: E402
 from engine_for_probing import FeatureStore, FrozenEncoder, load_frozen_encoder  # noqa: E402
@@ -212,8 +212,7 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
                  "pooling": encoder.pooling, "dim": encoder.dim, "model_key": args.model_key,
                  "random_init": args.random_init, "precision": precision,
                  "video_backend": resolve_backend(args.video_backend)})
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(make_output_dir(args.out, "--out"))
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text(encoding="utf-8"))

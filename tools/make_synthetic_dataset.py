@@ -30,7 +30,7 @@ from typing import Dict
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from cli import at_least  # noqa: E402
+from cli import UserError, at_least, make_output_dir  # noqa: E402
 
 CLASS_NAMES = ["up", "down", "horizontal", "circle", "bounce", "grow", "shrink", "static"]
 BACKGROUND_RANGE = (90.0, 165.0)  # grey levels of the background's colour grid (see render_video)
@@ -250,11 +250,19 @@ def main(argv=None) -> int:
     problem = settings_problem(a.out, a.num_classes, a.format, a.size, a.relative, a.distractor_prob)
     if problem:
         p.error(problem)  # exit 2, one line naming the flag
+    try:
+        make_output_dir(a.out, "--out")
+    except UserError as e:
+        p.error(str(e))
     t0 = time.time()
     lists = make_synthetic_dataset(a.out, a.num_videos, a.num_classes, a.format, a.seed, a.size, a.frames,
                                    a.fps, relative=a.relative, distractor_prob=a.distractor_prob)
     print(f"wrote {a.num_videos} videos ({a.num_classes} classes, {a.format}) to {a.out} in "
           f"{time.time() - t0:.1f}s: " + ", ".join(f"{k}={v}" for k, v in lists.items()))
+    empty = [k for k, path in lists.items() if not any(line.strip() for line in open(path, encoding="utf-8"))]
+    if empty:  # a class needs 3 videos to have one in val and one in test
+        print(f"warning: {' and '.join(f'{k}.csv' for k in empty)} list no video: give each class at least 3 "
+              f"(--num_videos >= {3 * a.num_classes}) for fine-tuning, which needs them", file=sys.stderr)
     return 0
 
 

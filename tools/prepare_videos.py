@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Dict, List, NoReturn, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from cli import UserError, make_output_dir  # noqa: E402
 from frame_sampling import pretrain_indices  # noqa: E402
 from tools.video_reencode import convert, remove_output  # noqa: E402
 from video_io import BACKENDS, open_video  # noqa: E402
@@ -311,8 +312,16 @@ def run(a: argparse.Namespace) -> int:
         raise UsageError(f"IN_LIST cannot be read: {e}") from None
     if not records:
         raise UsageError(f"IN_LIST lists no videos: {a.in_list}" + (f" ({errors[0][1]})" if errors else ""))
-    os.makedirs(a.out_dir, exist_ok=True)
     frames = a.format == "frames"
+    jobs, collisions = plan_jobs(records, a.out_dir, "" if frames else ".mp4")
+    in_place = next((j for j in jobs if os.path.abspath(os.path.join(a.out_dir, j.rel)) == j.src), None)
+    if in_place is not None:  # the source would count as its finished output: nothing converted, silently
+        raise UsageError(f"OUT_DIR {a.out_dir} is where the videos are: {a.in_list}:{in_place.lines[0].line_no}'s "
+                         f"output would be its source {in_place.src}; choose another OUT_DIR")
+    try:
+        make_output_dir(a.out_dir, "OUT_DIR")
+    except UserError as e:
+        raise UsageError(str(e)) from None
     settings = {"short_side": a.short_side}
     settings.update({"format": "frames", "jpeg_quality": a.jpeg_quality} if frames else
                     {"gop": a.gop, "crf": a.crf, "preset": a.preset})
@@ -320,7 +329,6 @@ def run(a: argparse.Namespace) -> int:
     stale = remove_stale_tmp(a.out_dir)
 
     failures: List[Tuple[int, str]] = [(line, msg) for line, msg in errors]  # malformed lines
-    jobs, collisions = plan_jobs(records, a.out_dir, "" if frames else ".mp4")
     for r, reason in collisions:
         failures.append((r.line_no, f"{a.in_list}:{r.line_no}: {r.path}: {reason}"))
     done = [j for j in jobs if os.path.exists(os.path.join(a.out_dir, j.rel))]
