@@ -180,6 +180,20 @@ def load_checkpoint_file(path: PathLike) -> dict[str, Any]:
     return ckpt
 
 
+def refuse_to_start_over_on(output_dir: PathLike) -> None:
+    """``--no-auto_resume`` into a folder holding a run's checkpoints would write over them one by one and leave
+    the rest; a later auto-resume could then continue the old run from its newest file. Refused, naming them."""
+    d = Path(output_dir)
+    names = sorted(p.name for p in d.iterdir()
+                   if re.fullmatch(r"checkpoint-(\d+(-step\d+)?|latest|best)(\.pth)?|latest", p.name)) \
+        if d.is_dir() else []
+    if names:
+        shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise CheckpointError(f"--output_dir {output_dir} holds a run's checkpoints ({shown}); --no-auto_resume "
+                              f"would start over on top of them, and a later auto-resume could continue the old "
+                              f"run from its newest one. Use a new --output_dir, or remove them to start over here")
+
+
 def _find_auto_resume_candidates(output_dir: Path) -> tuple[Path | None, list[tuple[int, Path]]]:
     latest = output_dir / "checkpoint-latest.pth"
     numbered = []
@@ -275,6 +289,7 @@ def auto_load_model(args: argparse.Namespace, model_without_ddp: nn.Module,
         ckpt = load_checkpoint_file(resume)
         return _restore(ckpt, resume, args, model_without_ddp, optimizer, loss_scaler, model_ema)
     if not (resume == "auto" or args.auto_resume):
+        refuse_to_start_over_on(args.output_dir)
         return ResumeInfo(start_epoch=int(args.start_epoch))
     output_dir = args.output_dir
     if not Path(output_dir).is_dir():

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import distributed
-from checkpointing import CheckpointError, ResumeInfo, keeps_epoch
+from checkpointing import CheckpointError, ResumeInfo, keeps_epoch, refuse_to_start_over_on
 from distributed import all_gather_objects, get_rank, get_world_size
 from resume import check_run_config
 from utils import get_model_state_dict, plain_args
@@ -136,6 +136,8 @@ class DeepSpeedCheckpointer:
                 args.resume))
         elif args.auto_resume and os.path.isfile(os.path.join(args.output_dir, "latest")):
             load_dir = args.output_dir
+        elif not args.auto_resume:
+            refuse_to_start_over_on(args.output_dir)
         if load_dir is None:
             return ResumeInfo(start_epoch=args.start_epoch)
         path, client_state = self.engine.load_checkpoint(load_dir, tag=tag)

@@ -79,8 +79,14 @@ def test_save_frequency_tag_and_explicit_resume(tmp_path):
     args3 = _ckpt_args(tmp_path, resume=str(tmp_path / "missing.pth"))
     with pytest.raises(FileNotFoundError, match="missing.pth does not exist"):
         checkpointing.auto_load_model(args3, TinyViT(), None, None)
+    # --no-auto_resume starts over only in a folder without a run's checkpoints: it would write over them one by
+    # one, and a later auto-resume could continue the old run from its newest (here epoch 2) file
     args4 = _ckpt_args(tmp_path, auto_resume=False)
-    assert not checkpointing.auto_load_model(args4, TinyViT(), None, None).resumed and args4.start_epoch == 0
+    with pytest.raises(checkpointing.CheckpointError, match=r"holds a run's checkpoints \(checkpoint-1.pth, "
+                                                            r"checkpoint-2.pth, checkpoint-best.pth, checkpoint-lat"):
+        checkpointing.auto_load_model(args4, TinyViT(), None, None)
+    args5 = _ckpt_args(tmp_path / "new", auto_resume=False)
+    assert not checkpointing.auto_load_model(args5, TinyViT(), None, None).resumed and args5.start_epoch == 0
 
 
 def test_truncated_latest_falls_back_to_previous_numbered(tmp_path, capsys):
