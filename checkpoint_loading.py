@@ -160,6 +160,18 @@ def read_model_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return load_checkpoint_file(path)
 
 
+def refuse_probe_checkpoint(ckpt: Mapping[str, Any], path: str) -> None:
+    """A probe checkpoint where an encoder's is needed (export, features, probes) is named as such: it holds only
+    the probe trained on a frozen encoder."""
+    if ckpt.get("kind") != "probe":
+        return
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), Mapping) else {}
+    encoder = args.get("checkpoint") or args.get("features")
+    raise CheckpointMismatchError(f"{path} is a probe checkpoint: it holds the probe trained on a frozen encoder, "
+                                  f"not the encoder; give the encoder's checkpoint"
+                                  + (f" (this probe's was {encoder})" if encoder else ""))
+
+
 def select_state_dict(ckpt: Mapping[str, Any], model_key: str = "model|module") -> tuple[dict[str, Any], str]:
     """The weights: the first of ``model_key`` ('|'-separated) present in the file, else the file itself."""
     for key in model_key.split("|"):
@@ -281,6 +293,7 @@ def load_pretrained_encoder(model: nn.Module, path_or_state: str | os.PathLike |
                 report.dropped[k] = "encoder norm (the classifier mean-pools into a fresh fc_norm)"
 
     bad_shapes: list[str] = []
+    head_classes = None  # the checkpoint's class count, when its head does not fit
     for k in list(sd):
         if k not in target or not isinstance(sd[k], torch.Tensor):
             continue
@@ -290,6 +303,7 @@ def load_pretrained_encoder(model: nn.Module, path_or_state: str | os.PathLike |
         if k.startswith("head."):
             sd.pop(k)
             report.dropped[k] = f"class count differs (checkpoint {src[0]}, model {dst[0]})"
+            head_classes = src[0]
         elif k == "pos_embed":
             dst_grid = _model_grid(model)
             grid = tuple(src_grid) if src_grid is not None else \
@@ -331,9 +345,14 @@ def load_pretrained_encoder(model: nn.Module, path_or_state: str | os.PathLike |
                 f"({_short(around)} missing, unexpected or dropped): was it fine-tuned with another --use_cls / "
                 f"--use_mean_pooling setting?")
     if require_head and not report.head_loaded:
+        n = getattr(model, "num_classes", "?")
+        if head_classes is not None:  # a classifier, for another class count
+            raise CheckpointMismatchError(
+                f"{report.source}'s classifier head is for {head_classes} classes, this run's for {n} "
+                f"(--nb_classes / --data_set): evaluating it would need a new head; give the matching class count")
         raise CheckpointMismatchError(
-            f"{report.source} has no classifier head for {getattr(model, 'num_classes', '?')} classes (it looks "
-            f"like a pre-training checkpoint): evaluating it would give chance accuracy; fine-tune it first")
+            f"{report.source} has no classifier head for {n} classes (it looks like a pre-training checkpoint): "
+            f"evaluating it would give chance accuracy; fine-tune it first")
     if verbose:
         print(report)
     return report

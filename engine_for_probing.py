@@ -30,7 +30,7 @@ import hf_interop
 import utils
 from cli import UserError
 from resume import data_fingerprint
-from checkpoint_loading import CheckpointMismatchError, read_checkpoint, select_state_dict
+from checkpoint_loading import CheckpointMismatchError, read_checkpoint, refuse_probe_checkpoint, select_state_dict
 from tools.export_hf import ExportError, encoder_tokens, build_our_model
 
 __all__ = ["FrozenEncoder", "load_frozen_encoder", "LinearProbe", "AttentiveProbe", "PROBES", "build_probe",
@@ -86,6 +86,7 @@ def load_frozen_encoder(checkpoint: str, model_key: str = "model|module", random
 
 def _load_frozen_encoder(checkpoint: str, model_key: str, random_init: bool, seed: int) -> FrozenEncoder:
     ckpt = read_checkpoint(checkpoint)
+    refuse_probe_checkpoint(ckpt, checkpoint)
     saved = ckpt.get("args")
     if not isinstance(saved, Mapping):
         raise CheckpointMismatchError(f"{checkpoint} has no saved run args (not a checkpoint of this project); "

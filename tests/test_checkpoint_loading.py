@@ -82,6 +82,11 @@ def test_head_dropped_when_class_count_differs_and_kept_when_equal(tmp_path):
     assert torch.equal(other.fc_norm.weight, src.fc_norm.weight)
     same = classifier(num_classes=7)
     report = load_pretrained_encoder(same, str(tmp_path / "ft.pth"), require_head=True, verbose=False)
+    # --eval with another class count: the head does not fit (it is a classifier, not a pre-training checkpoint)
+    with pytest.raises(CheckpointMismatchError, match=r"ft.pth's classifier head is for 7 classes, this run's for 3 "
+                                                      r"\(--nb_classes / --data_set\)"):
+        load_pretrained_encoder(classifier(num_classes=3), str(tmp_path / "ft.pth"), require_head=True,
+                                verbose=False)
     assert report.head_loaded and torch.equal(same.head.weight, src.head.weight)
     assert report.missing == []
 

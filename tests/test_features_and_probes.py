@@ -149,6 +149,17 @@ def test_linear_probe_on_cached_features(cached_features, tmp_path):
     assert saved["num_videos"] == results["test"]["num_videos"] > 0 and saved["unevaluated"] == []
     assert 0.0 <= saved["top1"] <= 100.0 and "cached features" in saved["protocol"]
     assert (tmp_path / "out" / "checkpoint-1.pth").is_file()
+    # the probe's checkpoint is no encoder: export, features and probes say so (they failed to rebuild a ViT)
+    from checkpoint_loading import CheckpointMismatchError
+    from cli import UserError
+    from tools.export_hf import export
+
+    probe_ckpt = str(tmp_path / "out" / "checkpoint-1.pth")
+    with pytest.raises(UserError, match=f"{probe_ckpt} is a probe checkpoint: it holds the probe trained on a "
+                                        f"frozen encoder, not the encoder"):
+        load_frozen_encoder(probe_ckpt)
+    with pytest.raises(CheckpointMismatchError, match=f"this probe's was {cached_features}"):
+        export(probe_ckpt, str(tmp_path / "hf"), verify=False)
 
 
 def test_attentive_probe_on_the_fly_names_unevaluated(tiny_checkpoint, synthetic_dir, video_dir, tmp_path):

@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import hf_interop  # noqa: E402
 import utils  # noqa: E402
 import checkpointing
-from checkpoint_loading import CheckpointMismatchError, read_checkpoint  # noqa: E402
+from checkpoint_loading import CheckpointMismatchError, read_checkpoint, refuse_probe_checkpoint  # noqa: E402
 from tools.hf_model_card import (PREPROCESSOR_NOTE, ClassNamesError, model_card,  # noqa: E402
                                  preprocessor_config, read_class_names)
 
@@ -232,6 +232,7 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: b
     if hf_interop.is_hf_folder(checkpoint):
         raise ExportError("is already a Hugging Face VideoMAE folder")
     ckpt = read_checkpoint(checkpoint)  # a .pth file or URL, or a DeepSpeed checkpoint folder (weights: module)
+    refuse_probe_checkpoint(ckpt, checkpoint)
     key = "model_ema" if use_ema else ("model" if "model" in ckpt else "module")
     if not isinstance(ckpt.get(key), Mapping):
         raise ExportError(f"has no '{key}' weights" + (" (it was trained without --model_ema)" if use_ema else ""))
