@@ -180,6 +180,9 @@ def load_checkpoint_file(path: PathLike) -> dict[str, Any]:
     return ckpt
 
 
+RUN_KINDS = ("pretrain", "finetune", "probe")  # the programs' checkpoint kinds
+
+
 def refuse_to_start_over_on(output_dir: PathLike) -> None:
     """``--no-auto_resume`` into a folder holding a run's checkpoints would write over them one by one and leave
     the rest; a later auto-resume could then continue the old run from its newest file. Refused, naming them."""
@@ -277,12 +280,13 @@ def _restore(ckpt: Mapping[str, Any], path: str, args: argparse.Namespace, model
 
 def auto_load_model(args: argparse.Namespace, model_without_ddp: nn.Module,
                     optimizer: torch.optim.Optimizer | None, loss_scaler: LossScaler | None,
-                    model_ema: Any = None) -> ResumeInfo:
+                    model_ema: Any = None, kind: str | None = None) -> ResumeInfo:
     """Resume model/optimizer/scaler/EMA/RNG and set ``args.start_epoch``; the info has ``global_step``.
 
     ``args.resume`` (path, URL, or 'auto') wins and must load; otherwise with ``args.auto_resume`` (default
     True) the newest readable checkpoint in ``args.output_dir`` is used: ``checkpoint-latest.pth`` or
     ``checkpoint-N.pth`` by stored epoch, falling back past truncated files with a message naming each one.
+    ``kind`` (the program's: pretrain, finetune, probe): a folder holding another program's run is refused as such.
     """
     resume = args.resume
     if resume and resume != "auto":
@@ -316,6 +320,9 @@ def auto_load_model(args: argparse.Namespace, model_without_ddp: nn.Module,
             except CheckpointError as e:
                 _builtin_print(f"[auto_resume] WARNING: {e}; falling back to the previous checkpoint")
                 continue
+        if kind and ck.get("kind") in RUN_KINDS and ck["kind"] != kind:
+            raise CheckpointError(f"--output_dir {output_dir} holds a {ck['kind']} run ({path.name}); this "
+                                  f"{kind} run cannot continue it: use another --output_dir")
         check_run_config(ck.get("args"), args, str(path))
         return _restore(ck, str(path), args, model_without_ddp, optimizer, loss_scaler, model_ema)
     if candidates or latest is not None:
@@ -336,7 +343,8 @@ class Checkpointer:
         self.model_ema, self.enabled, self.extra = model_ema, enabled, extra
 
     def resume(self) -> ResumeInfo:
-        return auto_load_model(self.args, self.model, self.optimizer, self.loss_scaler, model_ema=self.model_ema)
+        return auto_load_model(self.args, self.model, self.optimizer, self.loss_scaler, model_ema=self.model_ema,
+                               kind=self.extra.get("kind"))
 
     def save(self, epoch: int, global_step: int, tag: str | None = None, step_in_epoch: int | None = None,
              rank_state: Mapping[str, Any] | None = None) -> list[str]:

@@ -72,6 +72,9 @@ def list_lines(list_path: str) -> Iterator[Tuple[int, str]]:
         try:
             yield line_no, raw.decode("utf-8")
         except UnicodeDecodeError as e:
+            if data[4:8] == b"ftyp" or data[:4] in (b"\x1a\x45\xdf\xa3", b"RIFF"):  # MP4/MOV, WebM/MKV, AVI
+                raise UserError(f"{list_path} is a video, not a list: a list names one video per line ('path "
+                                f"label'); see DATASET.md") from None
             raise UserError(f"{list_path}:{line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
                             f"{e.start + 1}); save the list as UTF-8") from None
 
@@ -116,6 +119,16 @@ def read_list_file(list_path: str, data_root: str = "", require_label: bool = Tr
 
 def _parse_fields(fields: List[str], line: str, list_path: str, line_no: int,
           require_label: bool) -> Tuple[str, int | None]:
+    try:
+        return _parse_fields_of(fields, line, list_path, line_no, require_label)
+    except ValueError as e:
+        if len(fields) > 2 and "," not in line:  # split at spaces: a path with spaces reads as several fields
+            raise ValueError(f"{e} (a path with spaces? write the line as 'path,label')") from None
+        raise
+
+
+def _parse_fields_of(fields: List[str], line: str, list_path: str, line_no: int,
+                     require_label: bool) -> Tuple[str, int | None]:
     if len(fields) == 1:
         path, label_s = fields[0], None
     elif len(fields) == 2:

@@ -162,6 +162,28 @@ def test_list_not_in_utf8_is_a_user_error_naming_file_and_line(tmp_path, video_d
     assert f"{lst}:2: not UTF-8" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("name", ["h264_64x48.mp4", "vp9_64x48.webm"])
+def test_a_video_given_as_the_list_is_named_as_a_video(video_dir, name):
+    """--data_path video.mp4 said 'not UTF-8 text ...; save the list as UTF-8'."""
+    from cli import UserError
+    from datasets import read_list_file
+
+    video = os.path.join(video_dir, name)
+    with pytest.raises(UserError, match=f"{video} is a video, not a list: a list names one video per line"):
+        read_list_file(video)
+
+
+def test_a_path_with_spaces_split_into_fields_gets_a_hint(tmp_path):
+    from datasets import read_list_file
+
+    lst = tmp_path / "l.csv"
+    lst.write_text("/data/my videos/a.mp4 0\n")
+    with pytest.raises(ValueError, match=r"l.csv:1: .*\(a path with spaces\? write the line as 'path,label'\)"):
+        read_list_file(str(lst))
+    lst.write_text("/data/my videos/a.mp4,0\n")
+    assert read_list_file(str(lst))[0].path == "/data/my videos/a.mp4"
+
+
 def test_hash_line_naming_an_existing_video_is_a_record(tmp_path, video_dir):
     """HMDB51 has videos named '#20_Rhythm_clap_u_nm_np1_fr_goo_0.avi': such a line is a video when its first field
     names an existing file or folder (relative to data_root like any path), a comment otherwise."""

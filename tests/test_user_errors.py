@@ -223,6 +223,10 @@ def test_resume_of_a_checkpoint_that_does_not_fit_says_what_it_holds(synthetic_d
     assert res.returncode == 2 and "unexpected (e.g. encoder.pos_embed_probs)" in res.stderr, res.stderr[-2000:]
     res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "pt3", "--resume", str(pt))
     assert res.returncode == 2 and f"checkpoint {pt} is a folder; give a checkpoint file in it" in res.stderr
+    # fine-tuning into a pre-training run's folder: named as such (it listed every flag that differs)
+    res = finetune(synthetic_dir, pt, "--data_set", "custom", "--nb_classes", "4")
+    assert_user_error(res, f"--output_dir {pt} holds a pretrain run (checkpoint-latest.pth); this finetune run "
+                           f"cannot continue it")
     # starting over where a run's checkpoints are: they would be overwritten one by one (and silently resumed later)
     res = pretrain(os.path.join(synthetic_dir, "train.csv"), pt, "--no-auto_resume", "--num_workers", "0")
     assert_user_error(res, f"--output_dir {pt} holds a run's checkpoints (checkpoint-0.pth, checkpoint-latest.pth)")
