@@ -3,6 +3,15 @@
 # requeueing a SLURM job whose run stopped on a signal.
 # torchrun launches read NNODES, NODE_RANK, GPUS_PER_NODE, MASTER_ADDR, MASTER_PORT; SLURM ones read SLURM_*.
 REPO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# The launchers run from the repository, whose folders their defaults name (data/k400, output/...). A relative
+# path the user gives is relative to where the launcher was started, as for any command: made absolute here,
+# before any cd. URLs (FINETUNE=https://...) are left alone.
+for _path_var in DATA_DIR DATA_ROOT OUTPUT_DIR FINETUNE CHECKPOINT FEATURES; do
+  if [[ -n ${!_path_var:-} && ${!_path_var} != /* && ${!_path_var} != *://* ]]; then
+    printf -v "$_path_var" '%s' "$PWD/${!_path_var}"
+  fi
+done
+unset _path_var
 PREEMPTED_EXIT=75  # preemption.PREEMPTED_EXIT_CODE: the run saved a checkpoint after a signal and can resume
 
 # The processes a torchrun launch starts: NNODES x GPUS_PER_NODE.

@@ -76,9 +76,10 @@ def synthetic_dir(tmp_path_factory) -> str:
     return str(d)
 
 
-def run_launcher(script: str, tmp_path, program: str, env: dict | None = None) -> list[str]:
-    """Run a launcher script with torchrun/srun/python replaced by a recorder; return the argv it passed (all of
-    it, launcher options included). ``program`` only checks that the launcher really starts that program."""
+def run_launcher(script: str, tmp_path, program: str, env: dict | None = None, cwd: str | None = None) -> list[str]:
+    """Run a launcher script (from ``cwd``) with torchrun/srun/python replaced by a recorder; return the argv it
+    passed (all of it, launcher options included). ``program`` only checks that the launcher really starts that
+    program."""
     import json
     import subprocess
 
@@ -92,7 +93,7 @@ def run_launcher(script: str, tmp_path, program: str, env: dict | None = None) -
     full_env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7",
                 "SLURM_SUBMIT_DIR": ROOT, **(env or {})}
     res = subprocess.run(["bash", os.path.join(ROOT, script)], env=full_env, capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, cwd=cwd)
     assert res.returncode == 0, res.stderr
     argv = json.loads(record.read_text())
     assert program in argv, argv

@@ -189,16 +189,19 @@ def test_attentive_probe_refuses_cached_features(tmp_path):
 @pytest.mark.parametrize("script,probe", [("scripts/probe/linear_probe.sh", "linear"),
                                           ("scripts/probe/attentive_probe.sh", "attentive")])
 def test_probe_launchers(script, probe, tmp_path):
-    """The launchers start run_linear_probe.py with flags it accepts and the probe's recipe defaults."""
+    """The launchers start run_linear_probe.py with flags it accepts and the probe's recipe defaults; relative
+    paths given to them are relative to where they were started (they run from the repository)."""
     from conftest import run_launcher
-    argv = run_launcher(script, tmp_path, "run_linear_probe.py", {"CHECKPOINT": "pt.pth", "DATA_DIR": "d"})
+    argv = run_launcher(script, tmp_path, "run_linear_probe.py", {"CHECKPOINT": "pt.pth", "DATA_DIR": "d"},
+                        cwd=str(tmp_path))
     args = run_linear_probe.get_args_parser().parse_args(argv[argv.index("run_linear_probe.py") + 1:])
     run_linear_probe.apply_probe_defaults(args)
     assert args.probe == probe and args.output_dir
     if probe == "linear":
         assert args.features and args.opt == "lars" and args.lr == 0.1 and args.epochs == 90
     else:
-        assert args.checkpoint == "pt.pth" and args.data_path == "d" and args.dist_eval
+        assert args.checkpoint == str(tmp_path / "pt.pth") and args.data_path == str(tmp_path / "d")
+        assert args.dist_eval
         assert args.opt == "adamw" and args.lr == 1e-3 and args.weight_decay == 0.01 and args.epochs == 20
         assert (args.test_num_segment, args.test_num_crop) == (5, 3)
 

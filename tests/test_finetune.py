@@ -273,12 +273,14 @@ def test_accumulation_fp32_no_mixup_and_learnable_pos_from_scratch(synthetic_dir
 ])
 def test_launchers_pass_the_paper_recipe(script, env, expect, tmp_path):
     """Run each launcher with torchrun/srun/python replaced by a recorder, then parse what it passed."""
-    argv = run_launcher(script, tmp_path, "run_class_finetuning.py", {"FINETUNE": "pretrain.pth", **env})
+    argv = run_launcher(script, tmp_path, "run_class_finetuning.py", {"FINETUNE": "pretrain.pth", **env},
+                        cwd=str(tmp_path))
     if "NNODES" in env:
         assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node_rank") + 1] == "1"
     argv = argv[argv.index("run_class_finetuning.py") + 1:]
     args = run_class_finetuning.get_args_parser().parse_args(argv)
-    assert args.model == "vit_base_patch16_224" and args.finetune == "pretrain.pth"
+    assert args.model == "vit_base_patch16_224" and args.finetune == str(tmp_path / "pretrain.pth")  # from cwd
+    assert args.data_path == "data/" + ("ssv2" if expect["data_set"] == "SSV2" else "k400")  # the repo's default
     assert args.layer_decay == 0.75 and args.opt == "adamw" and args.opt_betas == [0.9, 0.999]
     assert args.weight_decay == 0.05 and args.drop_path == 0.1 and args.num_frames == 16
     assert args.batch_size == 8 and args.num_sample == 1 and args.dist_eval and args.input_size == 224
