@@ -124,12 +124,25 @@ def _deepspeed_model_file(folder: str) -> str:
     return candidate
 
 
+def _hf_folder_of_weights(path: str) -> str | None:
+    """The Hugging Face folder whose weights file ``path`` is (``hf/model.safetensors``), else None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not (os.path.isfile(path) and hf_interop.is_hf_folder(folder)):
+        return None
+    try:
+        weights = [os.path.abspath(f) for f in hf_interop.hf_weight_files(folder)]
+    except hf_interop.HFInteropError:
+        return None
+    return folder if os.path.abspath(path) in weights else None
+
+
 def checkpoint_files(path: str | os.PathLike) -> list[str]:
     """The local files ``read_checkpoint(path)`` reads (none for a URL), so that a cache of what was computed
     from them can notice when they are rewritten (e.g. ``checkpoint-latest.pth`` after more training)."""
     path = str(path)
     if path.startswith(("https://", "http://")):
         return []
+    path = _hf_folder_of_weights(path) or path
     if os.path.isdir(path) and hf_interop.is_hf_folder(path):
         with _hf_folder_errors(path):
             files = hf_interop.hf_folder_files(path)
@@ -144,6 +157,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     path = str(path)
     if os.path.isdir(path) and hf_interop.is_hf_folder(path):
         return _read_hf_folder(path)
+    folder = _hf_folder_of_weights(path)
+    if folder is not None:  # an HF folder's weights file: its config.json says what the weights are
+        return _read_hf_folder(folder)
     path = _deepspeed_model_file(path) if os.path.isdir(path) else path
     ckpt = torch_load(path)
     if not isinstance(ckpt, Mapping):

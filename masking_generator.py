@@ -53,7 +53,7 @@ def num_visible_tokens(mask_type: str, grid: Sequence[int], mask_ratio: float) -
     else:
         n_vis = (t - _floor(t * mask_ratio)) * hw
     if not 0 < n_vis < n:
-        raise ValueError(f"mask_ratio={mask_ratio} leaves {n_vis} of {n} tokens visible for a {mask_type} mask "
+        raise ValueError(f"mask_ratio={mask_ratio} leaves {n_vis} of {n} tokens visible with {mask_type} masking "
                          f"on a {t}x{h}x{w} token grid; need at least one visible and one masked token")
     return n_vis
 

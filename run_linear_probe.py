@@ -146,6 +146,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         raise UserError("--probe attentive needs the tokens: drop --features and give --checkpoint and --data_path")
     if not args.features and not args.checkpoint:
         raise UserError("give --checkpoint (with --data_path) or --features")
+    if args.features and (args.checkpoint or args.data_path):  # the features fix both; one would be ignored
+        raise UserError("--features come from one encoder and list: give --features alone, or --checkpoint with "
+                        "--data_path")
     device = training.setup_run(args)
 
     encoder = None

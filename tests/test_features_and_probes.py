@@ -184,6 +184,10 @@ def test_attentive_probe_refuses_cached_features(tmp_path):
         probe_flags(tmp_path / "out", "--probe", "attentive", "--features", str(tmp_path)))
     with pytest.raises(UserError, match="needs the tokens"):
         run_linear_probe.main(args)
+    args = run_linear_probe.get_args_parser().parse_args(
+        probe_flags(tmp_path / "out", "--features", str(tmp_path), "--checkpoint", "other.pth"))
+    with pytest.raises(UserError, match="give --features alone, or --checkpoint with --data_path"):
+        run_linear_probe.main(args)  # the checkpoint was ignored without a word
 
 
 @pytest.mark.parametrize("script,probe", [("scripts/probe/linear_probe.sh", "linear"),

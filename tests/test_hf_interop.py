@@ -11,6 +11,7 @@ reruns HF with those norms set to 1e-6, which must then agree to float rounding.
 from __future__ import annotations
 
 import json
+import copy
 import os
 import sys
 from pathlib import Path
@@ -383,3 +384,18 @@ def test_export_fails_when_transformers_disagrees(classifier_run, transformers, 
     assert len(errors) == 1 and "parity check failed" in errors[0] and "not a faithful export" in errors[0], errors
     assert not any((tmp_path / "out" / f).exists() for f in ("config.json", "model.safetensors"))  # nothing loadable
     assert export_hf.PARITY_TOL == 1e-3 and classifier_run[2].parity["relative"] < 1e-5  # the real export: far below
+
+
+def test_an_hf_folders_weights_file_reads_as_the_folder(classifier_run):
+    """--finetune hf/model.safetensors read the bare HF-named tensors ('28 missing' encoder weights): it is the
+    folder's weights, which its config.json describes, so it reads as the folder."""
+    from checkpoint_loading import checkpoint_files
+
+    folder = classifier_run[2].out_dir
+    weights = os.path.join(folder, "model.safetensors")
+    a, b = read_checkpoint(folder), read_checkpoint(weights)
+    assert a.keys() == b.keys() and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert checkpoint_files(weights) == checkpoint_files(folder)
+    report = load_pretrained_encoder(copy.deepcopy(classifier_run[0]), weights, require_head=True, verbose=False)
+    assert report.head_loaded and report.missing == []
