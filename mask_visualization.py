@@ -1,10 +1,13 @@
-"""Side-by-side pictures of what a video MAE sees and predicts: Video | Prediction | Error | CAT | Mask.
+"""Side-by-side pictures of what a video MAE sees and predicts: Video | Prediction | No leak | Error | CAT | Mask.
 
-AdaMAE's project page shows these five panels per clip, but the code that drew them was never released. They
+AdaMAE's project page shows five of these panels per clip, but the code that drew them was never released. They
 are the quickest way to check that an adaptive sampler is learning (its categorical distribution "CAT" follows
 the moving, hard-to-reconstruct regions) rather than collapsing onto a few tokens.
 
-* :func:`reconstruct_clip` turns the decoder's output back into pixels (visible tubelets copied from the input).
+* :func:`reconstruct_clip` turns the decoder's output back into pixels (visible tubelets copied from the input):
+  with normalised targets, VideoMAE's way (each masked tubelet's own statistics, which the model never saw: the
+  picture looks better than the model is) or without that leak (statistics interpolated from the visible
+  tubelets only).
 * :func:`panel_images` runs a model once and returns, per clip, ``uint8 [T, H, W, 3]`` frames for each panel
   plus the sampler statistics (normalised entropy, max probability, motion coverage and the motion coverage a
   uniform random mask gets).
@@ -27,12 +30,12 @@ from PIL import Image, ImageDraw, ImageFont
 from losses import masked_token_error, pixel_targets, unnormalize
 from masking_generator import mask_from_visible, motion_coverage, motion_energy, sampler_health, uniform_visible
 from timm.utils import unwrap_model
-from token_ops import denormalize_tubelets, gather_tokens, patchify, scatter_tokens, unpatchify
+from token_ops import denormalize_tubelets, gather_tokens, patchify, scatter_tokens, tubelet_stats, unpatchify
 
-PANEL_KEYS = ("video", "prediction", "error", "cat", "mask")
-PANEL_TITLES = ("Video", "Prediction", "Error", "CAT", "Mask")
+PANEL_KEYS = ("video", "prediction", "no_leak", "error", "cat", "mask")
+PANEL_TITLES = ("Video", "Prediction", "No leak", "Error", "CAT", "Mask")
 STAT_KEYS = ("entropy", "max_prob", "uniform_max_prob", "motion_coverage", "random_coverage", "error_max",
-             "reconstruction_error", "num_tokens", "num_visible", "mask_type")
+             "reconstruction_error", "pixel_error", "pixel_error_no_leak", "num_tokens", "num_visible", "mask_type")
 
 # Layout (pixels). Cells are panels upscaled by an integer factor; see ``cell_box``.
 PAD = 4
@@ -96,14 +99,17 @@ def tokens_to_pixels(values: torch.Tensor, grid: Sequence[int], patch_size: int,
 
 
 def reconstruct_clip(videos: torch.Tensor, pred: torch.Tensor, masked_idx: torch.Tensor, patch_size: int,
-                     tubelet_size: int, normalize_target: bool = True, eps: float = 1e-6) -> torch.Tensor:
+                     tubelet_size: int, normalize_target: bool = True, eps: float = 1e-6,
+                     leak_free: bool = False) -> torch.Tensor:
     """Pixels ``[B, 3, T, H, W]`` in ``[0, 1]``: visible tubelets from the input, masked ones from the prediction.
 
     ``pred`` and ``masked_idx`` are the model output's (``PretrainOutput.pred`` / ``.masked_idx``). With
-    ``normalize_target`` the decoder predicted each tubelet standardised per channel, so (as in VideoMAE's
-    visualisation) the prediction is mapped back with the *original* tubelet's statistics, the ones its training
-    target was standardised with (``token_ops.denormalize_tubelets``); this borrows the target's statistics, so
-    the picture shows the structure the model predicted, not the colours it would have guessed on its own.
+    ``normalize_target`` the decoder predicted each tubelet standardised per channel, so the prediction has to be
+    mapped back with some mean and scale. VideoMAE's visualisation uses the *original* tubelet's, the ones its
+    training target was standardised with (``token_ops.denormalize_tubelets``): the picture then borrows the
+    answer's colours and contrast and looks better than the model is. ``leak_free`` uses only what the model
+    saw: each masked tubelet's statistics interpolated from the visible tubelets' (inverse squared distance on the
+    token grid, Shepard's method), so the picture shows what the model could produce on its own.
     """
     _, _, t, h, w = videos.shape
     grid = (t // tubelet_size, h // patch_size, w // patch_size)
@@ -111,10 +117,29 @@ def reconstruct_clip(videos: torch.Tensor, pred: torch.Tensor, masked_idx: torch
     idx = masked_idx.to(patches.device)
     orig = gather_tokens(patches, idx)
     rec = pred.detach().float().to(patches.device).reshape(orig.shape)
-    if normalize_target:
+    if normalize_target and leak_free:
+        mean, scale = _visible_stats(patches, idx, grid, eps)
+        rec = rec * scale + mean
+    elif normalize_target:
         rec = denormalize_tubelets(rec, orig, eps)
     patches = scatter_tokens(patches, idx, rec)
     return unpatchify(patches.flatten(2), grid, patch_size, tubelet_size).clamp(0.0, 1.0)
+
+
+def _visible_stats(patches: torch.Tensor, masked_idx: torch.Tensor, grid: tuple[int, int, int], eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per masked token ``[B, M, 1, C]`` mean and scale: the visible tubelets' (``tubelet_stats``) averaged with
+    weights 1 / (squared token-grid distance)."""
+    mean, scale = tubelet_stats(patches, eps)  # [B, N, 1, C]
+    b, n = patches.shape[:2]
+    coords = torch.stack(torch.meshgrid(*(torch.arange(g, device=patches.device) for g in grid), indexing="ij"),
+                         -1).reshape(n, 3).float()
+    d2 = torch.cdist(coords, coords).square()  # [N, N]
+    visible = torch.ones(b, n, dtype=torch.bool, device=patches.device).scatter_(1, masked_idx, False)
+    weights = torch.where(visible[:, None, :], 1.0 / d2.clamp_min(1.0)[None], torch.zeros((), device=d2.device))
+    weights = gather_tokens(weights, masked_idx)  # [B, M, N]: rows of the masked tokens
+    weights = weights / weights.sum(-1, keepdim=True)
+    return (weights @ mean.flatten(2)).unsqueeze(2), (weights @ scale.flatten(2)).unsqueeze(2)
 
 
 def _random_coverage(energy: torch.Tensor, num_visible: int, seed: int) -> float:
@@ -131,7 +156,9 @@ def panel_images(model: nn.Module, videos: torch.Tensor, mask: torch.Tensor | No
     """Run ``model`` once (eval mode, no grad, fp32; its train/eval flags are restored) on ImageNet-normalised
     ``videos`` ``[B, 3, T, H, W]`` and return one dict per clip.
 
-    Panels, ``uint8 [T, H, W, 3]``: ``video``; ``prediction`` (:func:`reconstruct_clip`); ``error`` (per-token
+    Panels, ``uint8 [T, H, W, 3]``: ``video``; ``prediction`` (:func:`reconstruct_clip`, VideoMAE's way);
+    ``no_leak`` (the same without the masked tubelets' own statistics; equal to ``prediction`` for raw-pixel
+    targets, which have nothing to leak); ``error`` (per-token
     reconstruction error of masked tokens, inferno, scaled 0..``error_max`` per clip; visible tokens show the
     input dimmed in grey); ``cat`` (the sampler's probability per token painted over its tubelet, viridis,
     scaled 0..``max_prob`` per clip; None without a sampler); ``mask`` (visible tubelets, masked ones black).
@@ -140,7 +167,9 @@ def panel_images(model: nn.Module, videos: torch.Tensor, mask: torch.Tensor | No
     Stats (``STAT_KEYS``): ``entropy`` (H(p)/log N), ``max_prob`` (None without a sampler), ``uniform_max_prob``
     (1/N), ``motion_coverage`` / ``random_coverage`` (share of visible tokens in the top-20% tubelets by
     temporal-difference energy, for this mask and for uniform random masks of the same size), ``error_max``,
-    ``reconstruction_error`` (mean over masked tokens: the loss), ``num_tokens``, ``num_visible``, ``mask_type``.
+    ``reconstruction_error`` (mean over masked tokens: the loss), ``pixel_error`` / ``pixel_error_no_leak``
+    (mean squared error of the two pictures against the input over the masked pixels, in [0, 1] units: how much
+    better the leak makes the picture look), ``num_tokens``, ``num_visible``, ``mask_type``.
 
     ``seed`` fixes the mask draw through a private generator (the global RNG is untouched, so calling this
     during training does not change the run); None uses the global RNG. A given ``mask`` is used as is.
@@ -163,6 +192,11 @@ def panel_images(model: nn.Module, videos: torch.Tensor, mask: torch.Tensor | No
         video01 = unnormalize(videos)
         energy = motion_energy(video01, patch, tubelet)
         rec01 = reconstruct_clip(videos, out.pred, out.masked_idx, patch, tubelet, normalize_target)
+        rec01_no_leak = reconstruct_clip(videos, out.pred, out.masked_idx, patch, tubelet, normalize_target,
+                                         leak_free=True)
+        masked_px = 1.0 - tokens_to_pixels((~mask).float(), grid, patch, tubelet)  # [B, T, H, W]
+        pixel_err = [((r - video01.clamp(0, 1)).square().mean(1) * masked_px).flatten(1).sum(1)
+                     / masked_px.flatten(1).sum(1).clamp_min(1) for r in (rec01, rec01_no_leak)]
         visible_px = tokens_to_pixels((~mask).float(), grid, patch, tubelet)
         err_px = tokens_to_pixels(err, grid, patch, tubelet)
         cat_px = tokens_to_pixels(probs.float(), grid, patch, tubelet) if probs is not None else None
@@ -181,6 +215,7 @@ def panel_images(model: nn.Module, videos: torch.Tensor, mask: torch.Tensor | No
         d: dict[str, Any] = {
             "video": _to_uint8(v01),
             "prediction": _to_uint8(hwc(rec01[i])),
+            "no_leak": _to_uint8(hwc(rec01_no_leak[i])),
             "error": error,
             "cat": None,
             "mask": _to_uint8(v01 * vis[..., None]),
@@ -195,6 +230,8 @@ def panel_images(model: nn.Module, videos: torch.Tensor, mask: torch.Tensor | No
             "random_coverage": _random_coverage(energy[i:i + 1], int((~mask[i]).sum()), (seed or 0) + 1),
             "error_max": e_max,
             "reconstruction_error": float(err_masked[i].mean()),
+            "pixel_error": float(pixel_err[0][i]),
+            "pixel_error_no_leak": float(pixel_err[1][i]),
             "num_tokens": n,
             "num_visible": int((~mask[i]).sum()),
             "mask_type": str(net.mask_type),
@@ -260,7 +297,7 @@ def cell_box(row: int, col: int, cell_h: int, cell_w: int) -> tuple[int, int, in
 
 
 def sheet_size(rows: int, cell_h: int, cell_w: int, footer_h: int = FOOTER_H) -> tuple[int, int]:
-    """``(width, height)`` of a sheet with ``rows`` rows of the five panels."""
+    """``(width, height)`` of a sheet with ``rows`` rows of the panels (``PANEL_KEYS``)."""
     return LABEL_W + len(PANEL_KEYS) * (cell_w + PAD) + PAD, HEADER_H + rows * (cell_h + PAD) + PAD + footer_h
 
 
@@ -316,8 +353,9 @@ def _sheet_frames(panels: dict[str, Any], frames: Union[str, Sequence[int], None
 def contact_sheet(panels: dict[str, Any], frames: Union[str, Sequence[int], None] = None,
                   min_size: int = 128) -> Image.Image:
     """One clip's panels as a PNG-ready grid: a row per frame in ``frames`` (default ``"tubelet"``: the first
-    frame of every tubelet; ``"all"``: every frame; or a list of indices), the five columns titled
-    Video | Prediction | Error | CAT | Mask, and a footer with the Error and CAT colour scales and the stats.
+    frame of every tubelet; ``"all"``: every frame; or a list of indices), the columns titled
+    Video | Prediction | No leak | Error | CAT | Mask, and a footer with the Error and CAT colour scales and the
+    stats.
     Panels are upscaled by :func:`panel_scale` (nearest neighbour) so a 32 px clip stays legible."""
     idx = _sheet_frames(panels, frames)
     h, w = panels["video"].shape[1:3]
@@ -325,9 +363,9 @@ def contact_sheet(panels: dict[str, Any], frames: Union[str, Sequence[int], None
     rows = [[None if panels[k] is None else panels[k][f] for k in PANEL_KEYS] for f in idx]
     img, draw, ch, cw = _draw_grid(rows, [f"t={f}" for f in idx], scale, FOOTER_H)
     y0 = img.height - FOOTER_H + 2
-    ex, _, _, _ = cell_box(0, 2, ch, cw)
+    ex, _, _, _ = cell_box(0, PANEL_KEYS.index("error"), ch, cw)
     _colour_bar(img, draw, ex, y0, cw, ERROR_CMAP, f"0..max err={panels['error_max']:.3g}")
-    cx, _, _, _ = cell_box(0, 3, ch, cw)
+    cx, _, _, _ = cell_box(0, PANEL_KEYS.index("cat"), ch, cw)
     if panels.get("cat") is not None:
         _colour_bar(img, draw, cx, y0, cw, CAT_CMAP, f"0..max p={panels['max_prob']:.3g}")
     else:
@@ -355,7 +393,7 @@ def animated_gif(panels: dict[str, Any], path: str, fps: float = 8.0, min_size: 
 
 
 def mask_grid(clips: Sequence[dict[str, Any]], frame: int | None = None, min_size: int = 96) -> np.ndarray:
-    """``uint8 [H, W, 3]``: one row per clip (the five panels at ``frame``, default the first frame of the
+    """``uint8 [H, W, 3]``: one row per clip (the panels at ``frame``, default the first frame of the
     middle tubelet) with a stats line per clip underneath."""
     t = clips[0]["video"].shape[0]
     tub = int(clips[0].get("tubelet_size", 1))
@@ -376,7 +414,7 @@ def mask_grid(clips: Sequence[dict[str, Any]], frame: int | None = None, min_siz
 def log_mask_images(log_writer: Any, model: nn.Module, videos: torch.Tensor, step: int, tag: str = "vis/masks",
                     normalize_target: bool = True, seed: int = 0, max_clips: int = 4, frame: int | None = None,
                     min_size: int = 96, loss_type: str = "mse") -> np.ndarray | None:
-    """Log the Video | Prediction | Error | CAT | Mask grid of the first ``max_clips`` of ``videos`` (a fixed
+    """Log the Video | Prediction | No leak | Error | CAT | Mask grid of the first ``max_clips`` of ``videos`` (a fixed
     ImageNet-normalised batch ``[B, 3, T, H, W]``) as one image at ``step``, so TensorBoard's step slider shows the
     sampler's mask evolving over pre-training.
 

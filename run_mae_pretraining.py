@@ -78,8 +78,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = training.add_output_args(p, "output and resume", "checkpoints, log.txt, args.json, TensorBoard")
     g.add_argument("--vis_freq", default=20, type=at_least(0),
-                   help="every N epochs log the Video|Prediction|Error|CAT|Mask grid of fixed clips to TensorBoard "
-                        "(0: never)")
+                   help="every N epochs log the Video|Prediction|No leak|Error|CAT|Mask grid of fixed clips to "
+                        "TensorBoard (0: never)")
     g.add_argument("--vis_num_clips", default=4, type=at_least(1), help="clips in the TensorBoard mask grid")
 
     add_data_args(p, pretrain=True)

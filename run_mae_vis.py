@@ -1,4 +1,4 @@
-"""Visualise a pre-trained AdaMAE / VideoMAE model: Video | Prediction | Error | CAT | Mask for each clip.
+"""Visualise a pre-trained AdaMAE / VideoMAE model: Video | Prediction | No leak | Error | CAT | Mask for each clip.
 
     python run_mae_vis.py --checkpoint out/checkpoint-latest.pth --video clip.mp4 --output_dir vis
     python run_mae_vis.py --checkpoint adamae_ssv2.pth --video val.csv --data_root /data/ssv2 --output_dir vis

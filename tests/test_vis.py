@@ -139,6 +139,31 @@ def test_prediction_equals_input_on_visible_patches(video_dir):
         torch.testing.assert_close(perfect, input01, atol=1e-4, rtol=0)
 
 
+def test_no_leak_panel_uses_nothing_of_the_masked_tubelets(video_dir):
+    """The Prediction panel borrows each masked tubelet's own mean and std (VideoMAE's picture: too good); the No
+    leak panel must not depend on the masked pixels at all. Two clips that differ only under the mask give the
+    same No leak panel and different Prediction panels; with raw-pixel targets the two panels are one."""
+    model = tiny_model("tube")
+    a = real_clip(video_dir)
+    mask = torch.from_numpy(~mv.panel_images(model, a, seed=0)[0]["visible"])[None]
+    masked_px = mv.tokens_to_pixels(mask.float(), model.grid_size, PATCH, TUBELET).bool()[:, None]
+    b = torch.where(masked_px, torch.randn(a.shape, generator=torch.Generator().manual_seed(5)), a)
+    pa, pb = (mv.panel_images(model, x, mask=mask)[0] for x in (a, b))
+    assert np.array_equal(pa["no_leak"], pb["no_leak"])
+    assert not np.array_equal(pa["prediction"], pb["prediction"])
+    assert not np.array_equal(pa["no_leak"], pa["prediction"])
+    assert pa["pixel_error"] >= 0 and pa["pixel_error_no_leak"] >= 0
+    raw = mv.panel_images(model, a, mask=mask, normalize_target=False)[0]
+    assert np.array_equal(raw["no_leak"], raw["prediction"]) and raw["pixel_error"] == raw["pixel_error_no_leak"]
+    # a perfect prediction of normalised targets: the leak picture is the input; without the leak it is close
+    out = model(a, mask)
+    target = gather_tokens(pixel_targets(a, PATCH, TUBELET, True), out.masked_idx)
+    input01 = unnormalize(a).clamp(0, 1)
+    leak, no_leak = (mv.reconstruct_clip(a, target, out.masked_idx, PATCH, TUBELET, True, leak_free=f)
+                     for f in (False, True))
+    assert float((leak - input01).abs().max()) < 1e-4 < float((no_leak - input01).abs().max())
+
+
 def test_cat_maps_sum_to_one_and_tube_has_none(video_dir):
     videos = torch.cat([real_clip(video_dir), torch.randn(1, 3, FRAMES, SIZE, SIZE) * 0.5])
     model = tiny_model("adaptive")
@@ -174,7 +199,7 @@ def test_cli_tube_checkpoint_marks_cat_na(ckpts, video_dir, tmp_path):
     (clip,) = result["clips"]
     assert clip["mask_type"] == "tube" and clip["entropy"] is None and clip["num_visible"] == 4
     sheet = np.asarray(Image.open(tmp_path / "h264_64x48.png").convert("RGB"))
-    x0, y0, x1, y1 = mv.cell_box(0, 3, CELL, CELL)
+    x0, y0, x1, y1 = mv.cell_box(0, mv.PANEL_KEYS.index("cat"), CELL, CELL)
     assert tuple(sheet[y0 + 2, x0 + 2]) == mv.NA_FILL and tuple(sheet[y1 - 3, x1 - 3]) == mv.NA_FILL
     with Image.open(tmp_path / "h264_64x48.gif") as gif:
         assert gif.n_frames == FRAMES
