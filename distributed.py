@@ -281,6 +281,19 @@ def all_reduce_mean(x: Union[torch.Tensor, float, int]) -> Union[torch.Tensor, f
     return float(t.item()) / get_world_size()
 
 
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Rank ``src``'s parameters and buffers on every rank, as DDP does to the module it wraps (models start from
+    per-rank seeds). Collective; a no-op without a process group."""
+    if not is_dist_avail_and_initialized():
+        return
+    dev = collective_device()
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            x = t.detach().to(dev)  # a CPU copy (--model_ema_force_cpu) travels through the backend's device
+            dist.broadcast(x, src)
+            t.copy_(x)
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj``, in rank order (``[obj]`` without a process group). Collective."""
     if not is_dist_avail_and_initialized():

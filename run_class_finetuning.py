@@ -33,7 +33,7 @@ from checkpoint_loading import load_pretrained_encoder, read_checkpoint
 from checkpointing import Checkpointer, ResumeInfo
 from cli import HelpFormatter, UserError, add_debug_arg, run_program
 from datasets import add_data_args, build_dataset, get_broken_count, multiple_samples_collate
-from distributed import get_world_size
+from distributed import broadcast_module, get_world_size
 from engine_for_finetuning import train_one_epoch
 from evaluation import evaluate, eval_loader, final_test
 from modeling_finetune import CLASSIFIER_MODELS, create_classifier
@@ -140,8 +140,12 @@ def build_model_ema(args: argparse.Namespace, model: torch.nn.Module) -> ModelEm
     if not args.model_ema:
         return None
     print(f"Model EMA: decay {args.model_ema_decay}")
-    return ModelEmaV3(model, decay=args.model_ema_decay,
-                      device=torch.device("cpu") if args.model_ema_force_cpu else None)
+    ema = ModelEmaV3(model, decay=args.model_ema_decay,
+                     device=torch.device("cpu") if args.model_ema_force_cpu else None)
+    # The copy is of this rank's weights, made before DDP gives every rank rank 0's: without this, each rank's
+    # EMA kept its own freshly initialised head, evaluated on its own shard and lost on a resume.
+    broadcast_module(ema.module)
+    return ema
 
 
 def ema_of_evaluated_checkpoint(args: argparse.Namespace, model_ema: ModelEmaV3) -> ModelEmaV3 | None:

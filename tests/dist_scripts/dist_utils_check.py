@@ -113,6 +113,13 @@ def main() -> None:
     bn = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
     assert training.wrap_model(bn, args, torch.device("cpu")).broadcast_buffers
 
+    # an EMA copy made from per-rank initial weights gets rank 0's, as DDP gives the model it wraps
+    torch.manual_seed(100 + rank)
+    lin = nn.Linear(3, 2)
+    distributed.broadcast_module(lin)
+    first, second = distributed.all_gather_objects(lin.weight.detach().clone())
+    assert torch.equal(first, second)
+
     print("this line is silenced on rank 1")
     print(f"RANK{rank} OK", force=True)
     distributed.barrier()
