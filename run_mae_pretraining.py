@@ -27,7 +27,7 @@ from distributed import get_world_size, is_main_process
 from engine_for_pretraining import clips_to_device, train_one_epoch
 from losses import SAMPLING_LOG_PROBS
 from mask_visualization import log_mask_images
-from masking_generator import MASK_TYPES
+from masking_generator import MASK_TYPES, canonical_mask_type
 from modeling_pretrain import PRETRAIN_MODELS, create_pretrain_model
 from preemption import GracefulStop
 from resume import trim_log
@@ -94,12 +94,25 @@ def no_weight_decay_names(args: argparse.Namespace, model: Any) -> set[str]:
     return model.no_weight_decay() | ({"encoder.pos_embed_probs"} if args.no_sampler_pos_weight_decay else set())
 
 
+SAMPLER_FLAGS = ("sampling_loss_weight", "sampler_temperature", "sampler_type", "sampler_depth", "sampler_dim",
+                 "sampler_heads", "sampler_detach_input", "sampling_log_prob", "no_sampler_pos_weight_decay")
+
+
+def sampler_flags_set(args: argparse.Namespace) -> list[str]:
+    """The adaptive sampler's flags that differ from their defaults, as ``--flag``."""
+    defaults = get_args_parser().parse_args([])
+    return [f"--{k}" for k in SAMPLER_FLAGS if getattr(args, k) != getattr(defaults, k)]
+
+
 def main(args: argparse.Namespace) -> dict:
     device = training.setup_run(args)
     print(f"job dir: {os.path.dirname(os.path.abspath(__file__))}")
     if args.softmax_temp is not None:
         print(f"Note: --softmax_temp {args.softmax_temp} is ignored, as in AdaMAE (which never applies it); the "
               f"sampler's temperature is --sampler_temperature ({args.sampler_temperature})")
+    unused = sampler_flags_set(args) if canonical_mask_type(args.mask_type) != "adaptive" else []
+    if unused:
+        print(f"Note: {', '.join(unused)} set, but --mask_type {args.mask_type} has no sampler: they have no effect")
     data = training.build_train_loader(build_pretraining_dataset(args), args, device, multiple_samples_collate)
     model = create_pretrain_model(args).to(device)
     model_without_ddp = model

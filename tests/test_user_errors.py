@@ -166,6 +166,18 @@ def test_adamae_softmax_temp_is_accepted_and_ignored_as_in_adamae(synthetic_dir,
     assert json.loads((out / "args.json").read_text())["sampler_temperature"] == 1.0
 
 
+def test_sampler_flags_with_a_mask_that_has_no_sampler_get_a_note(synthetic_dir, tmp_path):
+    res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "o", "--mask_type", "tube",
+                   "--mask_ratio", "0.5", "--sampler_depth", "2", "--sampling_loss_weight", "1e-2",
+                   "--num_workers", "0", "--vis_freq", "0")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert ("Note: --sampling_loss_weight, --sampler_depth set, but --mask_type tube has no sampler: they have no "
+            "effect") in res.stdout
+    res = pretrain(os.path.join(synthetic_dir, "train.csv"), tmp_path / "a", "--num_workers", "0", "--vis_freq",
+                   "0", "--sampler_depth", "2")
+    assert res.returncode == 0 and "no sampler" not in res.stdout
+
+
 def test_a_crash_with_loader_workers_alive_exits(synthetic_dir, tmp_path):
     """A bug's exception (not a user error) while persistent DataLoader workers run: the program prints the
     traceback and exits 1. The workers ignore SIGTERM (the main process handles stop signals), so multiprocessing's
