@@ -352,7 +352,8 @@ def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> ar
             add(flag, default=None, type=str, help=f"{split} list file, instead of DATA_PATH/{fname}")
     add("--data_root", default="", type=str, help="prefix for relative paths in the lists")
     add("--data_set", default="Kinetics-400", choices=list(DATA_SETS), type=str,
-        help="dataset: sets the class count, SSv2's segment sampling and no-flip rule")
+        help="recorded with the run; pre-training samples every set alike (dense, no flip unless --flip)" if pretrain
+        else "dataset: sets the class count, SSv2's segment sampling and no-flip rule")
     add("--num_frames", default=16, type=at_least(1), help="frames per clip")
     add("--sampling_rate", default=4, type=at_least(1), help="frame stride for dense sampling")
     add("--input_size", default=224, type=at_least(1), help="crop size fed to the model")

@@ -1,8 +1,8 @@
 """Frozen-encoder evaluation: the encoder as a frozen feature extractor, the two probes, and cached features as a
-dataset. Training, validation and the multi-view test themselves are ``engine_for_finetuning``'s, unchanged: a probe
-is a small model whose input is either a clip (``ProbedEncoder``: frozen encoder + probe, computed on the fly) or a
-cached feature vector (``FeatureDataset`` items mimic ``VideoClsDataset``'s, ``info`` dict included), so the same
-honest evaluation (undecodable videos never scored, named in ``unevaluated``) applies.
+dataset. Training is ``engine_for_finetuning``'s, validation and the multi-view test ``evaluation``'s, unchanged: a
+probe is a small model whose input is either a clip (``ProbedEncoder``: frozen encoder + probe, computed on the
+fly) or a cached feature vector (``FeatureDataset`` items mimic ``VideoClsDataset``'s, ``info`` dict included), so
+the same honest evaluation (undecodable videos never scored, named in ``unevaluated``) applies.
 
 What a video's embedding is (one definition, used by ``tools/extract_features.py`` and the probes): the encoder's
 output tokens for every position, as Hugging Face's ``VideoMAEModel.last_hidden_state`` gives them (after the

@@ -150,7 +150,7 @@ def main(args: argparse.Namespace) -> dict:
             # At the epoch's last step: a run resumed from this epoch's checkpoint purges the steps after it only.
             log_mask_images(log_writer, model_without_ddp, normalize_clips(first_clips),
                             step=(epoch + 1) * data.steps_per_epoch - 1, normalize_target=args.normalize_target,
-                            loss_type=args.loss_type)
+                            loss_type=args.loss_type, max_clips=args.vis_num_clips)
         return {}
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")

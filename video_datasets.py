@@ -23,8 +23,8 @@ counted in a shared-memory counter visible from the main process (``dataset.num_
 failures, or when more than ``max_broken_ratio`` of the loads (at least 20 failures) failed, a UserError stops
 the run. Validation/test never substitute anything: a broken video (also one whose decodable frames fall short of
 the length its container declares, e.g. a cut-off .webm) gives an item with ``info["valid"] = False`` and the
-reason; its clip is a zero placeholder only so that the batch collates, and ``engine_for_finetuning`` leaves it
-out of every metric and names it (``unevaluated``).
+reason; its clip is a zero placeholder only so that the batch collates, and ``evaluation`` leaves it out of
+every metric and names it (``unevaluated``).
 """
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ class ClipPlan:
 
 
 class PretrainVideoDataset(_VideoDatasetBase):
-    """Pre-training items: VideoMAE temporal sampling + ``num_sample`` multi-scale crops (+ flip unless SSv2).
+    """Pre-training items: VideoMAE temporal sampling + ``num_sample`` multi-scale crops (+ flip with ``--flip``).
 
     Each item is a :class:`video_transforms.CropItem`: the worker plans the clip (:meth:`plan`), decodes only the
     planned frames and the region holding the crops, and returns those uint8 pixels with the crops;

@@ -54,7 +54,7 @@ def test_the_sampler_gradient_is_logged_and_comes_only_from_the_sampling_loss(tr
 
 def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
     args = run_mae_pretraining.get_args_parser().parse_args(
-        tiny_args(train_list, tmp_path, "--save_ckpt_freq", "1", "--vis_freq", "1", "--vis_num_clips", "2"))
+        tiny_args(train_list, tmp_path, "--save_ckpt_freq", "1", "--vis_freq", "1", "--vis_num_clips", "5"))
     stats = run_mae_pretraining.main(args)
     assert args.lr == pytest.approx(1e-2 * 4 / 256)  # linear scaling from the base lr
     assert {"loss", "loss_rec", "loss_samp", "grad_norm", "sampler_entropy", "motion_coverage",
@@ -67,6 +67,13 @@ def test_pretrain_writes_checkpoints_logs_and_tensorboard(train_list, tmp_path):
     assert all(torch.isfinite(torch.tensor(x["train_loss"])) for x in lines)
     # the steady state (the first iteration, which waits for the workers to fill the pipeline, left out)
     assert all(0 <= x["train_steady_data_time"] < x["train_steady_step_time"] for x in lines)
+    # the TensorBoard mask grid has a row per --vis_num_clips clip (it stopped at 4)
+    import mask_visualization as mv
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    cell = mv.panel_scale(32, 32, 96) * 32
+    assert acc.Images("vis/masks")[0].height == mv.sheet_size(5, cell, cell, 12 * 5 + mv.PAD)[1]
 
     ckpt = torch.load(tmp_path / "checkpoint-latest.pth", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["kind"] == "pretrain" and ckpt["mask_type"] == "adaptive"
