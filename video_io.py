@@ -1,18 +1,18 @@
 """Video decoding backends: PyAV and decord; ``auto`` (the default) picks PyAV when it is installed.
 
 Both backends decode only the frames a clip needs and return identical ``uint8 [T, H, W, 3]`` RGB arrays for
-identical frame indices on even frame sizes (tested on H.264 .mp4 and VP9 .webm; odd sizes differ by a few grey
-levels). decord is wrong where PyAV is exact: mp4 edit lists that cut leading frames, AVI (MPEG-4 Part 2) with
-B-frames (DATASET.md, section 3).
+identical frame indices on even frame sizes of 8-bit video (tested on H.264 .mp4 and VP9 .webm; odd sizes and
+10-bit video convert differently, by up to tens of grey levels). decord is wrong where PyAV is exact: mp4 edit
+lists that cut leading frames, AVI (MPEG-4 Part 2) with B-frames, open-GOP H.264 (DATASET.md, section 3).
 
-Frame numbering is the same for both: frame ``i`` is the ``i``-th frame in presentation (pts) order, counted
-over the packets of the first video stream. decord builds this table itself. For PyAV it comes from an mp4's
-sample table when the stream is constant-frame-rate (PyAV >= 17 exposes it; no pass over the file; checked at
-decode time, rebuilt if wrong), otherwise from one demux pass (no decoding). PyAV then seeks to the keyframe
-before the first needed frame and decodes forward only as far as the last needed frame, seeking again only when a
-later keyframe lets us skip work; frames we do not need are decoded with ``skip_frame=NONREF`` (unreferenced
-B-frames are dropped without changing any other frame). ``get_batch(indices, region)`` returns only a region of
-each frame; PyAV then converts only that region from YUV, with exactly the same pixels (``pyav_rgb``).
+Frame numbering is the same for both: frame ``i`` is the ``i``-th frame in presentation (pts) order, counted over
+the packets of the first video stream. decord builds this table itself. For PyAV it comes from an mp4's sample table
+when the stream is constant-frame-rate (PyAV >= 17 exposes it; no pass over the file; checked at both ends and at
+decode time, rebuilt if wrong), otherwise from one demux pass (no decoding); ``pyav_index``. PyAV then seeks to the
+keyframe before the first needed frame and decodes forward only as far as the last needed frame, seeking again only
+when a later keyframe lets us skip work; frames we do not need are decoded with ``skip_frame=NONREF`` (unreferenced
+B-frames are dropped without changing any other frame). ``get_batch(indices, region)`` returns only a region of each
+frame; PyAV then converts only that region from YUV, with exactly the same pixels (``pyav_rgb``).
 
 A folder instead of a file is a video stored as frame images (``frame_folders``, VideoMAE V2's raw frames).
 
@@ -33,12 +33,14 @@ from typing import Sequence, Tuple
 
 import numpy as np
 
+from pyav_index import container_index, demux_index
 from pyav_rgb import frame_to_rgb
 from video_metadata import declared_frames, declared_frames_in_file, frames_span
 
 BACKENDS = ("auto", "decord", "pyav")
 # Every program's --video_backend default (training, checker, visualisation): check with what you train with.
 DEFAULT_BACKEND = "auto"
+FROM_FILE_START = -1  # _PyAVReader._seek target: the first byte of the file, not a frame
 Region = Tuple[int, int, int, int]  # (top, left, height, width) in frame pixels
 
 
@@ -149,61 +151,16 @@ class _PyAVReader:
         self._keyframes = sorted(set(keyframes) | {0})
 
     def _index_by_demux(self) -> None:
-        """Frame index from one demux pass (no decoding): pts of every packet, in presentation order.
-
-        Packets flagged discard (the frames an mp4 edit list cuts from the start, e.g. after a stream-copy trim) are
-        decoded only as references and never output, so they are not frames of the video."""
-        pts, key = [], []
-        for pkt in self._container.demux(self._stream):
-            if pkt.pts is None or pkt.size == 0 or _is_discard(pkt):
-                continue
-            pts.append(pkt.pts)
-            key.append(bool(pkt.is_keyframe))
-        if not pts:
+        index = demux_index(self._container, self._stream)
+        if index is None:
             raise VideoDecodeError(self.path, "no frames")
-        order = np.argsort(np.asarray(pts), kind="stable")
-        self._set_index([pts[i] for i in order], [i for i, j in enumerate(order) if key[j]])
+        self._set_index(*index)
 
     def _index_from_container(self) -> bool:
-        """Frame index from the demuxer's own table (an mp4's sample table, read at open), skipping the demux pass.
-
-        Only for constant-frame-rate streams whose table lists every frame: decode timestamps then step by one
-        frame duration ``d`` and the presentation timestamps are the same grid from the stream's start time. A
-        keyframe's presentation slot is estimated from its decode position (exact for closed GOPs; a later
-        real slot only costs a re-seek, see ``_decode_targets``). If a decoded frame's timestamp is not on the
-        grid, ``get_batch`` rebuilds the index by demuxing and decodes again.
-        """
-        st = self._stream
-        try:
-            entries = st.index_entries
-            n = len(entries)
-        except Exception:
-            return False
-        if n < 2 or n != st.frames or st.start_time is None:
-            return False
-        ts, keyframes = np.empty(n, np.int64), []
-        for k, e in enumerate(entries):  # one pass: PyAV builds an object per entry
-            if e.size <= 0 or e.is_discard:
-                return False
-            ts[k] = e.timestamp
-            if e.is_keyframe:
-                keyframes.append(k)
-        step = np.diff(ts)
-        if step[0] <= 0 or not (step == step[0]).all():
-            return False
-        d = int(step[0])
-        # The grid's origin: the first presented frame is among the first packets (B-frame reordering is short).
-        head = []
-        for pkt in self._container.demux(self._stream):
-            if pkt.pts is not None and pkt.size:
-                head.append(pkt.pts)
-            if len(head) == min(n, 16):
-                break
-        if not head or min(head) != st.start_time or any((p - st.start_time) % d for p in head):
-            self._container.seek(0)  # back to the start for the demux pass
-            return False
-        self._set_index([st.start_time + k * d for k in range(n)], keyframes)
-        return True
+        index = container_index(self._container, self._stream)
+        if index is not None:
+            self._set_index(*index)
+        return index is not None
 
     def __len__(self) -> int:
         return len(self._pts)
@@ -218,8 +175,13 @@ class _PyAVReader:
         return declared_frames(self._container, self._stream, len(p), span)
 
     def _seek(self, frame_idx: int) -> None:
-        # Seek to the keyframe at or before frame_idx. Frame 0 seeks to the very start of the stream.
-        ts = self._pts[frame_idx] if frame_idx > 0 else (self._stream.start_time or self._pts[0])
+        """Seek to the keyframe at or before ``frame_idx``; frame 0 to the stream's start, ``FROM_FILE_START`` to
+        the first byte (for containers whose seek lands past frame 0: AVI with B-frames, MPEG-TS/PS)."""
+        if frame_idx == FROM_FILE_START:
+            self._container.seek(0, backward=True, any_frame=True)
+            return
+        start = self._stream.start_time  # may be 0 while the first frame's pts is 1 (AVI with B-frames)
+        ts = self._pts[frame_idx] if frame_idx > 0 else (start if start is not None else self._pts[0])
         self._container.seek(ts, stream=self._stream, backward=True, any_frame=False)
 
     def frame_size(self) -> tuple[int, int]:
@@ -303,10 +265,9 @@ class _PyAVReader:
             for i, frame in self._frames_from(wanted):
                 if first:
                     first = False
-                    if i > t and kf > 0:
-                        # The demuxer overshot: fall back to the previous keyframe (eventually the start).
-                        fallback_kf = self._keyframes[max(bisect.bisect_left(self._keyframes, kf) - 1, 0)]
-                        restart = True
+                    if i > t and kf != FROM_FILE_START:
+                        # The demuxer overshot: fall back to the previous keyframe, then the file's first byte.
+                        fallback_kf, restart = self._before(kf), True
                         break
                 if i < t:
                     continue
@@ -321,11 +282,17 @@ class _PyAVReader:
                     # A keyframe lies between here and the next target: seeking skips decoding.
                     restart = True
                     break
+            if first and kf != FROM_FILE_START:  # the seek gave no frame at all (it landed at the end)
+                fallback_kf, restart = self._before(kf), True
             if not restart:
                 return
 
     def _keyframe_before(self, t: int) -> int:
         return self._keyframes[bisect.bisect_right(self._keyframes, t) - 1]
+
+    def _before(self, kf: int) -> int:
+        """The keyframe before keyframe ``kf``; before the first, the file's first byte."""
+        return self._keyframes[bisect.bisect_left(self._keyframes, kf) - 1] if kf > 0 else FROM_FILE_START
 
     def close(self) -> None:
         c = getattr(self, "_container", None)
@@ -335,11 +302,6 @@ class _PyAVReader:
             except Exception:
                 pass
             self._container = None
-
-
-def _is_discard(pkt) -> bool:
-    """``Packet.is_discard`` (AV_PKT_FLAG_DISCARD; present on PyAV 12-19, feature-detected all the same)."""
-    return bool(getattr(pkt, "is_discard", False))
 
 
 def _probe_options(av, path: str) -> dict[str, str] | None:
