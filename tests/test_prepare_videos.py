@@ -185,3 +185,28 @@ def test_stale_tmp_removed_only_for_dead_writers(tmp_path):
     (tmp_path / "a" / "z.mp4").write_bytes(b"finished")
     assert remove_stale_tmp(str(tmp_path)) == 1
     assert sorted(os.listdir(tmp_path / "a")) == [f"y.mp4.{os.getpid()}.tmp", "z.mp4"]
+
+
+def test_prepared_copy_keeps_the_colours_of_bt709_and_full_range_sources(tmp_path):
+    """The re-encoded YUV keeps the source's matrix and range, so the output must say which: untagged, a BT.709
+    or full-range source came out 6-7 grey levels off on average when read back."""
+    from tools.video_reencode import convert
+
+    from video_io import read_frames
+
+    frames = coded_frames(12, 48, 64)
+    for name, pix_fmt, colorspace, color_range in (("bt709.mp4", "yuv420p", 1, 1), ("full.mp4", "yuvj420p", 5, 2)):
+        src = str(tmp_path / name)
+        with av.open(src, "w") as out:
+            s = out.add_stream("libx264", rate=25, options={"crf": "0"})
+            s.width, s.height, s.pix_fmt = 64, 48, pix_fmt
+            s.codec_context.colorspace, s.codec_context.color_range = colorspace, color_range
+            for i, f in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(f, format="rgb24").reformat(format=pix_fmt)
+                frame.pts, frame.colorspace, frame.color_range = i, colorspace, color_range
+                out.mux(s.encode(frame))
+            out.mux(s.encode())
+        dst = str(tmp_path / f"out_{name}")
+        convert(src, dst, 0, 32, 0, "ultrafast", None)  # lossless: any difference is the colour handling
+        a, b = (read_frames(p, list(range(12)), "pyav").astype(int) for p in (src, dst))
+        assert np.abs(a - b).max() == 0, (name, np.abs(a - b).mean())

@@ -91,6 +91,9 @@ def encode(src: str, tmp: str, short_side: int, gop: int, crf: int, preset: str)
                     "crf": str(crf), "preset": preset, "tune": "fastdecode", "threads": "1"})
                 ost.width, ost.height, ost.pix_fmt = w, h, "yuv420p"
                 ost.codec_context.gop_size = gop
+                # The YUV values keep the source's matrix and range (BT.709, full-range yuvj...): say so, or
+                # readers take them for BT.601 limited range and shift the colours (by 6-7 grey levels on average)
+                ost.codec_context.colorspace, ost.codec_context.color_range = frame.colorspace, frame.color_range
             f = reformatter.reformat(frame, w, h, "yuv420p", interpolation=interp)
             f.pts, f.time_base, f.pict_type = n, 1 / rate, PictureType.NONE  # constant rate; x264 picks types
             out.mux(ost.encode(f))
