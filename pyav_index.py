@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
-Index = tuple[list[int], list[int]]  # (pts of every frame in presentation order, keyframe positions)
+# (pts of every frame in presentation order, keyframe positions, the last frame's own duration or 0), in the
+# stream's time base
+Index = tuple[list[int], list[int], int]
 
 
 def demux_index(container: Any, stream: Any) -> Index | None:
@@ -16,16 +18,18 @@ def demux_index(container: Any, stream: Any) -> Index | None:
 
     Packets flagged discard (the frames an mp4 edit list cuts from the start, e.g. after a stream-copy trim) are
     decoded only as references and never output, so they are not frames of the video."""
-    pts, key = [], []
+    pts, key, latest, last_duration = [], [], None, 0
     for pkt in container.demux(stream):
         if pkt.pts is None or pkt.size == 0 or _is_discard(pkt):
             continue
+        if latest is None or pkt.pts >= latest:  # the last presented so far (in decode order)
+            latest, last_duration = pkt.pts, pkt.duration or 0
         pts.append(pkt.pts)
         key.append(bool(pkt.is_keyframe))
     if not pts:
         return None
     order = np.argsort(np.asarray(pts), kind="stable")
-    return [pts[i] for i in order], [i for i, j in enumerate(order) if key[j]]
+    return [pts[i] for i in order], [i for i, j in enumerate(order) if key[j]], last_duration
 
 
 def container_index(container: Any, stream: Any) -> Index | None:
@@ -71,11 +75,11 @@ def container_index(container: Any, stream: Any) -> Index | None:
     # dropped frame under uniform decode timestamps) pushes it one slot further: every later index would name the
     # previous frame.
     container.seek(int(ts[keyframes[-1]]) if keyframes else 0, stream=st, backward=True)
-    tail = [pkt.pts for pkt in container.demux(st) if pkt.pts is not None and pkt.size]
-    if not tail or max(tail) != st.start_time + (n - 1) * d:
+    tail = [(pkt.pts, pkt.duration or 0) for pkt in container.demux(st) if pkt.pts is not None and pkt.size]
+    if not tail or max(tail)[0] != st.start_time + (n - 1) * d:
         container.seek(0)
         return None
-    return [st.start_time + k * d for k in range(n)], keyframes
+    return [st.start_time + k * d for k in range(n)], keyframes, max(tail)[1]
 
 
 def _is_discard(pkt: Any) -> bool:

@@ -114,10 +114,11 @@ class _DecordReader:
     def declared_frames(self) -> int:
         n = self._len
         try:
-            t = [self._vr.get_frame_timestamp(i)[0] for i in (0, max(n - 2, 0), n - 1)]
+            t = [self._vr.get_frame_timestamp(i) for i in (0, max(n - 2, 0), n - 1)]  # [start, end] seconds
         except Exception:
             return n
-        return declared_frames_in_file(self.path, n, frames_span(*t, n, self.fps()))
+        return declared_frames_in_file(self.path, n, frames_span(*(x[0] for x in t), n, self.fps(),
+                                                                 float(t[2][1] - t[2][0])))
 
     def close(self) -> None:
         self._vr = None
@@ -145,8 +146,8 @@ class _PyAVReader:
             self.close()
             raise VideoDecodeError(path, f"cannot open with PyAV ({type(e).__name__}: {e})") from None
 
-    def _set_index(self, pts: list[int], keyframes: list[int]) -> None:
-        self._pts = pts
+    def _set_index(self, pts: list[int], keyframes: list[int], last_duration: int = 0) -> None:
+        self._pts, self._last_duration = pts, last_duration
         self._pts_to_idx = {p: i for i, p in enumerate(pts)}
         self._keyframes = sorted(set(keyframes) | {0})
 
@@ -171,7 +172,8 @@ class _PyAVReader:
 
     def declared_frames(self) -> int:
         p, tb = self._pts, self._stream.time_base
-        span = frames_span(*(float(x * tb) for x in (p[0], p[max(len(p) - 2, 0)], p[-1])), len(p), self.fps())
+        span = frames_span(*(float(x * tb) for x in (p[0], p[max(len(p) - 2, 0)], p[-1])), len(p), self.fps(),
+                           float(self._last_duration * tb))
         return declared_frames(self._container, self._stream, len(p), span)
 
     def _seek(self, frame_idx: int) -> None:

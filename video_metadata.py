@@ -49,10 +49,14 @@ def declared_seconds(container, stream) -> float | None:
     return None
 
 
-def frames_span(first: float, before_last: float, last: float, n: int, fps: float) -> float:
+def frames_span(first: float, before_last: float, last: float, n: int, fps: float,
+                last_duration: float = 0.0) -> float:
     """Seconds covered by ``n`` frames presented at ``first`` ... ``before_last``, ``last`` (sorted): up to the end
-    of the last one, whose duration is taken as the last gap (right for variable frame rates too); a single frame
-    lasts ``1 / fps`` (0 without a rate)."""
+    of the last one. Its duration is ``last_duration`` when the container gives one (a last frame held for
+    seconds, as recorders write, would otherwise read as a cut-off file), else the last gap (right for variable
+    frame rates too); a single frame lasts ``1 / fps`` (0 without a rate)."""
+    if last_duration > 0:
+        return last - first + last_duration
     if n > 1:
         return last - first + max(last - before_last, 0.0)
     return 1.0 / fps if fps else 0.0

@@ -172,6 +172,26 @@ def test_mp4_with_an_empty_frame_slot_is_indexed_from_its_frames(tmp_path):
         assert not r._impl._from_container
 
 
+@pytest.mark.parametrize("name,codec,options", [("held.webm", "libvpx-vp9", {"deadline": "realtime", "cpu-used": "8"}),
+                                                ("held.mp4", "libx264", {"x264-params": "bframes=0"})])
+def test_a_last_frame_held_for_seconds_is_not_truncation(tmp_path, name, codec, options):
+    """Recorders hold the last frame (here 2 s of a 2 s video): its duration was taken as the last gap, so the
+    complete file read as cut off: excluded from evaluation, and not prepared."""
+    from tools.video_reencode import convert
+
+    def hold(pk):
+        last = max(pk, key=lambda q: q.pts)
+        last.duration = 50 * (last.duration or 1)
+        return pk
+
+    path = str(tmp_path / name)
+    n = len(_encode(path, codec, 50, options, hold))
+    for backend in BACKENDS:
+        with open_video(path, backend) as r:
+            assert len(r) == n and r.declared_frames() == n and _short_of_container(r) == "", backend
+    assert convert(path, str(tmp_path / "out.mp4"), 0, 32, 23, "ultrafast") == (None, n)
+
+
 def test_checker_and_visualiser_default_to_the_training_backend():
     """A list checked (or a clip drawn) with another decoder than training's can pass with frames training never
     sees; all three take their default from video_io.DEFAULT_BACKEND."""

@@ -43,6 +43,7 @@ def _source_frames(src: str):
 
     def frames():
         n, times = 0, [0.0, 0.0, 0.0]  # presentation times of the first, second-last and last decoded frame
+        last_duration = 0.0  # the last frame's own duration, when the container gives one (PyAV >= 14 tells)
         with inp:
             try:
                 for frame in inp.decode(ist):
@@ -50,6 +51,7 @@ def _source_frames(src: str):
                     times[1:] = times[2], t
                     if n == 0:
                         times = [t, t, t]
+                    last_duration = float((getattr(frame, "duration", None) or 0) * (frame.time_base or 0))
                     yield frame
                     n += 1
             except av.error.FFmpegError as e:
@@ -59,7 +61,7 @@ def _source_frames(src: str):
                     from None
             if n == 0:
                 raise ValueError("undecodable: no frames")
-            expected = declared_frames(inp, ist, n, frames_span(*times, n, float(rate)))
+            expected = declared_frames(inp, ist, n, frames_span(*times, n, float(rate), last_duration))
         if expected > n:
             raise ValueError(f"truncated: {n} frames decodable of {expected} listed")
 
