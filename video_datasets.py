@@ -17,14 +17,14 @@ They read a :class:`datasets.VideoList` (``datasets.build_*`` make both from the
   already used (``datasets.read_list_file``). ``info`` is
   ``{"valid": bool, "path": path as written, "line": list line, "reason": "" or why it could not be decoded}``.
 
-Broken videos (missing / undecodable / truncated / too short): during training they are logged once per path,
-counted in a shared-memory counter visible from the main process (``dataset.num_broken``,
+Broken videos (missing / undecodable / truncated, also when the decodable frames fall short of the length the
+container declares, e.g. a cut-off .webm / too short): during training they are logged once per path, counted in a
+shared-memory counter visible from the main process (``dataset.num_broken``,
 ``datasets.get_broken_count(dataset)``), and replaced by another random item; after ``max_retries`` consecutive
-failures, or when more than ``max_broken_ratio`` of the loads (at least 20 failures) failed, a UserError stops
-the run. Validation/test never substitute anything: a broken video (also one whose decodable frames fall short of
-the length its container declares, e.g. a cut-off .webm) gives an item with ``info["valid"] = False`` and the
-reason; its clip is a zero placeholder only so that the batch collates, and ``evaluation`` leaves it out of
-every metric and names it (``unevaluated``).
+failures, or when more than ``max_broken_ratio`` of the loads (at least 20 failures) failed, a UserError stops the
+run. Validation/test never substitute anything: a broken video gives an item with ``info["valid"] = False`` and the
+reason (logged once as excluded); its clip is a zero placeholder only so that the batch collates, and ``evaluation``
+leaves it out of every metric and names it (``unevaluated``).
 """
 from __future__ import annotations
 
@@ -71,13 +71,13 @@ class BrokenVideoCounter:
     def record_ok(self) -> None:
         self.counts[1, self._slot()] += 1
 
-    def record_broken(self, path: str, reason: str) -> None:
+    def record_broken(self, path: str, reason: str, action: str = "skipped") -> None:
         s = self._slot()
         self.counts[0, s] += 1
         self.counts[1, s] += 1
         if path not in self._logged:
             self._logged.add(path)
-            logger.warning("broken video skipped: %s", reason)
+            logger.warning("broken video %s: %s", action, reason)
 
     @property
     def broken(self) -> int:
@@ -137,11 +137,14 @@ class _VideoDatasetBase(Dataset):
         return self.broken_counter.broken
 
     def _read(self, vid: int, read: Callable[[VideoReader], T]) -> T:
-        """``read(reader)`` on video ``vid``, opened and checked for length, closed after."""
+        """``read(reader)`` on video ``vid``, opened and checked for length and truncation, closed after."""
         path = self.videos.path(vid)
         with open_video(path, self.backend) as r:
             if len(r) < self.min_frames:
                 raise VideoDecodeError(path, f"too short: {len(r)} frames < {self.min_frames}")
+            short = _short_of_container(r)
+            if short:
+                raise VideoDecodeError(path, short)
             return read(r)
 
     def _decode_with_retry(self, vid: int, index_fn: Callable[[int], List[int]]) -> Tuple[int, np.ndarray]:
@@ -317,20 +320,13 @@ class VideoClsDataset(_VideoDatasetBase):
         if self._cache is not None and self._cache[0] == (vid, seg):
             return self._cache[1]
         path = self.videos.path(vid)
-
-        def checked_read(r: VideoReader) -> np.ndarray:
-            short = _short_of_container(r)
-            if short:
-                raise VideoDecodeError(path, short)
-            return r.get_batch(fn(len(r)))
-
         try:
-            frames, reason = self._read(vid, checked_read), ""
+            frames, reason = self._read(vid, lambda r: r.get_batch(fn(len(r)))), ""
             self.broken_counter.record_ok()
         except Exception as e:
             reason = e.reason if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}"
             frames, reason = None, reason[:300]
-            self.broken_counter.record_broken(path, f"{path}: {reason}")
+            self.broken_counter.record_broken(path, f"{path}: {reason}", "excluded from evaluation")
         self._cache = ((vid, seg), (frames, reason))
         return frames, reason
 
