@@ -192,6 +192,27 @@ def test_a_last_frame_held_for_seconds_is_not_truncation(tmp_path, name, codec, 
     assert convert(path, str(tmp_path / "out.mp4"), 0, 32, 23, "ultrafast") == (None, n)
 
 
+def test_checker_warns_about_frames_missing_inside_a_webm(tmp_path, capsys):
+    """Corrupt bytes in the middle of a WebM: the demuxer skips them and the frames they held, so every later
+    index names a later frame and the file still ends on time (not 'truncated'). The checker names the jump."""
+    from tools import check_dataset
+
+    path = tmp_path / "holed.webm"
+    _encode(str(path), "libvpx-vp9", 120, {"deadline": "realtime", "cpu-used": "8", "g": "12"})
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    clean = tmp_path / "clean.webm"
+    _encode(str(clean), "libvpx-vp9", 120, {"deadline": "realtime", "cpu-used": "8", "g": "12"})
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"{clean} 0\n{path} 1\n")
+    assert check_dataset.main([str(lst), "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{lst}:2: {path}: warning: frames seem missing inside: the timestamps jump by" in out, out
+    assert out.count("warning:") == 1
+
+
 def test_checker_and_visualiser_default_to_the_training_backend():
     """A list checked (or a clip drawn) with another decoder than training's can pass with frames training never
     sees; all three take their default from video_io.DEFAULT_BACKEND."""

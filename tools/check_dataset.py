@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import DATA_SETS, VideoList, class_count, read_list_file  # noqa: E402
 from video_io import BACKENDS, DEFAULT_BACKEND, VideoDecodeError, open_video  # noqa: E402
+from pyav_index import missing_frames  # noqa: E402
 from video_metadata import display_rotation  # noqa: E402
 
 FULL_CHUNK = 32  # --full decodes this many frames per call: bounded memory for long videos
@@ -82,7 +83,7 @@ def rotation_warning(path: str) -> str | None:
 
 def _check_args(a):
     n, problem = check_video(*a)
-    return n, problem, None if problem else rotation_warning(a[0])
+    return n, problem, None if problem else (rotation_warning(a[0]) or missing_frames(a[0]))
 
 
 def check_list(list_path: str, data_root: str = "", backend: str = DEFAULT_BACKEND, nb_classes: int | None = None,
