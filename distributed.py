@@ -281,14 +281,15 @@ def all_reduce_mean(x: Union[torch.Tensor, float, int]) -> Union[torch.Tensor, f
     return float(t.item()) / get_world_size()
 
 
-def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
-    """Rank ``src``'s parameters and buffers on every rank, as DDP does to the module it wraps (models start from
-    per-rank seeds). Collective; a no-op without a process group."""
+def broadcast_module(module: torch.nn.Module, src: int = 0, buffers_only: bool = False) -> None:
+    """Rank ``src``'s parameters and buffers (or buffers only) on every rank, as DDP does to the module it wraps
+    (models start from per-rank seeds; BatchNorm statistics drift apart after DDP's last forward). Collective; a
+    no-op without a process group."""
     if not is_dist_avail_and_initialized():
         return
     dev = collective_device()
     with torch.no_grad():
-        for t in [*module.parameters(), *module.buffers()]:
+        for t in [*([] if buffers_only else module.parameters()), *module.buffers()]:
             x = t.detach().to(dev)  # a CPU copy (--model_ema_force_cpu) travels through the backend's device
             dist.broadcast(x, src)
             t.copy_(x)

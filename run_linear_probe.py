@@ -180,7 +180,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     resumed = checkpointer.resume()
     training.record_args(args, ("probe", "checkpoint", "features", "data_path", "nb_classes", "batch_size", "epochs",
                                 "opt", "lr", "weight_decay", "output_dir"))
-    checkpointer.extra["best_acc1"] = float(resumed.extra.get("best_acc1", -1.0) or -1.0)
+    best = resumed.extra.get("best_acc1")
+    checkpointer.extra["best_acc1"] = -1.0 if best is None else float(best)  # a best of 0.0 % stays 0.0
     train_model = training.wrap_model(model, args, device)
     trim_log(args.output_dir, args.start_epoch)
     log_writer = metric_logging.TensorboardLogger(args.log_dir, purge_step=resumed.global_step)
@@ -192,6 +193,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                first_step=first_step, meters=meters, stop=stop)
 
     def validate(epoch: int, _: dict[str, float]) -> dict[str, Any]:
+        # DDP gives every rank rank 0's BatchNorm statistics before each forward, so after the epoch's last one
+        # they differ: every rank (each scoring its shard) and the checkpoint must use the same, rank 0's.
+        distributed.broadcast_module(model, buffers_only=True)
         if loader_val is None:
             return {}
         results["val"] = evaluate(loader_val, model, device, args.precision, reduce=shard_eval)
@@ -205,6 +209,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     training.run_epochs(args, data, resumed, checkpointer, train_epoch, stop, log_writer, after_epoch=validate)
     stop.restore()
     print(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
+    distributed.broadcast_module(model, buffers_only=True)  # a resumed run that trained nothing: still rank 0's
     if loader_val is not None and "val" not in results:  # nothing left to train: evaluate the resumed probe
         results["val"] = evaluate(loader_val, model, device, args.precision, reduce=shard_eval)
     if loader_test is not None:

@@ -401,3 +401,40 @@ def test_linear_probe_refuses_splits_extracted_differently(tmp_path):
     msg = str(e.value)
     assert str(tmp_path / "bad" / "train") in msg and str(tmp_path / "bad" / "val") in msg
     assert "dim 8 vs 16" in msg and "precision 'fp32' vs 'bf16'" in msg and "weights" in msg
+
+
+@pytest.mark.slow
+def test_two_process_linear_probe_scores_with_the_saved_batchnorm_statistics(cached_features, tmp_path):
+    """DDP gives every rank rank 0's BatchNorm statistics before each forward; after the last one of an epoch they
+    differ, so each rank scored its shard with its own probe, not the one saved. Every test view's probabilities
+    must be the saved probe's."""
+    import socket
+    import subprocess
+
+    from tools.extract_features import load_features
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    env = {**{k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT"} and not k.startswith("SLURM_")},
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "run_linear_probe.py", *probe_flags(out, "--probe", "linear", "--features", cached_features,
+                                                "--dist_eval", "--lr", "1.0", "--warmup_epochs", "0")]
+    res = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    state = torch.load(out / "checkpoint-latest.pth", map_location="cpu", weights_only=False)["model"]
+    probe = LinearProbe(state["bn.running_mean"].numel(), state["head.weight"].shape[0])
+    probe.load_state_dict(state)
+    probe.eval()
+    feats = load_features(os.path.join(cached_features, "test"))
+    for rank in (0, 1):
+        for line in (out / f"test_views_rank{rank}.jsonl").read_text().splitlines():
+            view = json.loads(line)
+            x = feats.features[feats.video_ids.index(view["video_id"])][None].float()
+            with torch.no_grad():
+                want = torch.softmax(probe(x), -1)[0]
+            torch.testing.assert_close(torch.tensor(view["probs"]), want, atol=1e-5, rtol=0, msg=f"rank {rank}")
