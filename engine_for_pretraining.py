@@ -108,6 +108,4 @@ def train_one_epoch(model: nn.Module, data_loader: Iterable, optim: Optimisation
     # Seconds per iteration, and the part of it spent waiting for the data loader (this process).
     extra = dict(step_time=run.meters.step_time.global_avg, data_time=run.meters.data_time.global_avg,
                  **run.meters.steady)
-    if broken_count:
-        extra["broken_videos"] = broken_count()
-    return run.finish(**extra)
+    return run.finish(**extra)  # the epoch's broken videos, over all ranks: training.run_epochs

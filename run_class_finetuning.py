@@ -32,7 +32,7 @@ import training
 from checkpoint_loading import load_pretrained_encoder, read_checkpoint
 from checkpointing import Checkpointer, ResumeInfo
 from cli import HelpFormatter, UserError, add_debug_arg, run_program
-from datasets import add_data_args, build_dataset, get_broken_count, multiple_samples_collate
+from datasets import add_data_args, build_dataset, multiple_samples_collate
 from distributed import broadcast_module, get_world_size
 from engine_for_finetuning import train_one_epoch
 from evaluation import evaluate, eval_loader, final_test
@@ -242,11 +242,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                first_step=first_step, meters=meters, stop=stop)
 
     def validate(epoch: int, _: dict[str, float]) -> dict[str, Any]:
-        record: dict[str, Any] = {"broken_videos": get_broken_count(data.dataset)}
-        if loader_val is not None:
-            record.update(validate_epoch(args, epoch, loader_val, evaluated, device, checkpointer,
-                                         (epoch + 1) * steps_per_epoch, log_writer))
-        return record
+        if loader_val is None:
+            return {}
+        return validate_epoch(args, epoch, loader_val, evaluated, device, checkpointer, (epoch + 1) * steps_per_epoch,
+                              log_writer)
 
     print(f"Start training for {args.epochs} epochs from epoch {args.start_epoch}")
     start_time = time.time()

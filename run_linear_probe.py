@@ -199,6 +199,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         if loader_val is None:
             return {}
         results["val"] = evaluate(loader_val, model, device, args.precision, reduce=shard_eval)
+        log_writer.update(head="perf", step=epoch, **{f"val_{k}": results["val"][k] for k in ("acc1", "acc5", "loss")})
         best = checkpointer.extra["best_acc1"]
         if results["val"]["num_clips"] and results["val"]["acc1"] > best:
             best = checkpointer.extra["best_acc1"] = results["val"]["acc1"]

@@ -25,7 +25,8 @@ import metric_logging
 import optim_factory
 import stall_watchdog
 from cli import UserError, at_least, json_object, make_output_dir
-from distributed import get_world_size, init_distributed_mode, is_main_process
+from datasets import get_broken_count
+from distributed import all_reduce_mean, get_world_size, init_distributed_mode, is_main_process
 from precision import LossScaler, NonFiniteLossWatch, resolve_precision
 from preemption import GracefulStop, exit_preempted
 from resume import ResumableSampler, start_epoch_data
@@ -256,6 +257,7 @@ def run_epochs(args: argparse.Namespace, data: TrainData, resumed: Any, checkpoi
     steps = data.steps_per_epoch
     for epoch in range(args.start_epoch, args.epochs):
         first_step, meters = start_epoch_data(epoch, resumed, args, data.sampler, data.dataset)
+        broken_before = get_broken_count(data.dataset)  # this process's workers, since the start of the run
         epoch_stats, done = train_epoch(epoch, first_step, meters)
         if epoch_stats is None:  # stopped by a signal inside the epoch
             written = checkpointer.save(epoch, epoch * steps + done, step_in_epoch=done,
@@ -267,7 +269,10 @@ def run_epochs(args: argparse.Namespace, data: TrainData, resumed: Any, checkpoi
         if memory:
             print(f"Memory (PSS): main process {memory['memory_main_mb']:.0f} MB, DataLoader workers "
                   f"{memory['memory_workers_mb']:.0f} MB")
-        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, **(log_extra or {}), **memory}
+        # The epoch's failed loads (each replaced by another video), on every rank: collective.
+        broken = round(all_reduce_mean(float(get_broken_count(data.dataset) - broken_before)) * get_world_size())
+        record = {**{f"train_{k}": v for k, v in stats.items()}, "epoch": epoch, "broken_videos": broken,
+                  **(log_extra or {}), **memory}
         if after_epoch is not None:
             record.update(after_epoch(epoch, stats))
         metric_logging.write_log_line(args.output_dir, record)

@@ -149,6 +149,10 @@ def test_linear_probe_on_cached_features(cached_features, tmp_path):
     assert saved["num_videos"] == results["test"]["num_videos"] > 0 and saved["unevaluated"] == []
     assert 0.0 <= saved["top1"] <= 100.0 and "cached features" in saved["protocol"]
     assert (tmp_path / "out" / "checkpoint-1.pth").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("perf/val_acc1")] == [0, 1]  # validation per epoch, as fine-tuning logs it
     # the probe's checkpoint is no encoder: export, features and probes say so (they failed to rebuild a ViT)
     from checkpoint_loading import CheckpointMismatchError
     from cli import UserError

@@ -173,7 +173,7 @@ def test_prepare_frames_then_pretrain(video_dir, tmp_path):
         "--mask_ratio", "0.75", "--device", "cpu"])
     assert res.returncode == 0, res.stderr
     log = json.loads((tmp_path / "run" / "log.txt").read_text().splitlines()[-1])
-    assert log["epoch"] == 0 and log["train_broken_videos"] == 0 and np.isfinite(log["train_loss"])
+    assert log["epoch"] == 0 and log["broken_videos"] == 0 and np.isfinite(log["train_loss"])
 
 
 def test_check_dataset_reports_a_broken_folder(tmp_path):

@@ -226,6 +226,11 @@ def _free_port() -> int:
 
 
 def test_two_process_torchrun_matches_one_process_with_same_total_batch(train_list, tmp_path):
+    """Same weights after an epoch; and the same count of broken videos in log.txt (two missing files listed),
+    summed over both ranks (it was rank 0's alone)."""
+    listed = tmp_path / "with_missing.csv"
+    listed.write_text(Path(train_list).read_text() + f"{tmp_path / 'gone1.mp4'} 0\n{tmp_path / 'gone2.mp4'} 1\n")
+    train_list = str(listed)
     common = ["--epochs", "1", "--warmup_epochs", "0", "--model_kwargs",
               json.dumps({**json.loads(TINY_MODEL), "sampler_drop": 0.0}), "--save_ckpt_freq", "1"]
     one = tmp_path / "one"
@@ -249,6 +254,8 @@ def test_two_process_torchrun_matches_one_process_with_same_total_batch(train_li
         assert torch.allclose(v, b["model"][k], atol=2e-5, rtol=1e-4), k
         moved += int(not torch.allclose(v, before[k]))
     assert moved > 0.9 * len(a["model"])  # training really changed the weights
+    broken = [json.loads((d / "log.txt").read_text().splitlines()[0])["broken_videos"] for d in (one, two)]
+    assert broken[0] == broken[1] >= 2, broken
 
 
 @pytest.mark.parametrize("script,env,expect", [
