@@ -86,29 +86,3 @@ def _is_discard(pkt: Any) -> bool:
     """``Packet.is_discard`` (AV_PKT_FLAG_DISCARD; present on PyAV 12-19, feature-detected all the same)."""
     return bool(getattr(pkt, "is_discard", False))
 
-
-def missing_frames(path: str) -> str | None:
-    """Why frames seem to be missing inside ``path`` (a jump of three or more frame steps in a stream whose
-    timestamps otherwise step evenly: what a demuxer leaves after skipping corrupt bytes; every later index then
-    names a later frame), or None. A warning for the dataset checker: variable-frame-rate recordings are uneven
-    throughout and not flagged."""
-    import av
-
-    try:
-        with av.open(path) as c:
-            st = c.streams.video[0]
-            index = demux_index(c, st)
-            tb = float(st.time_base)
-    except Exception:  # unreadable: decoding reports the file itself
-        return None
-    if index is None or len(index[0]) < 8:
-        return None
-    steps = np.diff(np.asarray(index[0]))
-    values, counts = np.unique(steps, return_counts=True)
-    d = int(values[counts.argmax()])
-    jump = int(steps.argmax())
-    if d <= 0 or counts.max() < 0.9 * len(steps) or steps[jump] < 3 * d:
-        return None
-    return (f"frames seem missing inside: the timestamps jump by {steps[jump] * tb:.3g} s ({steps[jump] // d - 1} "
-            f"frames) after {index[0][jump] * tb:.3g} s in an otherwise constant-rate stream (corrupt data skipped "
-            f"by the demuxer?); later frame indices name later frames")

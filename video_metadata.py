@@ -64,10 +64,10 @@ def frames_span(first: float, before_last: float, last: float, n: int, fps: floa
 
 def declared_frames_in_file(path: str, n: int, span: float) -> int:
     """``declared_frames`` for a file not already open with PyAV (the decord reader's); ``n`` if its header cannot
-    be read (decoding then reports the file itself)."""
-    import av
-
+    be read, or without PyAV (decoding then reports the file itself)."""
     try:
+        import av
+
         with av.open(path) as c:
             return declared_frames(c, c.streams.video[0], n, span)
     except Exception:

@@ -192,6 +192,34 @@ def test_a_last_frame_held_for_seconds_is_not_truncation(tmp_path, name, codec, 
     assert convert(path, str(tmp_path / "out.mp4"), 0, 32, 23, "ultrafast") == (None, n)
 
 
+def test_a_cut_faststart_mp4_is_truncated_for_pyav(tmp_path):
+    """With its index at the front, a cut mp4 still opens; PyAV's sample-table index no longer fits it, so the
+    reader indexes the frames left by demuxing: the file must read as truncated, not as a shorter, valid video."""
+    from video_datasets import VideoClsDataset
+    from datasets import VideoList
+
+    full = tmp_path / "full.mp4"
+    with av.open(str(full), "w", options={"movflags": "+faststart"}) as out:
+        s = out.add_stream("libx264", rate=25, options={"x264-params": "keyint=12"})
+        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
+        for i, f in enumerate(coded_frames(100, 48, 64)):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts = i
+            out.mux(s.encode(frame))
+        out.mux(s.encode())
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[:int(full.stat().st_size * 0.6)])
+    with open_video(str(cut), "pyav") as r:
+        assert len(r) < 100 and _short_of_container(r).startswith(f"truncated: {len(r)} decodable frames")
+    lst = tmp_path / "l.csv"
+    lst.write_text(f"{cut} 0\n")
+    ds = VideoClsDataset(VideoList(str(lst), nb_classes=1), mode="validation", sampling="dense", num_frames=8,
+                         sampling_rate=2, num_segments=1, input_size=32, short_side_size=32, test_num_segment=1,
+                         test_num_crop=1, video_backend="pyav")
+    info = ds[0][-1]
+    assert not info["valid"] and info["reason"].startswith("truncated"), info
+
+
 def test_checker_warns_about_frames_missing_inside_a_webm(tmp_path, capsys):
     """Corrupt bytes in the middle of a WebM: the demuxer skips them and the frames they held, so every later
     index names a later frame and the file still ends on time (not 'truncated'). The checker names the jump."""
@@ -211,6 +239,36 @@ def test_checker_warns_about_frames_missing_inside_a_webm(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"{lst}:2: {path}: warning: frames seem missing inside: the timestamps jump by" in out, out
     assert out.count("warning:") == 1
+
+
+@pytest.mark.skipif(not HAVE_DECORD, reason="decord is not installed")
+def test_decord_alone_trains_evaluates_and_checks_webm_without_pyav(video_dir, tmp_path):
+    """PyAV is optional (auto falls back to decord): the header reads that look for truncation and missing frames
+    must then give up quietly, not fail every .webm item with ModuleNotFoundError."""
+    import subprocess
+    import sys
+
+    lst = tmp_path / "l.csv"
+    lst.write_text(f"{os.path.join(video_dir, 'vp9_64x48.webm')} 0\n")
+    code = f"""
+import sys
+sys.modules["av"] = None  # as if PyAV were not installed
+from datasets import VideoList
+from tools import check_dataset
+from video_datasets import PretrainVideoDataset, VideoClsDataset
+videos = VideoList({str(lst)!r}, nb_classes=1)
+train = PretrainVideoDataset(videos, num_frames=8, sampling_rate=2, input_size=32, flip=False, num_sample=1,
+                             video_backend="auto", max_retries=0, max_broken_ratio=0.5)
+assert train.backend == "decord" and train[0].pixels.shape[0] == 8 and train.num_broken == 0
+val = VideoClsDataset(videos, mode="validation", sampling="dense", num_frames=8, sampling_rate=2, num_segments=1,
+                      input_size=32, short_side_size=32, test_num_segment=1, test_num_crop=1, video_backend="auto")
+assert val[0][-1]["valid"], val[0][-1]
+assert check_dataset.main([{str(lst)!r}, "--no_progress"]) == 0
+print("OK")
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
 
 
 def test_checker_and_visualiser_default_to_the_training_backend():

@@ -23,11 +23,13 @@ import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets import DATA_SETS, VideoList, class_count, read_list_file  # noqa: E402
 from video_io import BACKENDS, DEFAULT_BACKEND, VideoDecodeError, open_video  # noqa: E402
-from pyav_index import missing_frames  # noqa: E402
+from pyav_index import demux_index  # noqa: E402
 from video_metadata import display_rotation  # noqa: E402
 
 FULL_CHUNK = 32  # --full decodes this many frames per call: bounded memory for long videos
@@ -79,6 +81,33 @@ def rotation_warning(path: str) -> str | None:
     rot = display_rotation(path)
     return (f"its display matrix rotates it by {rot} degrees; decoded unrotated, as stored (re-encode it rotated if "
             f"the orientation matters)") if rot else None
+
+
+def missing_frames(path: str) -> str | None:
+    """Why frames seem to be missing inside ``path`` (a jump of three or more frame steps in a stream whose
+    timestamps otherwise step evenly: what a demuxer leaves after skipping corrupt bytes; every later index then
+    names a later frame), or None. A warning: variable-frame-rate recordings are uneven throughout and not flagged;
+    the demux pass is PyAV's whatever the backend (None without PyAV)."""
+    try:
+        import av
+
+        with av.open(path) as c:
+            st = c.streams.video[0]
+            index = demux_index(c, st)
+            tb = float(st.time_base)
+    except Exception:  # no PyAV, or unreadable: decoding reports the file itself
+        return None
+    if index is None or len(index[0]) < 8:
+        return None
+    steps = np.diff(np.asarray(index[0]))
+    values, counts = np.unique(steps, return_counts=True)
+    d = int(values[counts.argmax()])
+    jump = int(steps.argmax())
+    if d <= 0 or counts.max() < 0.9 * len(steps) or steps[jump] < 3 * d:
+        return None
+    return (f"frames seem missing inside: the timestamps jump by {steps[jump] * tb:.3g} s ({steps[jump] // d - 1} "
+            f"frames) after {index[0][jump] * tb:.3g} s in an otherwise constant-rate stream (corrupt data skipped "
+            f"by the demuxer?); later frame indices name later frames")
 
 
 def _check_args(a):
