@@ -240,7 +240,7 @@ class VideoClsDataset(_VideoDatasetBase):
                  test_num_crop: int, video_backend: str, aa: str | None = None, train_interpolation: str | None = None,
                  reprob: float | None = None, remode: str | None = None, recount: int | None = None,
                  flip: bool | None = None, num_sample: int | None = None, max_retries: int | None = None,
-                 max_broken_ratio: float | None = None):
+                 max_broken_ratio: float | None = None, aa_on_crop: bool = False):
         if mode not in ("train", "validation", "test"):
             raise ValueError(f"mode must be train/validation/test, got {mode!r}")
         if sampling not in ("dense", "segment"):
@@ -261,7 +261,8 @@ class VideoClsDataset(_VideoDatasetBase):
         self.test_num_segment, self.test_num_crop = max(1, test_num_segment), max(1, test_num_crop)
         self.num_sample = max(1, num_sample) if mode == "train" else 1
         if mode == "train":
-            self.transform = TrainTransform(input_size, aa, train_interpolation, reprob, remode, recount, flip)
+            self.transform = TrainTransform(input_size, aa, train_interpolation, reprob, remode, recount, flip,
+                                            aa_on_crop=aa_on_crop)
         else:
             self.transform = EvalTransform(short_side_size, input_size)
         self._cache: Tuple[Tuple[int, Tuple[int, ...]], np.ndarray] | None = None

@@ -3,8 +3,8 @@
     python benchmarks/bench_finetune_transform.py [--against REV] [--sizes 240x320,320x426] [--frames 16]
 
 Random uint8 frames of each size go through ``video_transforms.TrainTransform`` with the program's defaults
-(``--aa rand-m7-n4-mstd0.5-inc1``, bicubic, ``--reprob 0.25``, 224 px). ``--against REV`` also times the
-``video_transforms.py`` of git revision ``REV`` in the same run, for a before/after table.
+(``--aa rand-m7-n4-mstd0.5-inc1``, bicubic, ``--reprob 0.25``, 224 px), and with ``--aa_on_crop``. ``--against
+REV`` also times the ``video_transforms.py`` of git revision ``REV`` in the same run, for a before/after table.
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ def module_at(rev: str) -> ModuleType:
     return module
 
 
-def ms_per_clip(module: ModuleType, frames: torch.Tensor, repeats: int) -> float:
+def ms_per_clip(module: ModuleType, frames: torch.Tensor, repeats: int, **kw) -> float:
     tr = module.TrainTransform(224, aa="rand-m7-n4-mstd0.5-inc1", interpolation="bicubic", reprob=0.25,
-                               remode="pixel", recount=1, flip=True)
+                               remode="pixel", recount=1, flip=True, **kw)
     random.seed(0)
     np.random.seed(0)
     for _ in range(3):  # warm-up
@@ -61,14 +61,16 @@ def main() -> None:
     p.add_argument("--repeats", default=30, type=int)
     args = p.parse_args()
     torch.set_num_threads(1)  # one DataLoader worker's view
-    versions = [("this tree", video_transforms)] + ([(args.against, module_at(args.against))] if args.against else [])
-    print("| frames | " + " | ".join(f"{name} (ms/clip)" for name, _ in versions) + " |")
+    versions = [("this tree", video_transforms, {}), ("this tree, --aa_on_crop", video_transforms,
+                                                      {"aa_on_crop": True})]
+    versions += [(args.against, module_at(args.against), {})] if args.against else []
+    print("| frames | " + " | ".join(f"{name} (ms/clip)" for name, _, _ in versions) + " |")
     print("|---|" + "---|" * len(versions))
     for size in args.sizes.split(","):
         h, w = (int(v) for v in size.split("x"))
         frames = torch.randint(0, 256, (args.frames, h, w, 3), dtype=torch.uint8,
                                generator=torch.Generator().manual_seed(0))
-        times = [ms_per_clip(module, frames, args.repeats) for _, module in versions]
+        times = [ms_per_clip(module, frames, args.repeats, **kw) for _, module, kw in versions]
         print(f"| {args.frames} x {h}x{w} | " + " | ".join(f"{t:.1f}" for t in times) + " |")
 
 

@@ -159,6 +159,30 @@ def test_train_transform_is_videomaes_aug_frame():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_aa_on_crop_runs_randaugment_on_the_resized_crop():
+    """--aa_on_crop (off by default): the crop is cut and resized (uint8, not antialiased) first, RandAugment then
+    runs on input_size frames, then the normalisation and the flip."""
+    import torch.nn.functional as F
+
+    frames = torch.randint(0, 256, (6, 48, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tr = VT.TrainTransform(32, aa="rand-m9-n4-mstd0.5-inc1", interpolation="bicubic", reprob=0.0, remode="pixel",
+                           recount=1, flip=True, aa_on_crop=True)
+    for seed in range(6):
+        random.seed(seed)
+        np.random.seed(seed)
+        got = tr(frames)
+        random.seed(seed)
+        np.random.seed(seed)
+        top, left, h, w = VT.random_resized_crop_params(48, 64)
+        x = VT.as_tchw(frames)[..., top:top + h, left:left + w]
+        x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=False)
+        want = VT.normalize(tr.rand_aug(x))
+        want = want.flip(-1) if random.random() < 0.5 else want
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    assert not VT.TrainTransform(32, aa="none", interpolation="bicubic", reprob=0.0, remode="pixel", recount=1,
+                                 flip=False).aa_on_crop  # VideoMAE's order unless asked
+
+
 def test_eval_resize_is_videomaes_opencv_bilinear():
     """VideoMAE resizes evaluation frames with OpenCV's INTER_LINEAR (decord gives arrays): bilinear, no
     antialiasing. Ours is within one grey level of that (uint8 rounding); an antialiased resize is far off on
