@@ -65,7 +65,8 @@ def make_output_dir(path: str | os.PathLike, flag: str) -> str:
     return str(path)
 
 
-def build_model(create: Callable[..., Any], name: str, model_kwargs: dict[str, Any], **kwargs: Any) -> Any:
+def construct_with_model_kwargs(create: Callable[..., Any], name: str, model_kwargs: dict[str, Any],
+                                **kwargs: Any) -> Any:
     """``create(name, **kwargs, **model_kwargs)`` (``timm.create_model``); a key the constructor does not take
     is a UserError naming ``--model_kwargs``, not a TypeError."""
     try:

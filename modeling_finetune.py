@@ -19,7 +19,7 @@ import timm
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import register_model
 
-from cli import build_model, check_model_kwargs
+from cli import construct_with_model_kwargs, check_model_kwargs
 from torch.utils.checkpoint import checkpoint
 
 IntOrPair = Union[int, Sequence[int]]
@@ -292,7 +292,7 @@ def create_classifier(args: argparse.Namespace) -> VisionTransformer:
     HF export and the tests build through it too). With TSN-style ``--num_segments`` the segments' frames are
     concatenated in time."""
     check_model_kwargs(args.model_kwargs, CLASSIFIER_FLAGS)
-    return build_model(
+    return construct_with_model_kwargs(
         timm.create_model, args.model, args.model_kwargs, num_classes=args.nb_classes,
         num_frames=args.num_frames * max(1, args.num_segments), img_size=args.input_size,
         tubelet_size=args.tubelet_size, drop_rate=args.drop, attn_drop_rate=args.attn_drop_rate,

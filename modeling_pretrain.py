@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 from timm.layers import trunc_normal_
 
-from cli import build_model, check_model_kwargs
+from cli import construct_with_model_kwargs, check_model_kwargs
 from masking_generator import MaskGenerator, TokenSamplerNet, canonical_mask_type, gumbel_topk, \
     mask_from_visible, num_visible_tokens
 from modeling_finetune import TIMM_FACTORY_KWARGS, VIT_SIZES, PatchEmbed, get_sinusoid_encoding_table, \
@@ -256,4 +256,4 @@ def create_pretrain_model(args: argparse.Namespace, **overrides: Any) -> Pretrai
     kwargs.update(overrides)
     check_model_kwargs(args.model_kwargs, {**{k: "--" + _FLAG_OF.get(k, k) for k in kwargs},
                                            "all_frames": "--num_frames"})  # VideoMAE's name for num_frames
-    return build_model(timm.create_model, args.model, args.model_kwargs, **kwargs)
+    return construct_with_model_kwargs(timm.create_model, args.model, args.model_kwargs, **kwargs)

@@ -227,8 +227,8 @@ def _save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
 
 def export(checkpoint: str, out_dir: str, use_ema: bool = False, encoder_only: bool = False,
            class_names: str | None = None, verify: bool = True, command: str | None = None) -> ExportResult:
-    """Write the HF folder for ``checkpoint``; raises ExportError / CheckpointError / CheckpointMismatchError /
-    FileNotFoundError / HFInteropError for input it cannot export faithfully."""
+    """Write the HF folder for ``checkpoint``; raises ExportError / ClassNamesError / CheckpointError /
+    CheckpointMismatchError / FileNotFoundError / HFInteropError for input it cannot export faithfully."""
     if hf_interop.is_hf_folder(checkpoint):
         raise ExportError("is already a Hugging Face VideoMAE folder")
     ckpt = read_checkpoint(checkpoint)  # a .pth file or URL, or a DeepSpeed checkpoint folder (weights: module)
