@@ -273,17 +273,30 @@ def test_an_output_path_that_cannot_be_created_names_the_flag(synthetic_dir, tmp
     assert pretrain(train, pt, "--num_workers", "0", "--vis_freq", "0").returncode == 0
     res = pretrain(train, blocker, "--num_workers", "0")
     assert_user_error(res, f"--output_dir {blocker}: cannot create it (File exists)")
-    tools = [("run_mae_vis.py", ["--checkpoint", str(pt / "checkpoint-latest.pth"), "--video", train,
-                                 "--output_dir", str(blocker), "--device", "cpu"], f"--output_dir {blocker}"),
-             ("tools/extract_features.py", ["--checkpoint", str(pt / "checkpoint-latest.pth"), "--list", train,
-                                            "--out", str(blocker / "sub"), "--num_workers", "0"],
+    import contextlib
+    import io
+
+    import run_mae_vis
+    from cli import run_program
+    from tools import check_dataset, extract_features, make_synthetic_dataset, prepare_videos
+
+    ckpt = str(pt / "checkpoint-latest.pth")
+    tools = [(run_mae_vis.cli, ["--checkpoint", ckpt, "--video", train, "--output_dir", str(blocker), "--device",
+                                "cpu"], f"--output_dir {blocker}"),
+             (lambda a: run_program(extract_features.main, extract_features.get_args_parser(), a),
+              ["--checkpoint", ckpt, "--list", train, "--out", str(blocker / "sub"), "--num_workers", "0"],
               f"--out {blocker / 'sub'}: cannot create it (Not a directory)"),
-             ("tools/prepare_videos.py", [train, str(blocker / "sub"), "--no_progress"],
+             (prepare_videos.main, [train, str(blocker / "sub"), "--no_progress"],
               f"OUT_DIR {blocker / 'sub'}: cannot create it (Not a directory)"),
-             ("tools/make_synthetic_dataset.py", ["--out", str(blocker)], f"--out {blocker}: cannot create it"),
-             ("tools/check_dataset.py", [train, "--report", str(tmp_path / "no" / "r.txt")],
+             (make_synthetic_dataset.main, ["--out", str(blocker)], f"--out {blocker}: cannot create it"),
+             (check_dataset.main, [train, "--report", str(tmp_path / "no" / "r.txt")],
               f"--report {tmp_path / 'no' / 'r.txt'}: its folder {tmp_path / 'no'} does not exist")]
-    for tool, argv, message in tools:
-        res = run(tool, *argv, subprocess_=True)
-        assert res.returncode == 2 and "Traceback" not in res.stderr, (tool, res.stderr[-2000:])
-        assert message in res.stderr.strip().splitlines()[-1], (tool, res.stderr[-2000:])
+    for main, argv, message in tools:  # in this process: a new interpreter per tool cost seconds each
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = main(argv)
+            except SystemExit as e:
+                code = e.code
+        assert code == 2 and "Traceback" not in err.getvalue(), (argv, err.getvalue()[-2000:])
+        assert message in err.getvalue().strip().splitlines()[-1], (argv, err.getvalue()[-2000:])
