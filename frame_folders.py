@@ -20,6 +20,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+import torch
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, read_file
 
@@ -53,11 +54,11 @@ def list_frames(folder: str) -> list[str]:
         raise ValueError(f"no frame images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
     numbered.sort()
     first, last = numbered[0][0], numbered[-1][0]
+    have = {n for n, _ in numbered}
+    if len(have) < len(numbered):  # on its own: a duplicate and a gap would cancel out in the count below
+        dup = [name for (n, name), (m, _) in zip(numbered[1:], numbered) if n == m]
+        raise ValueError(f"two frame images have the same number: {dup[:3]}")
     if last - first + 1 != len(numbered):
-        have = {n for n, _ in numbered}
-        if len(have) < len(numbered):
-            dup = [name for (n, name), (m, _) in zip(numbered[1:], numbered) if n == m]
-            raise ValueError(f"two frame images have the same number: {dup[:3]}")
         gaps = [n for n in range(first, last + 1) if n not in have]
         raise ValueError(f"frame images numbered {first}..{last} miss numbers {gaps[:5]}"
                          f"{' ...' if len(gaps) > 5 else ''}")
@@ -113,10 +114,13 @@ class FrameFolderReader:
         return out
 
     def _decode(self, i: int) -> np.ndarray:
-        """Frame ``i`` as ``uint8 [H, W, 3]`` RGB (grey and palette images converted, alpha dropped)."""
+        """Frame ``i`` as ``uint8 [H, W, 3]`` RGB (grey and palette images converted, alpha dropped; 16-bit PNGs
+        reduced to their high byte: stored into uint8 as they come, they wrapped around)."""
         name = self._names[i]
         try:
             image = decode_image(read_file(os.path.join(self.path, name)), mode=ImageReadMode.RGB)
+            if image.dtype != torch.uint8:  # torchvision >= 0.21 decodes 16-bit PNGs as uint16
+                image = (image.to(torch.int32) >> (8 * image.element_size() - 8)).to(torch.uint8)
             return image.permute(1, 2, 0).numpy()
         except Exception as e:  # torchvision's RuntimeError on a missing, unreadable or corrupt file
             raise VideoDecodeError(self.path, f"cannot decode {name} ({type(e).__name__}: {e})") from None

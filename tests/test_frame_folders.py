@@ -74,8 +74,11 @@ def test_faulty_folders_name_the_problem(tmp_path):
     resized = write_folder(tmp_path / "resized", frames)
     Image.fromarray(coded_frames(1, 16, 20)[0]).save(os.path.join(resized, "img_00005.png"))
     os.makedirs(tmp_path / "empty")
+    dup_and_gap = write_folder(tmp_path / "dup_and_gap", frames)  # one repeated, one missing: the count fits
+    os.remove(os.path.join(dup_and_gap, "img_00004.png"))
+    shutil.copy(os.path.join(dup_and_gap, "img_00002.png"), os.path.join(dup_and_gap, "thumb_00002.png"))
     for folder, message in ((gap, r"numbered 1\.\.6 miss numbers \[4\]"), (dup, "same number"),
-                            (str(tmp_path / "empty"), "no frame images")):
+                            (dup_and_gap, "same number"), (str(tmp_path / "empty"), "no frame images")):
         with pytest.raises(VideoDecodeError, match=message) as e:
             open_video(folder)
         assert e.value.path == folder
@@ -86,6 +89,18 @@ def test_faulty_folders_name_the_problem(tmp_path):
     with open_video(resized) as r:
         with pytest.raises(VideoDecodeError, match="img_00005.png is 16x20, not 16x16 like img_00001.png"):
             r.get_batch([0, 4])
+
+
+def test_16_bit_png_frames_keep_their_levels(tmp_path):
+    """torchvision decodes 16-bit PNGs as uint16: stored into uint8 they wrapped around (a ramp became a saw)."""
+    ramp = (np.arange(16 * 16) * 250 + 7).reshape(16, 16).astype(np.uint16)  # not multiples of 257
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    for i in range(1, 3):
+        Image.fromarray(ramp).save(folder / f"img_{i:05d}.png")
+    frames = read_frames(str(folder), [0, 1])
+    assert frames.dtype == np.uint8
+    np.testing.assert_array_equal(frames[0, ..., 0], (ramp >> 8).astype(np.uint8))
 
 
 def test_videomae_v2_raw_frame_lists(tmp_path):
