@@ -110,6 +110,19 @@ def plan_jobs(records: List[VideoRecord], out_dir: str,
         else:
             collisions += [(r, f"its output {j.rel} is also the output of line {first.lines[0].line_no} "
                                f"({first.lines[0].path})") for r in j.lines]
+    if not extension:  # frame folders: a/b.mp4 -> a/b/ would hold a/b/c.mp4 -> a/b/c/ (and look finished)
+        inside: Dict[str, Job] = {}  # every folder that holds some output -> one job whose output it holds
+        for k in kept:
+            d = os.path.dirname(k.rel)
+            while d and d not in inside:
+                inside[d] = k
+                d = os.path.dirname(d)
+        nested = [j for j in kept if j.rel in inside]
+        kept = [j for j in kept if j.rel not in inside]
+        for j in nested:
+            inner = inside[j.rel]
+            collisions += [(r, f"its output folder {j.rel} would hold the output of line {inner.lines[0].line_no} "
+                               f"({inner.lines[0].path})") for r in j.lines]
     return kept, collisions
 
 
@@ -181,8 +194,12 @@ def rewrite_list(in_list: str, new_paths: Dict[int, str], dropped: set) -> str:
         line = raw.strip()
         if line_no in new_paths:
             # the path is the first field: up to the first comma in comma lists, the first token otherwise
-            end = line.index(",") if "," in line else re.match(r"\S+", line).end()
-            out.append(new_paths[line_no] + line[end:])
+            path, comma = new_paths[line_no], "," in line
+            end = line.index(",") if comma else re.match(r"\S+", line).end()
+            if not comma and re.search(r"\s", path):  # an OUT_DIR with a space: the line becomes path,label
+                out.append(",".join([path] + line[end:].split()))
+            else:
+                out.append(path + line[end:])
         elif line_no not in dropped:
             out.append(line)
     return "".join(x + "\n" for x in out)
@@ -318,6 +335,9 @@ def run(a: argparse.Namespace) -> int:
     if in_place is not None:  # the source would count as its finished output: nothing converted, silently
         raise UsageError(f"OUT_DIR {a.out_dir} is where the videos are: {a.in_list}:{in_place.lines[0].line_no}'s "
                          f"output would be its source {in_place.src}; choose another OUT_DIR")
+    if any("," in j.list_path for j in jobs):  # no list format holds it (a space is fine: the line gets a comma)
+        raise UsageError(f"OUT_DIR {a.out_dir} holds a comma, which no list line can hold with the absolute paths "
+                         f"this list needs; choose another OUT_DIR")
     try:
         make_output_dir(a.out_dir, "OUT_DIR")
     except UserError as e:
