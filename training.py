@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -88,7 +89,10 @@ def build_train_loader(dataset: Any, args: argparse.Namespace, device: torch.dev
     (and ``ResumableSampler`` can skip into an epoch). Refuses a set too small for one optimizer step.
     """
     world = get_world_size()
-    sampler = ResumableSampler(dataset, num_replicas=world, rank=args.rank, shuffle=True, seed=args.seed)
+    # drop_last: no clip repeated to even out the ranks, so the steps per epoch are len(dataset) // total batch for
+    # any number of processes (VideoMAE's count; padding could add a step, and lengthen the schedule, on 2 processes)
+    sampler = ResumableSampler(dataset, num_replicas=world, rank=args.rank, shuffle=True, seed=args.seed,
+                               drop_last=True)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
                         pin_memory=args.pin_mem and device.type == "cuda", drop_last=True,
                         persistent_workers=args.num_workers > 0, collate_fn=collate_fn, **worker_kwargs(args))
@@ -148,6 +152,22 @@ def persistent_buffers(model: nn.Module) -> list[str]:
     return [name for name, _ in model.named_buffers() if name in state]
 
 
+class _Taken:
+    """The first ``n`` items of ``iterable``, with a length (``log_every`` shows progress against it)."""
+
+    def __init__(self, iterable: Iterable[Any], n: int) -> None:
+        self.iterable, self.n = iterable, n
+
+    def __len__(self) -> int:
+        try:
+            return min(self.n, len(self.iterable))  # type: ignore[arg-type]
+        except TypeError:
+            return self.n
+
+    def __iter__(self) -> Iterator[Any]:
+        return itertools.islice(self.iterable, self.n)
+
+
 class TrainEpoch:
     """One epoch of ``(iteration, step, global_step, update, batch)`` around an engine's own step.
 
@@ -182,11 +202,12 @@ class TrainEpoch:
     def __iter__(self) -> Iterator[tuple[int, int, int, bool, Any]]:
         accum = self.accum
         it = self.first_step * accum - 1
-        for batch in self.meters.log_every(self.loader, self.print_freq, self.header):
+        # Whole steps only: a trailing partial step is neither fetched nor counted in the progress line and ETA
+        # (breaking out of log_every for it also lost the epoch's timing summary).
+        batches = _Taken(self.loader, (self.steps_per_epoch - self.first_step) * accum)
+        for batch in self.meters.log_every(batches, self.print_freq, self.header):
             it += 1
             step = it // accum
-            if step >= self.steps_per_epoch:
-                break
             global_step = self.start_step + step
             seed_step(self.seed, self.start_step * accum + it)
             if it % accum == 0:
@@ -257,11 +278,15 @@ def run_epochs(args: argparse.Namespace, data: TrainData, resumed: Any, checkpoi
     steps = data.steps_per_epoch
     for epoch in range(args.start_epoch, args.epochs):
         first_step, meters = start_epoch_data(epoch, resumed, args, data.sampler, data.dataset)
-        broken_before = get_broken_count(data.dataset)  # this process's workers, since the start of the run
+        # The epoch's broken videos so far: this process's workers count from the start of this process, and a
+        # run resumed inside the epoch carries on from the count its checkpoint saved.
+        carried = int((resumed.rank_state or {}).get("broken", 0)) if first_step else 0
+        broken_before = get_broken_count(data.dataset) - carried
         epoch_stats, done = train_epoch(epoch, first_step, meters)
         if epoch_stats is None:  # stopped by a signal inside the epoch
             written = checkpointer.save(epoch, epoch * steps + done, step_in_epoch=done,
-                                        rank_state={"meters": meters.state_dict()})
+                                        rank_state={"meters": meters.state_dict(),
+                                                    "broken": get_broken_count(data.dataset) - broken_before})
             _exit_stopped(stop, log_writer, f"in epoch {epoch} after step {done} of {steps}", written[:1])
         stats = epoch_stats
         # Rank 0's, which writes log.txt; before validation, whose workers are not the run's.

@@ -360,3 +360,27 @@ def test_runs_without_a_sampler_resume_whatever_the_sampler_flags_added_later(tm
     assert run_config_changes({"mask_type": "tube", "no_flip": True}, flip_off) == []
     assert run_config_changes({"mask_type": "tube", "no_flip": False, "data_set": "SSV2"},
                               {**flip_off, "data_set": "SSV2"}) == []
+
+
+def test_a_resume_inside_an_epoch_keeps_its_broken_video_count(data, tmp_path):
+    """log.txt's broken_videos of the interrupted epoch must count the failures before the stop too (the resumed
+    process's counter starts at 0; the mid-epoch checkpoint carries the count). With six missing files listed; no
+    loader workers, so no batch is prepared ahead of the stop."""
+    listed = tmp_path / "train.csv"
+    gone = "".join(f"{tmp_path / f'gone{i}.mp4'} 0\n" for i in range(6))
+    listed.write_text((data / "train.csv").read_text() + gone)
+
+    def cmd(out: Path) -> list[str]:
+        argv = pretrain_cmd(data, out, 0)
+        argv = [sys.executable] + argv[argv.index("run_mae_pretraining.py"):]  # one process
+        argv[argv.index("--data_path") + 1] = str(listed)
+        argv[argv.index("--num_workers") + 1] = "0"
+        argv[argv.index("--batch_size") + 1] = "2"
+        return argv
+
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    run_uninterrupted(cmd(full))
+    rc, out = run_and_signal(cmd(cut), (r"Epoch: \[0\]\s+\[\s*5/11\]", sigint))
+    assert rc == PREEMPTED_EXIT_CODE, out[-3000:]
+    resume_and_compare(cmd(cut), full, cut)  # every log.txt value, broken_videos included
+    assert [r["broken_videos"] for r in log_records(full)][0] >= 6
