@@ -256,14 +256,18 @@ def _grid_from_args(ckpt_args: Any, patch: int) -> Grid | None:
 
 
 def _infer_src_grid(n_tokens: int, dst: Grid) -> Grid:
-    """Guess the checkpoint grid from its token count: same frames with a square image, or same image size."""
+    """Guess the grid of a checkpoint without saved args from its token count: the model's frames with a square
+    image; else the model's image size, or 224 px square frames (14 x 14 tokens: what VideoMAE and AdaMAE train
+    at), with at most 16 token frames (32 frames at tubelet 2): 1568 tokens for a 112 px model are 8 x 14 x 14,
+    not 32 x 7 x 7."""
     t1, h1, w1 = dst
     if n_tokens % t1 == 0:
         side = math.isqrt(n_tokens // t1)
         if side * side * t1 == n_tokens:
             return t1, side, side
-    if n_tokens % (h1 * w1) == 0:
-        return n_tokens // (h1 * w1), h1, w1
+    for h, w in ((h1, w1), (14, 14)):
+        if n_tokens % (h * w) == 0 and n_tokens // (h * w) <= 16:
+            return n_tokens // (h * w), h, w
     raise CheckpointMismatchError(
         f"cannot tell the token grid of a {n_tokens}-token pos_embed (the model has {t1}x{h1}x{w1}); pass "
         f"src_grid=(T, H, W)")

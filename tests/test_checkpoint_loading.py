@@ -146,23 +146,25 @@ def test_learnable_pos_embed_16_to_8_frames_and_224_to_160_px(with_args):
     ckpt = {"model": src.state_dict()}
     if with_args:
         ckpt["args"] = {"num_frames": 16, "input_size": 224, "tubelet_size": 2}
-    # time only, space only, both
-    for frames, size in [(8, 224), (16, 160), (8, 160)]:
+    # time only, space only, both; without saved args 1568 tokens are VideoMAE's 8 x 14 x 14 (224 px), also for a
+    # 112 px model (its own 7 x 7 frames gave 32 x 7 x 7)
+    for frames, size in [(8, 224), (16, 160), (8, 160), (8, 112)]:
         dst = classifier(num_classes=3, num_frames=frames, img_size=size, use_learnable_pos_emb=True)
-        if not with_args and frames != 16 and size != 224:
-            with pytest.raises(CheckpointMismatchError, match="cannot tell the token grid"):
-                load_pretrained_encoder(dst, ckpt, verbose=False)
-            dst2 = classifier(num_classes=3, num_frames=frames, img_size=size, use_learnable_pos_emb=True)
-            report = load_pretrained_encoder(dst2, ckpt, src_grid=(8, 14, 14), verbose=False)
-            dst = dst2
-        else:
-            report = load_pretrained_encoder(dst, ckpt, verbose=False)
+        report = load_pretrained_encoder(dst, ckpt, verbose=False)
         grid = (frames // 2, size // 16, size // 16)
         assert report.reshaped["pos_embed"] == ((1, 8 * 14 * 14, 32), (1, grid[0] * grid[1] * grid[2], 32))
         expected = interpolate_pos_embed(src.pos_embed.detach(), (8, 14, 14), grid)
         assert torch.allclose(dst.pos_embed, expected)
         with torch.no_grad():
             assert dst(torch.randn(1, 3, frames, size, size)).shape == (1, 3)
+
+
+def test_a_token_count_no_grid_explains_is_refused():
+    from checkpoint_loading import _infer_src_grid
+
+    assert _infer_src_grid(1568, (4, 7, 7)) == (8, 14, 14) and _infer_src_grid(392, (4, 7, 7)) == (8, 7, 7)
+    with pytest.raises(CheckpointMismatchError, match="cannot tell the token grid of a 1570-token pos_embed"):
+        _infer_src_grid(1570, (4, 7, 7))
 
 
 def test_sinusoid_model_rebuilds_its_table_and_drops_a_stored_one():
