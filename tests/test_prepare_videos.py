@@ -217,16 +217,26 @@ def test_an_out_dir_with_a_space_or_a_comma_and_nested_frame_folders(video_dir, 
     as 'path,label' (it was unreadable), one with a comma is refused. In --format frames, a/b.mp4's folder a/b/
     would hold a/b/c.mp4's frames (and a rerun took it for finished, with no frames): named as a failure."""
     from datasets import read_list_file
+    from tools import prepare_videos
+
+    def run_here(*args: str) -> subprocess.CompletedProcess:  # in this process: no interpreter start per call
+        import contextlib
+        import io
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = prepare_videos.main([*args, "--no_progress"])
+        return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
     src = os.path.join(video_dir, "h264_64x48.mp4")
     lst = tmp_path / "abs.txt"
     lst.write_text(f"{src} 3\n")
     out = tmp_path / "my prepared"
-    res = run_tool(str(lst), str(out), "--no-bench")
+    res = run_here(str(lst), str(out), "--no-bench")
     assert res.returncode == 0, res.stderr[-2000:]
     (rec,) = read_list_file(str(out / "abs.txt"))
     assert rec.label == 3 and rec.path.startswith(str(out)) and os.path.isfile(rec.path)
-    res = run_tool(str(lst), str(tmp_path / "a,b"), "--no-bench")
+    res = run_here(str(lst), str(tmp_path / "a,b"), "--no-bench")
     assert res.returncode == 2 and "holds a comma" in res.stderr, res.stderr
 
     raw = tmp_path / "raw"
@@ -236,7 +246,7 @@ def test_an_out_dir_with_a_space_or_a_comma_and_nested_frame_folders(video_dir, 
     nested = tmp_path / "nested.txt"
     nested.write_text("a/b/c.mp4 0\na/b.mp4 1\n")
     for _ in range(2):  # the rerun must not take a/b/ for a finished output
-        res = run_tool(str(nested), str(tmp_path / "frames"), "--data_root", str(raw), "--format", "frames",
+        res = run_here(str(nested), str(tmp_path / "frames"), "--data_root", str(raw), "--format", "frames",
                        "--no-bench")
         assert res.returncode == 0 and "nested.txt:2: a/b.mp4: its output folder a/b would hold the output of " \
             "line 1 (a/b/c.mp4)" in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
