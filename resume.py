@@ -34,7 +34,7 @@ HARMLESS_FLAGS = frozenset({
     "skip_final_test", "model_ema_force_cpu", "val_list", "test_list", "test_num_segment", "test_num_crop",
     "short_side_size", "deepspeed_config",
     # derived at start-up from the flags above or compared through their base values
-    "lr", "min_lr", "warmup_lr", "num_training_steps_per_epoch", "total_batch",
+    "lr", "min_lr", "warmup_lr", "total_batch",
 })
 PATH_FLAGS = frozenset({"data_path", "train_list", "finetune", "data_root"})
 # Run-defining flags added after runs were saved without them: the behaviour those runs had. A resume compares the
@@ -44,7 +44,9 @@ PATH_FLAGS = frozenset({"data_path", "train_list", "finetune", "data_root"})
 FLAGS_ADDED = {"no_sampler_pos_weight_decay": True, "sampling_log_prob": "log_softmax"}
 FLAG_NAMES = {"base_lr": "lr", "base_min_lr": "min_lr", "base_warmup_lr": "warmup_lr"}  # saved value -> its flag
 # Values the programs derive and save with the flags (args.json, checkpoints), named in messages by what they are.
-DERIVED = {"train_data_sha256": "training examples (sha256 of the list's paths and labels, in order)"}
+DERIVED = {"train_data_sha256": "training examples (sha256 of the list's paths and labels, in order)",
+           # the schedules' length: a run saved when 2 processes padded an odd list with a repeated clip has one more
+           "num_training_steps_per_epoch": "optimizer steps per epoch (the list's length // the total batch)"}
 
 
 def data_fingerprint(names: Sequence[str], labels: Sequence[int]) -> str:

@@ -354,6 +354,9 @@ def test_runs_without_a_sampler_resume_whatever_the_sampler_flags_added_later(tm
     assert run_config_changes({"mask_type": "tube"}, current) == []
     assert [c[0] for c in run_config_changes({"mask_type": "adaptive"}, {**current, "mask_type": "adaptive"})] == \
         ["no_sampler_pos_weight_decay", "sampling_log_prob"]
+    # a run whose steps per epoch differ (saved when 2 processes padded an odd list): its schedule would shift
+    assert run_config_changes({"num_training_steps_per_epoch": 5}, {"num_training_steps_per_epoch": 4}) == \
+        [("num_training_steps_per_epoch", 5, 4)]
     # pre-training flipped (never SSV2) until --flip existed
     flip_off = {"mask_type": "tube", "flip": False}
     assert run_config_changes({"mask_type": "tube", "no_flip": False}, flip_off) == [("flip", True, False)]
