@@ -31,7 +31,7 @@ from cli import UserError, at_least, has_option
 from resume import data_fingerprint
 from video_datasets import PretrainVideoDataset, VideoClsDataset
 from video_io import BACKENDS, DEFAULT_BACKEND
-from video_transforms import CropBatch, CropItem
+from video_transforms import RESAMPLE_FILTERS, CropBatch, CropItem, randaugment_policy
 
 DATASET_CLASSES = {"SSV2": 174, "Kinetics-400": 400, "UCF101": 101, "HMDB51": 51}
 DATA_SETS = tuple(DATASET_CLASSES) + ("custom",)
@@ -314,24 +314,6 @@ def build_dataset(is_train: bool, test_mode: bool, args: argparse.Namespace) -> 
     if is_train:
         _note_unused_classes(ds.videos, nb_classes, args)
     return ds, nb_classes
-
-
-RESAMPLE_FILTERS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")  # timm's (PIL) names
-
-
-def randaugment_policy(text: str) -> str:
-    """argparse type of ``--aa``: a timm RandAugment string or 'none'; anything else (timm only asserts) is one
-    line naming the flag."""
-    if text.lower() in ("none", ""):
-        return text
-    from timm.data.auto_augment import rand_augment_transform
-
-    try:
-        rand_augment_transform(text, {"translate_const": 100})
-    except (AssertionError, ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"expected a RandAugment policy such as 'rand-m7-n4-mstd0.5-inc1', or "
-                                         f"'none'; got {text!r}") from None
-    return text
 
 
 def add_data_args(parser: argparse.ArgumentParser, pretrain: bool = False) -> argparse.ArgumentParser:

@@ -19,6 +19,7 @@ Building blocks: :func:`multi_scale_crop_params` (VideoMAE's GroupMultiScaleCrop
 """
 from __future__ import annotations
 
+import argparse
 import math
 import random
 from typing import NamedTuple, Sequence, Tuple, Union
@@ -171,6 +172,24 @@ def normalize(
 ) -> torch.Tensor:
     """``[T, C, H, W]`` uint8 (0..255) -> contiguous ``float32 [C, T, H, W]``, ``(x / 255 - mean) / std``."""
     return normalize_clips(x.permute(1, 0, 2, 3).contiguous(), mean, std)
+
+
+RESAMPLE_FILTERS = ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random")  # timm's (PIL) names
+
+
+def randaugment_policy(text: str) -> str:
+    """argparse type of ``--aa``: a timm RandAugment string or 'none'; anything else (timm only asserts) is one
+    line naming the flag."""
+    if text.lower() in ("none", ""):
+        return text
+    from timm.data.auto_augment import rand_augment_transform
+
+    try:
+        rand_augment_transform(text, {"translate_const": 100})
+    except (AssertionError, ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a RandAugment policy such as 'rand-m7-n4-mstd0.5-inc1', or "
+                                         f"'none'; got {text!r}") from None
+    return text
 
 
 class ClipRandAugment:

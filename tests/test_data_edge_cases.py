@@ -225,8 +225,6 @@ def test_a_cut_faststart_mp4_is_truncated_for_pyav(tmp_path):
 def test_checker_warns_about_frames_missing_inside_a_webm(tmp_path, capsys):
     """Corrupt bytes in the middle of a WebM: the demuxer skips them and the frames they held, so every later
     index names a later frame and the file still ends on time (not 'truncated'). The checker names the jump."""
-    from tools import check_dataset
-
     path = tmp_path / "holed.webm"
     _encode(str(path), "libvpx-vp9", 120, {"deadline": "realtime", "cpu-used": "8", "g": "12"})
     data = bytearray(path.read_bytes())
@@ -235,12 +233,8 @@ def test_checker_warns_about_frames_missing_inside_a_webm(tmp_path, capsys):
     path.write_bytes(bytes(data))
     clean = tmp_path / "clean.webm"
     _encode(str(clean), "libvpx-vp9", 120, {"deadline": "realtime", "cpu-used": "8", "g": "12"})
-    lst = tmp_path / "list.csv"
-    lst.write_text(f"{clean} 0\n{path} 1\n")
-    assert check_dataset.main([str(lst), "--no_progress"]) == 0
-    out = capsys.readouterr().out
-    assert f"{lst}:2: {path}: warning: frames seem missing inside: the timestamps jump by" in out, out
-    assert out.count("warning:") == 1
+    _assert_one_checker_warning(tmp_path, str(clean), str(path), "frames seem missing inside: the timestamps jump by",
+                                capsys)
 
 
 @pytest.mark.skipif(not HAVE_DECORD, reason="decord is not installed")
@@ -358,22 +352,28 @@ def test_hash_line_naming_an_existing_video_is_a_record(tmp_path, video_dir):
     assert recs[0].full_path == str(tmp_path / "#20_clap.mp4")
 
 
+def _assert_one_checker_warning(tmp_path, good: str, flagged: str, warning: str, capsys) -> None:
+    """check_dataset on a list of ``good`` then ``flagged``: exit status 0, one warning, on line 2, naming it."""
+    from tools import check_dataset
+
+    lst = tmp_path / "list.csv"
+    lst.write_text(f"{good} 0\n{flagged} 1\n")
+    assert check_dataset.main([str(lst), "--no_progress"]) == 0
+    out = capsys.readouterr().out
+    assert f"{lst}:2: {flagged}: warning: {warning}" in out, out
+    assert out.count("warning:") == 1
+
+
 def test_checker_warns_about_a_rotated_video(tmp_path, video_dir, capsys):
     """A phone video's display matrix asks players to rotate it; both backends return the frames as stored, so the
     checker names each such file (a warning: the exit status stays 0)."""
     import struct
 
-    from tools import check_dataset
 
     data = bytearray(open(os.path.join(video_dir, "h264_64x48.mp4"), "rb").read())
     m = data.find(b"tkhd") + 4 + 40  # version 0 tkhd: the 3x3 matrix after 40 bytes of fields
     data[m:m + 36] = struct.pack(">9i", 0, 65536, 0, -65536, 0, 0, 0, 0, 1 << 30)  # 90 degrees
     rot = tmp_path / "rot90.mp4"
     rot.write_bytes(bytes(data))
-    plain = os.path.join(video_dir, "vp9_64x48.webm")
-    lst = tmp_path / "list.csv"
-    lst.write_text(f"{plain} 0\n{rot} 1\n")
-    assert check_dataset.main([str(lst), "--no_progress"]) == 0
-    out = capsys.readouterr().out
-    assert f"{lst}:2: {rot}: warning: its display matrix rotates it by -90 degrees" in out, out
-    assert out.count("warning:") == 1
+    _assert_one_checker_warning(tmp_path, os.path.join(video_dir, "vp9_64x48.webm"), str(rot),
+                                "its display matrix rotates it by -90 degrees", capsys)

@@ -135,28 +135,41 @@ def test_randaugment_consistent_over_frames():
     assert not all(torch.equal(outs[0], o) for o in outs[1:])  # but clips differ
 
 
-def test_train_transform_is_videomaes_aug_frame():
-    """VideoMAE's order, written out: RandAugment on the whole frames (timm's grey fill), /255, normalise, then the
-    random resized crop resized as normalised floats without antialiasing (its F.interpolate), then the flip."""
-    import torch.nn.functional as F
-
+def _train_transform_case(aa_on_crop: bool) -> tuple[torch.Tensor, VT.TrainTransform]:
+    """6 random 48x64 frames and a 32 px TrainTransform with RandAugment and flips (no erasing)."""
     frames = torch.randint(0, 256, (6, 48, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    tr = VT.TrainTransform(32, aa="rand-m9-n4-mstd0.5-inc1", interpolation="bicubic", reprob=0.0, remode="pixel",
-                           recount=1, flip=True)
-    assert all(op.kwargs["fillcolor"] == (128, 128, 128) for op in tr.rand_aug.op.ops)
-    mean, std = (torch.tensor(v).view(3, 1, 1, 1) for v in (VT.IMAGENET_MEAN, VT.IMAGENET_STD))
+    return frames, VT.TrainTransform(32, aa="rand-m9-n4-mstd0.5-inc1", interpolation="bicubic", reprob=0.0,
+                                     remode="pixel", recount=1, flip=True, aa_on_crop=aa_on_crop)
+
+
+def _assert_same_draws(tr: VT.TrainTransform, frames: torch.Tensor, written_out, atol: float) -> None:
+    """``tr(frames)`` equals ``written_out(frames)`` when both draw from the same seeds (6 seeds)."""
     for seed in range(6):
         random.seed(seed)
         np.random.seed(seed)
         got = tr(frames)
         random.seed(seed)
         np.random.seed(seed)
+        torch.testing.assert_close(got, written_out(frames), atol=atol, rtol=0)
+
+
+def test_train_transform_is_videomaes_aug_frame():
+    """VideoMAE's order, written out: RandAugment on the whole frames (timm's grey fill), /255, normalise, then the
+    random resized crop resized as normalised floats without antialiasing (its F.interpolate), then the flip."""
+    import torch.nn.functional as F
+
+    frames, tr = _train_transform_case(aa_on_crop=False)
+    assert all(op.kwargs["fillcolor"] == (128, 128, 128) for op in tr.rand_aug.op.ops)
+    mean, std = (torch.tensor(v).view(3, 1, 1, 1) for v in (VT.IMAGENET_MEAN, VT.IMAGENET_STD))
+
+    def videomae(frames: torch.Tensor) -> torch.Tensor:
         buf = (tr.rand_aug(VT.as_tchw(frames)).permute(1, 0, 2, 3).float() / 255 - mean) / std  # C T H W
         top, left, h, w = VT.random_resized_crop_params(48, 64)
         want = F.interpolate(buf[:, :, top:top + h, left:left + w], size=(32, 32), mode="bilinear",
                              align_corners=False)
-        want = want.flip(-1) if random.random() < 0.5 else want
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        return want.flip(-1) if random.random() < 0.5 else want
+
+    _assert_same_draws(tr, frames, videomae, atol=1e-5)
 
 
 def test_aa_on_crop_runs_randaugment_on_the_resized_crop():
@@ -164,21 +177,16 @@ def test_aa_on_crop_runs_randaugment_on_the_resized_crop():
     runs on input_size frames, then the normalisation and the flip."""
     import torch.nn.functional as F
 
-    frames = torch.randint(0, 256, (6, 48, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    tr = VT.TrainTransform(32, aa="rand-m9-n4-mstd0.5-inc1", interpolation="bicubic", reprob=0.0, remode="pixel",
-                           recount=1, flip=True, aa_on_crop=True)
-    for seed in range(6):
-        random.seed(seed)
-        np.random.seed(seed)
-        got = tr(frames)
-        random.seed(seed)
-        np.random.seed(seed)
+    frames, tr = _train_transform_case(aa_on_crop=True)
+
+    def on_crop(frames: torch.Tensor) -> torch.Tensor:
         top, left, h, w = VT.random_resized_crop_params(48, 64)
         x = VT.as_tchw(frames)[..., top:top + h, left:left + w]
         x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=False)
         want = VT.normalize(tr.rand_aug(x))
-        want = want.flip(-1) if random.random() < 0.5 else want
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        return want.flip(-1) if random.random() < 0.5 else want
+
+    _assert_same_draws(tr, frames, on_crop, atol=1e-6)
     assert not VT.TrainTransform(32, aa="none", interpolation="bicubic", reprob=0.0, remode="pixel", recount=1,
                                  flip=False).aa_on_crop  # VideoMAE's order unless asked
 
